@@ -1,0 +1,13 @@
+"""graftkit: plugin-based transfer learning for PyTorch.
+
+The public API for plugin authors lives here. Importing ``graft`` never imports torch.
+"""
+
+from .errors import GraftError
+from .hookspecs import hookimpl
+from .interfaces import Backbone, DataSource, Loss, Plugin, Strategy
+from .options import option
+
+__version__ = "0.1.0"
+__all__ = ["Backbone", "DataSource", "GraftError", "Loss", "Plugin", "Strategy", "hookimpl", "option",
+           "__version__"]

@@ -1,0 +1,179 @@
+"""Checkpoints: safetensors for every tensor, JSON for everything else, written atomically.
+
+A checkpoint is a directory ``checkpoints/step-00000120/`` holding ``model.safetensors``, ``state.safetensors``
+(optimizer, scaler, RNG and strategy tensors) and ``state.json`` (the rest, with references to those tensors).
+Nothing is ever unpickled. The directory is written under a temporary name, fsynced and renamed, and only then
+does ``checkpoints/latest`` (itself replaced atomically) point at it: a kill at any moment leaves the previous
+checkpoint whole and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import GraftError
+
+def clean_key(key: str) -> str:
+    """Drop the wrappers' prefixes: torch.compile's ``_orig_mod.`` (wherever a compiled submodule sits) and
+    DDP's leading ``module.``."""
+    key = key.replace("_orig_mod.", "")
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def clean_state_dict(state: dict) -> dict:
+    """A state dict safe for safetensors: no wrapper prefixes, contiguous, no shared storage."""
+    out = {}
+    seen = {}
+    for k, v in state.items():
+        v = v.detach()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        if ptr is not None and ptr in seen:
+            v = v.clone()  # tied weights: safetensors refuses shared storage
+        elif ptr is not None:
+            seen[ptr] = k
+        out[clean_key(k)] = v.contiguous().cpu()
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def pack(obj, tensors: dict, prefix: str = "t"):
+    """Replace every tensor in a nested structure with a reference; collect tensors into ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError("checkpoint state dict keys must be str or int")
+        return {"__dict__": [[k, pack(v, tensors, prefix)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [pack(v, tensors, prefix) for v in obj]}
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays and scalars
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}; use tensors and plain values")
+
+
+def unpack(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: unpack(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [unpack(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(unpack(v, tensors) for v in obj["__tuple__"])
+        if "__ndarray__" in obj:
+            import numpy as np
+
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    return obj
+
+
+def _fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path):
+    try:
+        _fsync_file(path)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None):
+    """safetensors ``save_file`` through a temporary name, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save(directory: Path, step: int, model_state: dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step-<step>`` under ``directory`` and point ``latest`` at it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step-{step:08d}"
+    tmp = directory / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(clean_state_dict(model_state), str(tmp / "model.safetensors"))
+    tensors: dict = {}
+    skeleton = pack(state, tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(skeleton))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    atomic_write_text(directory / "latest", final.name + "\n")
+    old = sorted(p for p in directory.glob("step-*") if p.is_dir() and p != final)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    pointer = directory / "latest"
+    if pointer.is_file():
+        p = directory / pointer.read_text().strip()
+        if (p / "state.json").is_file():
+            return p
+    # The pointer may be missing if a kill came between rename and pointer update: take the newest whole one.
+    done = sorted(p for p in directory.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(model state dict, state) of a checkpoint directory."""
+    try:
+        model_state = load_file(str(path / "model.safetensors"))
+        tensors = load_file(str(path / "state.safetensors"))
+        skeleton = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise GraftError(f"Checkpoint {path} is unreadable ({e}). Resume from an earlier one or start again.") \
+            from None
+    return model_state, unpack(skeleton, tensors)
+
+
+def load_weights(path: Path) -> dict:
+    """A safetensors weights file as a state dict, with a clear error when it is missing or damaged."""
+    try:
+        return load_file(str(path))
+    except (OSError, ValueError) as e:
+        raise GraftError(f"Cannot read weights {path}: {e}.") from None

@@ -1,0 +1,190 @@
+"""The ``graft`` command. It turns commands into config + registry + loop calls, and bad input into exit code 2
+with one clear paragraph. torch is imported only by the commands that run models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import GraftError
+
+
+def _debug() -> bool:
+    return os.environ.get("GRAFT_DEBUG", "") not in ("", "0")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GraftError as e:
+            if _debug():
+                traceback.print_exc()
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - a bug, not bad input: short message unless --debug
+            if _debug():
+                raise
+            click.echo(f"Error: {type(e).__name__}: {e}\n(This looks like a bug; run `graft --debug ...` for the "
+                       f"traceback and report it.)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="graftkit")
+def cli(debug):
+    """graftkit: transfer learning with any backbone, any strategy, one training loop."""
+    if debug:
+        os.environ["GRAFT_DEBUG"] = "1"
+
+
+def _registry():
+    from .registry import get_registry
+
+    return get_registry()
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+@cli.command("list")
+@click.argument("kind", required=False)
+@click.argument("pattern", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_cmd(kind, pattern, as_json):
+    """List registered plugins: all, one KIND (backbone, strategy, loss, data), optionally names matching PATTERN."""
+    reg = _registry()
+    entries = reg.list(kind, pattern)
+    if as_json:
+        click.echo(json.dumps([{"name": e.name, "kind": e.kind, "plugin": e.plugin, "summary": e.summary}
+                               for e in entries], indent=2))
+        return
+    click.echo(_table([[e.name, e.kind, e.plugin, e.summary] for e in entries], ["NAME", "KIND", "PLUGIN", "SUMMARY"]))
+    for (k, name), clash in sorted(reg.conflicts.items()):
+        click.echo(f"! {k} {name!r} is registered by several plugins ({', '.join(e.plugin for e in clash)}); "
+                   f"it cannot be used until one is removed.", err=True)
+    broken = [p.name for p in reg.plugins.values() if p.status == "broken"]
+    if broken:
+        click.echo(f"! broken plugins not listed: {', '.join(broken)} (see `graft plugins`)", err=True)
+
+
+@cli.command()
+@click.argument("kind")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def describe(kind, name, as_json):
+    """Show a plugin's options: name, type, default, help."""
+    from . import options
+    from .registry import canonical_kind, summary_of
+
+    reg = _registry()
+    kind = canonical_kind(kind)
+    cls = reg.get(kind, name)
+    rows = options.describe(cls.Options)
+    entry = reg.entries[kind][name]
+    if as_json:
+        click.echo(json.dumps({"kind": kind, "name": name, "plugin": entry.plugin, "summary": summary_of(cls),
+                               "options": rows}, indent=2, default=str))
+        return
+    click.echo(f"{kind} {name!r} (plugin {entry.plugin})\n  {entry.summary}\n")
+    if not rows:
+        click.echo("  (no options)")
+        return
+    click.echo(f"Options for the [{kind}] table:")
+    table = _table([[r["name"], r["type"], json.dumps(r["default"], default=str), r["help"]] for r in rows],
+                   ["KEY", "TYPE", "DEFAULT", "HELP"])
+    click.echo("\n".join("  " + line for line in table.splitlines()))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json):
+    """Show every plugin module: source (built-in or entry point), version, status."""
+    reg = _registry()
+    rows = []
+    for p in reg.plugins.values():
+        provides = [f"{e.kind}:{e.name}" for es in reg.entries.values() for e in es.values() if e.plugin == p.name]
+        provides += [f"{k}:{n} (clash)" for (k, n), clash in reg.conflicts.items()
+                     for e in clash if e.plugin == p.name]
+        rows.append({"name": p.name, "module": p.module, "source": p.source, "version": p.version,
+                     "status": p.status, "error": p.error, "provides": provides})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(_table([[r["name"], r["source"], r["version"], r["status"],
+                        r["error"] if r["error"] else ", ".join(r["provides"])] for r in rows],
+                      ["PLUGIN", "SOURCE", "VERSION", "STATUS", "PROVIDES / ERROR"]))
+
+
+def _default_run_dir(config_path: str) -> Path:
+    stem = Path(config_path).stem
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")  # the same in every process of one torchrun launch
+    if run_id and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return Path("runs") / f"{stem}-{run_id[:8]}"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Override a config value (a TOML literal, e.g. --set train.lr=3e-4). Repeatable.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default runs/<config>-<time>).")
+@click.option("--resume", type=click.Path(file_okay=False), metavar="RUN_DIR",
+              help="Continue the run in RUN_DIR from its latest checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes to launch on this machine (distributed data parallel).")
+def train(config_path, overrides, out, resume, nproc):
+    """Train with the config file CONFIG; writes a run directory."""
+    from . import config as cfg
+
+    conf = cfg.load(config_path, overrides)  # validate before starting anything heavy
+    if resume and out and Path(out).resolve() != Path(resume).resolve():
+        raise GraftError("Give either --resume RUN_DIR or --out DIR, not two different directories.")
+    run_dir = Path(resume or out or _default_run_dir(config_path))
+    if resume:
+        if not Path(resume).is_dir():
+            raise GraftError(f"--resume {resume}: no such run directory.")
+    elif int(os.environ.get("RANK", "0")) == 0 and (run_dir / "checkpoints").exists():
+        raise GraftError(f"Run directory {run_dir} already holds a run. Continue it with --resume {run_dir}, or "
+                         f"choose another --out.")
+    if nproc > 1:
+        if "WORLD_SIZE" in os.environ:
+            raise GraftError("--nproc starts its own processes; under torchrun, leave it out.")
+        from .distributed import launch
+
+        argv = ["train", config_path, "--out", str(run_dir)] + [a for o in overrides for a in ("--set", o)]
+        if resume:
+            argv += ["--resume", str(run_dir)]
+        sys.exit(launch(nproc, argv))
+    from .loop import train as run_training
+
+    summary = run_training(conf, run_dir, resume=bool(resume), echo=lambda m: click.echo(m, err=True))
+    if int(os.environ.get("RANK", "0")) == 0 and not summary.get("interrupted"):
+        shown = {k: summary[k] for k in ("val", "test") if k in summary}
+        click.echo(f"Run written to {run_dir}")
+        for split, metrics in shown.items():
+            click.echo(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def main():
+    cli(prog_name="graft")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Run configuration: TOML tables, ``--set`` overrides, validation against the plugins' option dataclasses.
+
+A config has one table per plugin kind -- ``[backbone]``, ``[strategy]``, ``[loss]``, ``[data]`` -- each naming
+its plugin with ``plugin = "..."``, and a ``[train]`` table read by the loop (``TrainOptions``). Configs are
+data only: nothing in them is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from . import options as opts
+from .errors import GraftError, did_you_mean
+from .options import option
+from .registry import KINDS, Registry, get_registry
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """The [train] table: everything about running, shared by every strategy."""
+
+    seed: int = option(0, "Seed for Python, NumPy and torch RNGs and for data order.")
+    deterministic: bool = option(False, "Ask torch for deterministic algorithms (slower on GPU).")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "fp32; bf16 = autocast to bfloat16; fp16 = autocast to float16 with a gradient scaler.")
+    epochs: int = option(1, "Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = option(0, "Optimizer steps to run; 0 means use epochs.")
+    batch_size: int = option(32, "Examples per process per micro-batch.")
+    eval_batch_size: int = option(0, "Batch size for evaluation; 0 means batch_size.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    clip_grad_norm: float = option(0.0, "Clip the global gradient norm to this value; 0 disables.")
+    optimizer: Literal["adamw", "sgd"] = option("adamw", "Optimizer.")
+    lr: float = option(1e-3, "Base learning rate; strategies scale it per parameter group.")
+    weight_decay: float = option(0.01, "Decoupled weight decay (AdamW) or L2 (SGD).")
+    momentum: float = option(0.9, "SGD momentum.")
+    betas: list[float] = option(default_factory=lambda: [0.9, 0.999], help="AdamW betas.")
+    scheduler: Literal["constant", "linear", "cosine"] = option("constant", "Learning-rate schedule after warmup.")
+    warmup_steps: int = option(0, "Linear warmup length in optimizer steps.")
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
+    min_lr_ratio: float = option(0.0, "Final learning rate of linear/cosine schedules, as a fraction of lr.")
+    eval_every: int = option(0, "Evaluate every N optimizer steps; 0 means at the end of every epoch.")
+    log_every: int = option(10, "Write a metrics.jsonl line every N optimizer steps.")
+    metric: str = option("", "Validation metric for best weights and early stopping; empty = the strategy's.")
+    metric_mode: Literal["auto", "max", "min"] = option("auto", "Whether the metric improves upward; auto "
+                                                                "means min for names containing loss/perplexity.")
+    patience: int = option(0, "Stop after this many evaluations without improvement; 0 disables.")
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (always at each epoch end).")
+    keep_checkpoints: int = option(2, "How many recent checkpoints to keep.")
+    on_nan: Literal["stop", "skip"] = option("stop", "On a non-finite loss: stop the run, or skip that step.")
+    compile: bool = option(False, "Run the model through torch.compile.")
+    channels_last: bool = option(False, "Use channels_last memory format (CNNs on GPU).")
+    num_workers: int = option(0, "DataLoader worker processes.")
+    progress: bool = option(True, "Show a progress bar.")
+    plot: bool = option(True, "Write curves.png at the end (needs matplotlib).")
+
+    def validate(self):
+        for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}.")
+        for key in ("max_steps", "eval_batch_size", "warmup_steps", "eval_every", "patience",
+                    "checkpoint_every", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must not be negative, got {getattr(self, key)}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}.")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must have two numbers, got {self.betas}.")
+
+
+PLUGIN_TABLES = tuple(KINDS)  # backbone, strategy, loss, data
+TABLES = PLUGIN_TABLES + ("train",)
+
+
+@dataclasses.dataclass
+class PluginSpec:
+    kind: str
+    name: str
+    cls: type
+    options: Any
+
+    def table(self) -> dict:
+        return {"plugin": self.name, **dataclasses.asdict(self.options)}
+
+
+@dataclasses.dataclass
+class Config:
+    path: str
+    train: TrainOptions
+    plugins: dict[str, PluginSpec]
+
+    def to_dict(self) -> dict:
+        out = {k: spec.table() for k, spec in self.plugins.items()}
+        out["train"] = dataclasses.asdict(self.train)
+        return out
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise GraftError(f"Config file {str(p)!r} does not exist." if not p.exists()
+                         else f"Config path {str(p)!r} is not a file.")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise GraftError(f"{p}: not valid TOML: {e}. Fix the syntax at that line.") from None
+    except UnicodeDecodeError:
+        raise GraftError(f"{p}: not a UTF-8 text file.") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``table.key=value``; value is a TOML literal, or taken as a bare string when it is not one."""
+    if "=" not in text:
+        raise GraftError(f"--set {text!r}: expected TABLE.KEY=VALUE, e.g. --set train.lr=3e-4.")
+    key, raw = text.split("=", 1)
+    path = [k.strip() for k in key.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise GraftError(f"--set {text!r}: the key must name a table and a key, e.g. train.lr.")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise GraftError(f"--set {text!r}: {k!r} is not a table.")
+        node[path[-1]] = value
+    return data
+
+
+def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
+    """Validate a parsed config; every error names ``where`` (the file), the table and the key."""
+    registry = registry or get_registry()
+    for table in data:
+        if table not in TABLES:
+            raise GraftError(f"{where}: unknown table [{table}].{did_you_mean(table, TABLES)} "
+                             f"Tables: {', '.join('[' + t + ']' for t in TABLES)}.")
+        if not isinstance(data[table], dict):
+            raise GraftError(f"{where}: {table} must be a table ([{table}]), got {data[table]!r}.")
+    plugins = {}
+    for kind in PLUGIN_TABLES:
+        table = dict(data.get(kind, {}))
+        if not table and kind == "loss":
+            continue  # the strategy's default loss applies, or it needs none
+        if "plugin" not in table:
+            known = ", ".join(e.name for e in registry.list(kind))
+            raise GraftError(f"{where}: [{kind}] needs plugin = \"NAME\". Available: {known or '(none)'}.")
+        name = table.pop("plugin")
+        if not isinstance(name, str):
+            raise GraftError(f"{where}: [{kind}] plugin must be a string, got {name!r}.")
+        try:
+            cls = registry.get(kind, name)
+        except GraftError as e:
+            raise GraftError(f"{where}: [{kind}] plugin = {name!r}: {e}") from None
+        plugins[kind] = PluginSpec(kind, name, cls, opts.build(cls.Options, table, f"{where}: [{kind}]"))
+    if "loss" not in plugins:
+        default = getattr(plugins["strategy"].cls, "default_loss", None)
+        if default:
+            cls = registry.get("loss", default)
+            plugins["loss"] = PluginSpec("loss", default, cls, cls.Options())
+    train = opts.build(TrainOptions, data.get("train", {}), f"{where}: [train]")
+    return Config(path=where, train=train, plugins=plugins)
+
+
+def load(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Config:
+    data = apply_overrides(read_toml(path), list(overrides))
+    return resolve(data, str(path), registry)
+
+
+# -- a small TOML writer for resolved configs (plain values, lists and tables only) ---------------------
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def dumps_toml(data: dict) -> str:
+    lines = []
+    for table, values in data.items():
+        lines.append(f"[{_toml_key(table)}]")
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)

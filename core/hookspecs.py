@@ -1,0 +1,32 @@
+"""The hooks a graftkit plugin implements. Each receives a ``register`` callable.
+
+A plugin module implements any of these with the ``graft.hookimpl`` marker and is found through the
+``graft`` entry-point group (third parties) or ``registry.toml`` (the built-ins) -- both the same way.
+Registering must stay cheap: import torch and model libraries inside the registered classes' methods,
+never at module level, so ``graft list`` stays fast.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("graft")
+hookimpl = pluggy.HookimplMarker("graft")
+
+
+@hookspec
+def register_backbones(register):
+    """Register Backbone subclasses: ``register(MyBackbone, name="mybackbone")``."""
+
+
+@hookspec
+def register_strategies(register):
+    """Register Strategy subclasses (transfer-learning methods): ``register(MyStrategy, name="mystrategy")``."""
+
+
+@hookspec
+def register_losses(register):
+    """Register Loss subclasses: ``register(MyLoss, name="myloss")``."""
+
+
+@hookspec
+def register_datasources(register):
+    """Register DataSource subclasses (the ``[data]`` table): ``register(MyData, name="mydata")``."""

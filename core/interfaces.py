@@ -1,0 +1,164 @@
+"""The four plugin interfaces: Backbone, Strategy, Loss, DataSource.
+
+Importing this module never imports torch: plugins subclass these at import time, and ``graft list`` /
+``graft describe`` import plugins without paying for torch. Implementations import torch inside methods.
+
+Who owns what:
+- Backbone: a pretrained network -> one feature vector per example, plus its preprocessing, ordered layer
+  groups and native export. Knows nothing of tasks, heads or training.
+- Strategy: the transfer method -- which modules exist, which parameters train at what LR scale, the loss of
+  one batch, evaluation statistics, its own checkpoint state. Never touches devices, precision, optimizers,
+  distributed processes or files beyond ``export``.
+- Loss: a configurable function of outputs and targets.
+- DataSource: train/val/test splits and batch collation using the backbone's preprocessing.
+The loop (``graft.loop``) owns everything about running and never special-cases a strategy by name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from .options import NoOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+
+class Plugin:
+    """Base of every plugin class. ``Options`` is a dataclass: each field is one key of the config table."""
+
+    Options: ClassVar[type] = NoOptions
+    #: set by the registry to the name the class was registered under
+    name: ClassVar[str] = ""
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+
+
+class Backbone(Plugin):
+    """A (pretrained) network mapping prepared inputs to features of shape ``[batch, num_features]``.
+
+    ``build()`` creates ``self.module`` (an ``nn.Module``) and sets ``self.num_features``. For image
+    backbones the inputs are a float tensor ``[B, C, H, W]``; for text backbones a dict of tensors
+    (``input_ids``, ``attention_mask``, ...).
+    """
+
+    #: "image" or "text": which preprocessing a DataSource must apply
+    modality: ClassVar[str] = "image"
+
+    module: "nn.Module"
+    num_features: int
+
+    def build(self) -> "nn.Module":
+        raise NotImplementedError
+
+    def image_config(self) -> dict:
+        """Image preprocessing: ``{"size": (H, W), "mean": (...), "std": (...), "channels": C}``."""
+        raise NotImplementedError(f"backbone {self.name!r} takes no images")
+
+    def tokenizer(self):
+        """A Hugging Face (fast) tokenizer, for text backbones."""
+        raise NotImplementedError(f"backbone {self.name!r} takes no text")
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names of ``self.module``, grouped from the input side (stem/embeddings) to the output
+        side (last stage/layer). Freezing schedules and layer-wise LR decay use these groups."""
+        return [[n for n, _ in self.module.named_parameters()]]
+
+    def export(self, directory: str) -> None:
+        """Save ``self.module`` in its family's native format into ``directory``."""
+        from safetensors.torch import save_file
+
+        from .checkpoint import clean_state_dict
+
+        save_file(clean_state_dict(self.module.state_dict()), f"{directory}/backbone.safetensors")
+
+
+class Loss(Plugin):
+    """A named, configurable function ``loss(outputs, targets) -> scalar tensor``."""
+
+    def __call__(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class DataSource(Plugin):
+    """Reads data into splits and collates batches with the backbone's preprocessing.
+
+    After ``setup``: ``dataset(split)`` returns a sized, indexable collection (or None when the split does
+    not exist), ``collate(examples)`` returns ``{"inputs": ..., "targets": ...}``, and the attributes
+    ``task`` ("classification", "multilabel", "regression" or "mlm") and ``label_names`` describe targets.
+    """
+
+    task: str = "classification"
+    label_names: Sequence[str] | None = None
+
+    def setup(self, backbone: Backbone, seed: int) -> None:
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Sequence | None:
+        raise NotImplementedError
+
+    def collate(self, examples: list) -> dict:
+        raise NotImplementedError
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.label_names or ())
+
+
+class Strategy(Plugin):
+    """A transfer-learning method, run by the shared loop.
+
+    The loop gives every strategy AMP, accumulation, clipping, schedulers, distributed training, evaluation,
+    checkpoints and resume. A strategy only says what the model is and what one step computes:
+
+    - ``build()`` returns the ``nn.Module`` holding everything with parameters (backbone, heads, teacher...).
+      The loop moves it to the device, may wrap it (DDP, torch.compile) and saves its state dict.
+    - ``param_groups(model)`` returns ``[{"params": [...], "lr_scale": float, "name": str}, ...]``; include
+      frozen parameters too so a later unfreeze needs no new optimizer.
+    - ``on_epoch_start(epoch, model)`` applies schedules (freezing); it is called again on resume, so it must
+      depend only on ``epoch`` and the strategy's own state.
+    - ``training_step(model, batch)`` returns ``{"loss": tensor, **other scalars to log}``. Call ``model(...)``
+      (the wrapped module you were given) so that distributed gradient sync sees the forward pass.
+    - ``eval_step(model, batch)`` returns a dict of tensors that are *summed* over batches and processes;
+      ``compute_metrics(sums)`` turns the sums into floats.
+    - ``state_dict()`` / ``load_state_dict()`` hold extra state (tensors and plain values) for checkpoints.
+    - ``export(model, directory)`` writes the finished model's artifacts (rank 0 only).
+    """
+
+    #: metric used for "best" weights and early stopping unless the [train] table names another
+    primary_metric: ClassVar[str] = "loss"
+
+    def __init__(self, options=None, *, backbone: Backbone, loss: Loss | None, data: DataSource):
+        super().__init__(options)
+        self.backbone = backbone
+        self.loss = loss
+        self.data = data
+
+    def build(self) -> "nn.Module":
+        raise NotImplementedError
+
+    def param_groups(self, model: "nn.Module") -> list[dict]:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0, "name": "all"}]
+
+    def on_epoch_start(self, epoch: int, model: "nn.Module") -> None:
+        pass
+
+    def training_step(self, model: "nn.Module", batch: dict) -> dict:
+        raise NotImplementedError
+
+    def eval_step(self, model: "nn.Module", batch: dict) -> dict:
+        raise NotImplementedError
+
+    def compute_metrics(self, sums: dict) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, model: "nn.Module", directory: str) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""graftkit's built-in plugins. They are listed in registry.toml and loaded exactly like third-party ones."""

@@ -1,0 +1,156 @@
+"""The ``timm`` backbone: any image model from timm, random init or weights from a local file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from graft import Backbone, GraftError, hookimpl, option
+from graft.errors import did_you_mean
+
+
+@dataclass
+class TimmOptions:
+    model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, vit_tiny_patch16_224.")
+    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with weights_only=True).")
+    pretrained: bool = option(False, "Fetch timm's pretrained weights from the hub. Never done offline: pass weights.")
+    model_kwargs: dict = option(default_factory=dict, help="Extra keyword arguments for timm.create_model, e.g. "
+                                "{ drop_path_rate = 0.1, in_chans = 1 }.")
+
+
+def load_state_file(path: str, where: str) -> dict:
+    """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...}."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GraftError(f"{where}: weights file {path!r} does not exist.")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise GraftError(f"{where}: {path!r} is not a plain weights file (torch.load with weights_only=True "
+                         f"refused it: {str(e).splitlines()[0]}). Convert it to safetensors.") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise GraftError(f"{where}: {path!r} holds no state dict.")
+    return state
+
+
+def remap_by_order(source: dict, target: dict, where: str) -> dict:
+    """Map a foreign checkpoint onto ``target``'s keys by order, checking every shape.
+
+    Architectures ported between libraries (torchvision -> timm) keep the order of their tensors even when the
+    names differ; this only succeeds when the counts match and each shape lines up, else it says where not.
+    """
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    tgt = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(tgt):
+        raise GraftError(f"{where}: cannot remap by order: the file has {len(src)} tensors, the model {len(tgt)}.")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src, tgt):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise GraftError(f"{where}: cannot remap by order: {sk} {tuple(sv.shape)} does not fit {tk} "
+                             f"{tuple(tv.shape)}.")
+        out[tk] = sv
+    return out
+
+
+class TimmBackbone(Backbone):
+    """Any timm image model; pooled pre-logits features; random init or local weights."""
+
+    Options = TimmOptions
+    modality = "image"
+
+    def build(self):
+        import timm
+        import torch
+
+        o = self.options
+        where = f"[backbone] plugin = \"{self.name or 'timm'}\""
+        if not timm.is_model(o.model):
+            names = timm.list_models()
+            raise GraftError(f"{where}: timm has no model {o.model!r}.{did_you_mean(o.model, names)} "
+                             f"List them with python -c \"import timm; print(timm.list_models('*{o.model[:4]}*'))\".")
+        if o.pretrained:
+            raise GraftError(f"{where}: pretrained = true would download weights from a model hub, which graftkit "
+                             f"never does. Download the file once elsewhere and pass weights = \"PATH\" (safetensors "
+                             f"or .pth).")
+        try:
+            model = timm.create_model(o.model, pretrained=False, **o.model_kwargs)
+        except TypeError as e:
+            raise GraftError(f"{where}: timm.create_model({o.model!r}) rejected model_kwargs: {e}.") from None
+        if o.weights:
+            self.load_weights(model, load_state_file(o.weights, where), where)
+        model.reset_classifier(0)
+        self.timm_model = model
+
+        class TimmFeatures(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.model = m
+
+            def forward(self, x):
+                return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+        self.module = TimmFeatures(model)
+        self.num_features = model.num_features
+        return self.module
+
+    @staticmethod
+    def load_weights(model, state: dict, where: str):
+        own = model.state_dict()
+        state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+        if not set(state) & set(own):  # a foreign naming scheme (e.g. torchvision's): map by order
+            state = remap_by_order(state, own, where)
+        classifier = model.default_cfg.get("classifier", "")
+        mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
+                      and not k.startswith(classifier + ".")]
+        if mismatched:
+            k = mismatched[0]
+            raise GraftError(f"{where}: weights do not fit the model: {k} is {tuple(state[k].shape)} in the file, "
+                             f"{tuple(own[k].shape)} in the model ({len(mismatched)} mismatched tensors).")
+        state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        missing = [k for k in own if k not in state and not k.startswith(classifier + ".")
+                   and not k.endswith("num_batches_tracked")]
+        if missing:
+            raise GraftError(f"{where}: weights file lacks {len(missing)} tensors of the model, e.g. {missing[0]}. "
+                             f"Is it for another architecture?")
+        model.load_state_dict(state, strict=False)
+
+    def image_config(self) -> dict:
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=self.timm_model)
+        c, h, w = cfg["input_size"]
+        return {"size": (h, w), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "channels": c}
+
+    def layer_groups(self) -> list[list[str]]:
+        from timm.models import group_parameters
+
+        m = self.timm_model
+        try:
+            groups = group_parameters(m, m.group_matcher(coarse=True))
+        except (AttributeError, NotImplementedError):
+            return super().layer_groups()
+        return [[f"model.{n}" for n in groups[g]] for g in sorted(groups) if groups[g]]
+
+    def export(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        from graft.checkpoint import clean_state_dict
+
+        save_file(clean_state_dict(self.timm_model.state_dict()), str(Path(directory) / "backbone.safetensors"),
+                  metadata={"format": "pt", "timm_model": self.options.model})
+
+
+@hookimpl
+def register_backbones(register):
+    register(TimmBackbone, name="timm")
