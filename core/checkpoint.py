@@ -177,3 +177,13 @@ def load_weights(path: Path) -> dict:
         return load_file(str(path))
     except (OSError, ValueError) as e:
         raise GraftError(f"Cannot read weights {path}: {e}.") from None
+
+
+def exported_backbone(path: Path) -> Path:
+    """A graft run directory stands for the backbone it exported (``<run>/backbone``); other paths are themselves.
+
+    This is the hand-off between runs: ``weights = "runs/<mlm-run>"`` continues from that run's backbone."""
+    path = Path(path)
+    if path.is_dir() and (path / "backbone").is_dir() and (path / "config.toml").is_file():
+        return path / "backbone"
+    return path

@@ -67,12 +67,13 @@ class Backbone(Plugin):
         return [[n for n, _ in self.module.named_parameters()]]
 
     def export(self, directory: str) -> None:
-        """Save ``self.module`` in its family's native format into ``directory``."""
+        """Save the network in its family's native format into the (existing) ``directory``, so that the
+        family's own loader -- or this backbone's ``weights`` option -- reads it back."""
         from safetensors.torch import save_file
 
         from .checkpoint import clean_state_dict
 
-        save_file(clean_state_dict(self.module.state_dict()), f"{directory}/backbone.safetensors")
+        save_file(clean_state_dict(self.module.state_dict()), f"{directory}/model.safetensors")
 
 
 class Loss(Plugin):

@@ -1,8 +1,11 @@
-"""Built-in data sources: ``digits`` (scikit-learn's 1,797 real 8x8 digit images)."""
+"""Built-in data sources: ``digits`` (scikit-learn's real 8x8 digit images), ``text`` and ``imagefolder``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from graft import DataSource, GraftError, hookimpl, option
 
@@ -95,6 +98,236 @@ class Digits(DataSource):
         return {"inputs": torch.stack([e[0] for e in examples]), "targets": torch.stack([e[1] for e in examples])}
 
 
+# -- text ---------------------------------------------------------------------------------------------
+@dataclass
+class TextOptions(SplitOptions):
+    path: str = option("", "A CSV or JSONL file, or a folder with one sub-folder of .txt files per label.")
+    format: Literal["auto", "csv", "jsonl", "folders"] = option("auto", "How to read path; auto goes by its suffix.")
+    text_column: str = option("text", "Column (CSV) or field (JSONL) holding the text.")
+    label_column: str = option("label", "Column or field holding the label.")
+    val_path: str = option("", "Separate validation file (same format); else split off path.")
+    test_path: str = option("", "Separate test file (same format); else split off path.")
+    task: Literal["classification", "multilabel", "regression"] = option(
+        "classification", "multilabel labels are lists (JSONL) or strings separated by label_separator.")
+    label_separator: str = option(",", "Separator of multi-label strings in CSV.")
+    max_length: int = option(256, "Tokens per example (longer texts are truncated).")
+    max_examples: int = option(0, "Use only this many examples of path (seeded sample, stratified); 0 = all.")
+
+    def validate(self):
+        super().validate()
+        if not self.path:
+            raise ValueError("path is required: a CSV/JSONL file or a folder of label folders.")
+        if self.max_length < 2:
+            raise ValueError("max_length must be at least 2.")
+
+
+def read_records(path: str, fmt: str, text_col: str, label_col: str, where: str) -> list[tuple[str, object]]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise GraftError(f"{where}: {path!r} does not exist.")
+    if fmt == "auto":
+        fmt = "folders" if p.is_dir() else {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
+            p.suffix.lower(), "")
+        if not fmt:
+            raise GraftError(f"{where}: cannot tell the format of {path!r}; set format = \"csv\" or \"jsonl\".")
+    if fmt == "folders":
+        out = []
+        for d in sorted(x for x in p.iterdir() if x.is_dir()):
+            out += [(f.read_text(encoding="utf-8", errors="replace").strip(), d.name)
+                    for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        if not out:
+            raise GraftError(f"{where}: {path!r} has no label folders with text files.")
+        return out
+    rows = []
+    if fmt == "csv":
+        import csv
+
+        with open(p, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+    else:
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise GraftError(f"{where}: {path}:{i} is not valid JSON ({e.msg}).") from None
+    if rows and (text_col not in rows[0] or label_col not in rows[0]):
+        raise GraftError(f"{where}: {path!r} has no column {text_col if text_col not in rows[0] else label_col!r}; "
+                         f"columns: {', '.join(rows[0])}. Set text_column / label_column.")
+    return [(str(r[text_col]), r[label_col]) for r in rows]
+
+
+class Text(DataSource):
+    """Text classification, multi-label or regression from CSV, JSONL or label folders; dynamic padding."""
+
+    Options = TextOptions
+
+    def setup(self, backbone, seed):
+        import numpy as np
+
+        o = self.options
+        where = "[data] plugin = \"text\""
+        self.task = o.task
+        if backbone.modality != "text":
+            raise GraftError(f"{where} needs a text backbone; {backbone.name!r} takes {backbone.modality}.")
+        tok = backbone.tokenizer()
+        if tok is None:
+            raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set [backbone] tokenizer = "
+                             f"\"DIR\".")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        main = read_records(o.path, o.format, o.text_column, o.label_column, where)
+        parts = {"": main}
+        for split, p in (("val", o.val_path), ("test", o.test_path)):
+            if p:
+                parts[split] = read_records(p, o.format, o.text_column, o.label_column, where)
+        labels_all = [lab for recs in parts.values() for _, lab in recs]
+        if o.task == "classification":
+            self.label_names = sorted({str(x) for x in labels_all})
+        elif o.task == "multilabel":
+            split_labels = lambda x: [str(v) for v in x] if isinstance(x, list) else [  # noqa: E731
+                v.strip() for v in str(x).split(o.label_separator) if v.strip()]
+            self.label_names = sorted({v for x in labels_all for v in split_labels(x)})
+        else:
+            self.label_names = [o.label_column]
+        index = {n: i for i, n in enumerate(self.label_names)}
+
+        def target(x):
+            if o.task == "classification":
+                return index[str(x)]
+            if o.task == "multilabel":
+                vec = [0.0] * len(index)
+                for v in split_labels(x):
+                    vec[index[v]] = 1.0
+                return vec
+            try:
+                return float(x)
+            except ValueError:
+                raise GraftError(f"{where}: regression label {x!r} is not a number.") from None
+
+        def encode(records):
+            texts = [t for t, _ in records]
+            ids = tok(texts, truncation=True, max_length=o.max_length, add_special_tokens=True)["input_ids"]
+            return [(i, target(lab)) for i, (_, lab) in zip(ids, records)]
+
+        strat = [str(lab) if o.task == "classification" else 0 for _, lab in main]
+        if o.max_examples and o.max_examples < len(main):
+            keep = np.random.default_rng(seed).permutation(len(main))[: o.max_examples]
+            main = [main[i] for i in sorted(keep)]
+            strat = [strat[i] for i in sorted(keep)]
+        val_f = 0.0 if o.val_path else o.val_fraction
+        test_f = 0.0 if o.test_path else o.test_fraction
+        idx = stratified_split(strat, val_f, test_f, seed)
+        self.splits = {s: encode([main[i] for i in idx[s]]) for s in ("train", "val", "test")}
+        for split in ("val", "test"):
+            if split in parts:
+                self.splits[split] = encode(parts[split])
+
+    def dataset(self, split):
+        return self.splits.get(split) or None
+
+    def collate(self, examples):
+        import torch
+
+        n = max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), n), dtype=torch.long)
+        for i, (ids, _) in enumerate(examples):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+        ys = [y for _, y in examples]
+        targets = torch.tensor(ys, dtype=torch.long if self.task == "classification" else torch.float32)
+        return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets}
+
+
+# -- image folders ------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageFolderOptions(SplitOptions):
+    path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.")
+    image_size: int = option(0, "Side length of the model input; 0 means the backbone's own size.")
+    augment: bool = option(False, "Random resized crops and horizontal flips on the training split.")
+
+    def validate(self):
+        super().validate()
+        if not self.path:
+            raise ValueError("path is required.")
+
+
+def list_images(root: Path) -> list[tuple[Path, str]]:
+    return [(f, d.name) for d in sorted(x for x in root.iterdir() if x.is_dir())
+            for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+class ImageFolder(DataSource):
+    """Images in one folder per class (or train/val/test folders of those), with the backbone's preprocessing."""
+
+    Options = ImageFolderOptions
+    task = "classification"
+
+    def setup(self, backbone, seed):
+        o = self.options
+        where = "[data] plugin = \"imagefolder\""
+        root = Path(o.path).expanduser()
+        if not root.is_dir():
+            raise GraftError(f"{where}: path {o.path!r} is not a folder.")
+        if backbone.modality != "image":
+            raise GraftError(f"{where} needs an image backbone; {backbone.name!r} takes {backbone.modality}.")
+        if (root / "train").is_dir():
+            parts = {s: list_images(root / s) for s in ("train", "val", "test") if (root / s).is_dir()}
+        else:
+            items = list_images(root)
+            idx = stratified_split([lab for _, lab in items], o.val_fraction, o.test_fraction, seed)
+            parts = {s: [items[i] for i in idx[s]] for s in ("train", "val", "test")}
+        if not parts.get("train"):
+            raise GraftError(f"{where}: no images under {o.path!r} (expected class folders of "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES))} files).")
+        self.label_names = sorted({lab for items in parts.values() for _, lab in items})
+        index = {n: i for i, n in enumerate(self.label_names)}
+        self.parts = {s: [(p, index[lab]) for p, lab in items] for s, items in parts.items()}
+        cfg = backbone.image_config()
+        size = (o.image_size, o.image_size) if o.image_size else tuple(cfg["size"])
+        from torchvision.transforms import v2 as T
+        import torch
+
+        norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
+        gray = [T.Grayscale(cfg["channels"])] if cfg["channels"] in (1,) else []
+        self.eval_tf = T.Compose(gray + [T.Resize(int(round(size[0] / 0.875))), T.CenterCrop(size)] + norm)
+        self.train_tf = T.Compose(gray + [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm) \
+            if o.augment else self.eval_tf
+
+    def dataset(self, split):
+        items = self.parts.get(split)
+        if not items:
+            return None
+        tf = self.train_tf if split == "train" else self.eval_tf
+        return _Images(items, tf)
+
+    def collate(self, examples):
+        import torch
+
+        return {"inputs": torch.stack([x for x, _ in examples]), "targets": torch.tensor([y for _, y in examples])}
+
+
+class _Images:
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+
 @hookimpl
 def register_datasources(register):
     register(Digits, name="digits")
+    register(Text, name="text")
+    register(ImageFolder, name="imagefolder")

@@ -172,9 +172,16 @@ class Finetune(Strategy):
         return m
 
     def export(self, model, directory):
+        """labels.json (task and label names), backbone/ in its family's native format, head.safetensors."""
+        from safetensors.torch import save_file
+
         info = {"task": self.data.task, "label_names": list(self.data.label_names or []),
                 "backbone": self.backbone.name, "head": self.options.head}
         Path(directory, "labels.json").write_text(json.dumps(info, indent=2) + "\n")
+        Path(directory, "backbone").mkdir(exist_ok=True)
+        self.backbone.export(str(Path(directory, "backbone")))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
+                  str(Path(directory, "head.safetensors")))
 
 
 @hookimpl

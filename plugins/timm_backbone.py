@@ -19,8 +19,13 @@ class TimmOptions:
 
 
 def load_state_file(path: str, where: str) -> dict:
-    """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...}."""
-    p = Path(path).expanduser()
+    """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...}.
+    A graft run directory (or its exported backbone folder) stands for its ``model.safetensors``."""
+    from graft.checkpoint import exported_backbone
+
+    p = exported_backbone(Path(path).expanduser())
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        p = p / "model.safetensors"
     if not p.is_file():
         raise GraftError(f"{where}: weights file {path!r} does not exist.")
     if p.suffix == ".safetensors":
@@ -50,8 +55,9 @@ def remap_by_order(source: dict, target: dict, where: str) -> dict:
     Architectures ported between libraries (torchvision -> timm) keep the order of their tensors even when the
     names differ; this only succeeds when the counts match and each shape lines up, else it says where not.
     """
-    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    tgt = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
+    # BatchNorm's num_batches_tracked counters are scalars; they carry no weights and differ in count.
+    src = [(k, v) for k, v in source.items() if v.ndim > 0]
+    tgt = [(k, v) for k, v in target.items() if v.ndim > 0]
     if len(src) != len(tgt):
         raise GraftError(f"{where}: cannot remap by order: the file has {len(src)} tensors, the model {len(tgt)}.")
     out = {}
@@ -88,7 +94,9 @@ class TimmBackbone(Backbone):
         except TypeError as e:
             raise GraftError(f"{where}: timm.create_model({o.model!r}) rejected model_kwargs: {e}.") from None
         if o.weights:
-            self.load_weights(model, load_state_file(o.weights, where), where)
+            # safetensors files list tensors by name, so only torch files keep an order to remap by
+            self.load_weights(model, load_state_file(o.weights, where), where,
+                              ordered=not o.weights.endswith(".safetensors"))
         model.reset_classifier(0)
         self.timm_model = model
 
@@ -105,10 +113,14 @@ class TimmBackbone(Backbone):
         return self.module
 
     @staticmethod
-    def load_weights(model, state: dict, where: str):
+    def load_weights(model, state: dict, where: str, ordered: bool = True):
         own = model.state_dict()
         state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
         if not set(state) & set(own):  # a foreign naming scheme (e.g. torchvision's): map by order
+            if not ordered:
+                raise GraftError(f"{where}: the weights' names do not match {model.default_cfg.get('architecture')}"
+                                 f" and a safetensors file keeps no tensor order to map them by. Convert the "
+                                 f"original .pth file instead.")
             state = remap_by_order(state, own, where)
         classifier = model.default_cfg.get("classifier", "")
         mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
@@ -143,11 +155,13 @@ class TimmBackbone(Backbone):
         return [[f"model.{n}" for n in groups[g]] for g in sorted(groups) if groups[g]]
 
     def export(self, directory: str) -> None:
+        """``model.safetensors`` with timm's own key names (no classifier): ``timm.create_model(name,
+        pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=0)`` or ``load_state_dict`` take it."""
         from safetensors.torch import save_file
 
         from graft.checkpoint import clean_state_dict
 
-        save_file(clean_state_dict(self.timm_model.state_dict()), str(Path(directory) / "backbone.safetensors"),
+        save_file(clean_state_dict(self.timm_model.state_dict()), str(Path(directory) / "model.safetensors"),
                   metadata={"format": "pt", "timm_model": self.options.model})
 
 

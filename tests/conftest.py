@@ -26,7 +26,10 @@ def tiny_config(**tables) -> dict:
                   "log_every": 1},
     }
     for table, values in tables.items():
-        conf[table] = {**conf.get(table, {}), **values} if values is not None else None
+        if values is None or "plugin" in values and (table == "backbone" or values["plugin"] != conf[table]["plugin"]):
+            conf[table] = values  # another plugin (or backbone): its own options only
+        else:
+            conf[table] = {**conf.get(table, {}), **values}
     return {k: v for k, v in conf.items() if v is not None}
 
 

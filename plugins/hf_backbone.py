@@ -1,0 +1,181 @@
+"""The ``hf`` backbone: any Hugging Face ``AutoModel`` from a local directory, or random init from a config table."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from graft import Backbone, GraftError, hookimpl, option
+
+
+@dataclass
+class HFOptions:
+    weights: str = option("", "Local directory with config.json and weights (a save_pretrained folder), or a graft "
+                              "run directory whose backbone to continue from. Hub names are never downloaded.")
+    config: dict = option(default_factory=dict, help="Random init instead: { model_type = \"bert\", hidden_size = "
+                          "128, ... } (keyword arguments of AutoConfig.for_model).")
+    tokenizer: str = option("", "Tokenizer directory; default: the weights directory (text models).")
+    pooling: Literal["cls", "mean", "pooler"] = option("mean", "How token features become one vector: the first "
+                                                       "token, the mask-aware mean, or the model's pooler output.")
+    trust_remote_code: bool = option(False, "Allow model code shipped inside the weights directory to run.")
+    attn_implementation: str = option("", "e.g. sdpa or eager; empty lets transformers choose.")
+
+    def validate(self):
+        if bool(self.weights) == bool(self.config):
+            raise ValueError("set exactly one of weights = \"DIR\" (pretrained) or config = { model_type = ... } "
+                             "(random init).")
+        if self.config and "model_type" not in self.config:
+            raise ValueError("config needs model_type, e.g. config = { model_type = \"bert\", hidden_size = 128 }.")
+
+
+_LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+class HFBackbone(Backbone):
+    """Any Hugging Face AutoModel (text or vision) from a local directory, or random init from a config."""
+
+    Options = HFOptions
+
+    def build(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
+        import torch
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        from graft.checkpoint import exported_backbone
+
+        hf_logging.disable_progress_bar()
+
+        o = self.options
+        where = f"[backbone] plugin = \"{self.name or 'hf'}\""
+        kwargs = {"trust_remote_code": o.trust_remote_code}
+        if o.attn_implementation:
+            kwargs["attn_implementation"] = o.attn_implementation
+        self.source_dir = None
+        if o.weights:
+            path = exported_backbone(Path(o.weights).expanduser())
+            if not (path / "config.json").is_file():
+                hint = (" It looks like a hub name: graftkit never downloads; save the model locally "
+                        "(save_pretrained) and pass that directory.") if not path.exists() else ""
+                raise GraftError(f"{where}: weights = {o.weights!r} is not a local model directory with a "
+                                 f"config.json.{hint}")
+            try:
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+            except ValueError as e:
+                raise GraftError(f"{where}: cannot load {path}: {str(e).splitlines()[0]}") from None
+            self.source_dir = path
+        else:
+            cfg = dict(o.config)
+            try:
+                config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+                model = AutoModel.from_config(config, **kwargs)
+            except (ValueError, KeyError, TypeError) as e:
+                raise GraftError(f"{where}: config = {o.config}: {e}") from None
+        self.hf_model = model
+        main_input = getattr(model, "main_input_name", "input_ids")
+        self.modality = "image" if main_input == "pixel_values" else "text"
+        cfg = model.config
+        self.num_features = getattr(cfg, "hidden_size", None) or cfg.hidden_sizes[-1]
+        pooling, modality = o.pooling, self.modality
+        if pooling == "pooler" and getattr(model, "pooler", None) is None:
+            raise GraftError(f"{where}: pooling = \"pooler\", but {type(model).__name__} has no pooler. "
+                             f"Use cls or mean.")
+
+        class HFFeatures(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.model = m
+
+            def forward(self, inputs):
+                if modality == "image":
+                    out = self.model(pixel_values=inputs)
+                    mask = None
+                else:
+                    out = self.model(**inputs)
+                    mask = inputs.get("attention_mask")
+                if pooling == "pooler":
+                    return out.pooler_output
+                hidden = out.last_hidden_state
+                if hidden.ndim == 4:  # convolutional vision models: [B, C, H, W]
+                    return hidden.mean((2, 3))
+                if pooling == "cls":
+                    return hidden[:, 0]
+                if mask is None:
+                    return hidden.mean(1)
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+
+        self.module = HFFeatures(model)
+        self._tokenizer = None
+        return self.module
+
+    def tokenizer(self):
+        if self.modality != "text":
+            return super().tokenizer()
+        if self._tokenizer is None:
+            src = self.options.tokenizer or (str(self.source_dir) if self.source_dir else "")
+            if not src:
+                return None  # random init without a tokenizer: a data source may train one
+            from transformers import AutoTokenizer
+
+            from graft.checkpoint import exported_backbone
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(exported_backbone(Path(src))),
+                                                                local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise GraftError(f"[backbone] tokenizer: cannot load a tokenizer from {src!r} ({e}). Pass "
+                                 f"tokenizer = \"DIR\" with tokenizer.json or vocab.txt.") from None
+        return self._tokenizer
+
+    def set_tokenizer(self, tokenizer):
+        """Attach a tokenizer made elsewhere (e.g. trained on a corpus for a random-init model)."""
+        self._tokenizer = tokenizer
+
+    def image_config(self) -> dict:
+        if self.modality != "image":
+            return super().image_config()
+        cfg = self.hf_model.config
+        size = getattr(cfg, "image_size", 224)
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        pre = self.source_dir / "preprocessor_config.json" if self.source_dir else None
+        if pre is not None and pre.is_file():
+            p = json.loads(pre.read_text())
+            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        return {"size": size, "mean": mean, "std": std, "channels": getattr(cfg, "num_channels", 3)}
+
+    def layer_groups(self) -> list[list[str]]:
+        """embeddings, then each encoder layer in order, then whatever follows (final norm, pooler)."""
+        embeddings, layers, rest = [], {}, []
+        for name, _ in self.module.named_parameters():
+            m = _LAYER.search(name)
+            if m:
+                layers.setdefault(int(m.group(1)), []).append(name)
+            elif "embed" in name and not layers:
+                embeddings.append(name)
+            else:
+                rest.append(name)
+        groups = [embeddings] + [layers[i] for i in sorted(layers)]
+        if rest:
+            groups.append(rest)
+        return [g for g in groups if g]
+
+    def export(self, directory: str) -> None:
+        """A save_pretrained folder: ``transformers.AutoModel.from_pretrained(directory)`` loads it."""
+        self.hf_model.save_pretrained(directory, safe_serialization=True)
+        tok = self.tokenizer() if self.modality == "text" else None
+        if tok is not None:
+            tok.save_pretrained(directory)
+        if self.source_dir and (self.source_dir / "preprocessor_config.json").is_file():
+            (Path(directory) / "preprocessor_config.json").write_text(
+                (self.source_dir / "preprocessor_config.json").read_text())
+
+
+@hookimpl
+def register_backbones(register):
+    register(HFBackbone, name="hf")
