@@ -176,10 +176,65 @@ def train(config_path, overrides, out, resume, nproc):
 
     summary = run_training(conf, run_dir, resume=bool(resume), echo=lambda m: click.echo(m, err=True))
     if int(os.environ.get("RANK", "0")) == 0 and not summary.get("interrupted"):
-        shown = {k: summary[k] for k in ("val", "test") if k in summary}
         click.echo(f"Run written to {run_dir}")
-        for split, metrics in shown.items():
-            click.echo(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        _show_metrics({k: summary[k] for k in ("val", "test") if k in summary})
+
+
+def _show_metrics(results: dict) -> None:
+    for split, metrics in results.items():
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        click.echo(f"  {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Change the saved config, e.g. --set data.test_path=new.csv. Repeatable.")
+@click.option("--split", "splits", default="val,test", show_default=True, help="Comma-separated splits.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-class reports).")
+def eval_cmd(run_dir, overrides, splits, as_json):
+    """Evaluate a finished run's best weights again, on its data or on data given with --set."""
+    from .loop import load_run
+
+    run = load_run(run_dir, overrides)
+    results = {}
+    for split in [s.strip() for s in splits.split(",") if s.strip()]:
+        metrics = run.evaluate(run.model, split)
+        if metrics is None:
+            raise GraftError(f"The data has no {split!r} split (splits are train, val, test).")
+        results[split] = metrics
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    _show_metrics(results)
+    for split, metrics in results.items():
+        if "per_class" in metrics:
+            rows = [[name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                    for name, r in metrics["per_class"].items()]
+            click.echo(f"\n{split} per class:")
+            click.echo(_table(rows, ["LABEL", "PRECISION", "RECALL", "F1", "SUPPORT"]))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1)
+@click.option("--file", "input_file", type=click.File("r"), help="Read inputs from a file, one per line ('-': stdin).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def predict(run_dir, inputs, input_file, as_json):
+    """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
+    from .loop import load_run, predict as run_predict
+
+    items = list(inputs) + ([line.rstrip("\n") for line in input_file if line.strip()] if input_file else [])
+    if not items:
+        raise GraftError("Nothing to predict: give inputs as arguments or with --file.")
+    run = load_run(run_dir, for_prediction=True)
+    for item, result in zip(items, run_predict(run, items)):
+        if as_json:
+            click.echo(json.dumps({"input": item, **result}))
+        elif "label" in result:
+            click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
+        else:
+            click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
 
 
 def main():

@@ -103,6 +103,13 @@ class DataSource(Plugin):
     def collate(self, examples: list) -> dict:
         raise NotImplementedError
 
+    def encode(self, backbone: Backbone, items: list[str]):
+        """Raw inputs (image paths, texts) -> what ``collate`` puts under "inputs"; used by ``graft predict``.
+        Must work without ``setup``: only ``task`` and ``label_names`` are restored."""
+        from .errors import GraftError
+
+        raise GraftError(f"data source {self.name!r} cannot prepare raw inputs for prediction.")
+
     @property
     def num_outputs(self) -> int:
         return len(self.label_names or ())
@@ -126,6 +133,7 @@ class Strategy(Plugin):
       ``compute_metrics(sums)`` turns the sums into floats.
     - ``state_dict()`` / ``load_state_dict()`` hold extra state (tensors and plain values) for checkpoints.
     - ``export(model, directory)`` writes the finished model's artifacts (rank 0 only).
+    - ``predict(model, inputs)`` turns a batch of encoded raw inputs into JSON-able results.
     """
 
     #: metric used for "best" weights and early stopping unless the [train] table names another
@@ -154,6 +162,12 @@ class Strategy(Plugin):
 
     def compute_metrics(self, sums: dict) -> dict:
         raise NotImplementedError
+
+    def predict(self, model: "nn.Module", inputs) -> list[dict]:
+        """One JSON-able dict per input (e.g. label and probability), for ``graft predict``."""
+        from .errors import GraftError
+
+        raise GraftError(f"strategy {self.name!r} does not predict.")
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -173,7 +173,10 @@ def batch_size_of(batch) -> int:
 class Run:
     """Everything built from a config, before training: plugins, model, data, device, process info."""
 
-    def __init__(self, config: Config, dist: distributed.Dist | None = None, device: torch.device | None = None):
+    def __init__(self, config: Config, dist: distributed.Dist | None = None, device: torch.device | None = None,
+                 data_info: dict | None = None):
+        """``data_info`` ({"task", "label_names"}, as a run saves in labels.json) skips reading the data: enough
+        to rebuild a trained model for prediction."""
         self.config = config
         t = config.train
         self.dist = dist or distributed.from_env()
@@ -185,7 +188,10 @@ class Run:
         self.backbone.build()
         self.data = specs["data"].cls(specs["data"].options)
         self.data.name = specs["data"].name
-        self.data.setup(self.backbone, t.seed)
+        if data_info is None:
+            self.data.setup(self.backbone, t.seed)
+        else:
+            self.data.task, self.data.label_names = data_info["task"], data_info["label_names"]
         self.loss = None
         if "loss" in specs:
             self.loss = specs["loss"].cls(specs["loss"].options)
@@ -237,7 +243,16 @@ class Run:
         if self.dist.enabled:
             for k in sorted(sums):  # same order on every process
                 distributed.all_reduce_sum(sums[k], self.dist)
-        return {k: float(v) for k, v in self.strategy.compute_metrics(sums).items()}
+        return {k: (float(v) if _is_scalar(v) else v) for k, v in self.strategy.compute_metrics(sums).items()}
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float)) or isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+def scalars(metrics: dict) -> dict:
+    """The numbers of a metrics dict (reports such as per-class tables and confusion matrices left out)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _better(a: float, b: float | None, mode: str) -> bool:
@@ -374,8 +389,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         metrics = run.evaluate(base_model, "val")
         if metrics is None:
             return False
-        log({"step": pos["step"], "epoch": pos["epoch"], "split": "val", **metrics})
-        if metric not in metrics:
+        log({"step": pos["step"], "epoch": pos["epoch"], "split": "val", **scalars(metrics)})
+        if metric not in scalars(metrics):
             raise GraftError(f"[train] metric = {metric!r} is not among the strategy's metrics: "
                              f"{', '.join(metrics)}.")
         if _better(metrics[metric], pos["best"], mode):
@@ -508,13 +523,47 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     }
     if main:
         if results["test"] is not None:
-            log({"step": pos["step"], "epoch": pos["epoch"], "split": "test", **results["test"]})
+            log({"step": pos["step"], "epoch": pos["epoch"], "split": "test", **scalars(results["test"])})
+        info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
+        (run_dir / "labels.json").write_text(json.dumps(info, indent=2) + "\n")
         strategy.export(base_model, str(run_dir))
         ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         if t.plot:
             _plot(run_dir)
+            final = results["test"] or results["val"]
+            if final and "confusion_matrix" in final:
+                plot_confusion(final["confusion_matrix"], run.data.label_names, run_dir / "confusion.png")
     distributed.barrier(dist)
     return summary
+
+
+# -- using a finished run ---------------------------------------------------------------------------------
+def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False) -> Run:
+    """Rebuild a finished run's model with its best weights, from its resolved config.toml."""
+    from . import config as cfg
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
+        raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
+    conf = cfg.load(run_dir / "config.toml", overrides)
+    conf.train.device = os.environ.get("GRAFT_DEVICE", conf.train.device)
+    info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
+    run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None)
+    run.model.load_state_dict(move(ckpt.load_weights(run_dir / "model.safetensors"), run.device))
+    run.model.eval()
+    return run
+
+
+@torch.no_grad()
+def predict(run: Run, items: list[str]) -> list[dict]:
+    """The strategy's predictions for raw inputs (image paths, texts), in eval batches."""
+    out = []
+    size = run.config.train.eval_batch_size or run.config.train.batch_size
+    for i in range(0, len(items), size):
+        inputs = move(run.data.encode(run.backbone, items[i:i + size]), run.device)
+        with run.autocast():
+            out += run.strategy.predict(run.model, inputs)
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -526,14 +575,42 @@ def _truncate_metrics(path: Path, step: int) -> None:
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _plot(run_dir: Path) -> None:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return  # plots are an optional extra: pip install graftkit[plots]
+        return None  # plots are an optional extra: pip install graftkit[plots]
+    return plt
+
+
+def plot_confusion(matrix, labels, path: Path) -> None:
+    """A confusion matrix as a PNG: rows are true labels, columns predictions. Any strategy that reports a
+    ``confusion_matrix`` gets one."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    k = len(matrix)
+    labels = list(labels or range(k))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * k, 0.8 + 0.5 * k))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(matrix[i][j])), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(k), [str(x) for x in labels], rotation=45, ha="right")
+    ax.set_yticks(range(k), [str(x) for x in labels])
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot(run_dir: Path) -> None:
+    plt = _pyplot()
+    if plt is None:
+        return
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]

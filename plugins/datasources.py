@@ -97,16 +97,32 @@ class Digits(DataSource):
 
         return {"inputs": torch.stack([e[0] for e in examples]), "targets": torch.stack([e[1] for e in examples])}
 
+    def encode(self, backbone, items):
+        """Image files -> grey 8x8 like the training data (dark ink on light paper is inverted) -> model input."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        transform = image_transform(backbone, self.options.image_size)
+        out = []
+        for path in items:
+            with Image.open(path) as im:
+                x = np.asarray(im.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255.0
+            if x.mean() > 0.5:
+                x = 1.0 - x
+            out.append(transform(torch.from_numpy(x).unsqueeze(0)))
+        return torch.stack(out)
+
 
 # -- text ---------------------------------------------------------------------------------------------
 @dataclass
 class TextOptions(SplitOptions):
-    path: str = option("", "A CSV or JSONL file, or a folder with one sub-folder of .txt files per label.")
+    path: str = option("", "A CSV or JSONL file, or a folder with one sub-folder of .txt files per label.", path=True)
     format: Literal["auto", "csv", "jsonl", "folders"] = option("auto", "How to read path; auto goes by its suffix.")
     text_column: str = option("text", "Column (CSV) or field (JSONL) holding the text.")
     label_column: str = option("label", "Column or field holding the label.")
-    val_path: str = option("", "Separate validation file (same format); else split off path.")
-    test_path: str = option("", "Separate test file (same format); else split off path.")
+    val_path: str = option("", "Separate validation file (same format); else split off path.", path=True)
+    test_path: str = option("", "Separate test file (same format); else split off path.", path=True)
     task: Literal["classification", "multilabel", "regression"] = option(
         "classification", "multilabel labels are lists (JSONL) or strings separated by label_separator.")
     label_separator: str = option(",", "Separator of multi-label strings in CSV.")
@@ -239,6 +255,12 @@ class Text(DataSource):
         targets = torch.tensor(ys, dtype=torch.long if self.task == "classification" else torch.float32)
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets}
 
+    def encode(self, backbone, items):
+        tok = backbone.tokenizer()
+        enc = tok(list(items), truncation=True, max_length=self.options.max_length, padding=True,
+                  return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
 
 # -- image folders ------------------------------------------------------------------------------------
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -246,7 +268,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class ImageFolderOptions(SplitOptions):
-    path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.")
+    path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.", path=True)
     image_size: int = option(0, "Side length of the model input; 0 means the backbone's own size.")
     augment: bool = option(False, "Random resized crops and horizontal flips on the training split.")
 
@@ -287,16 +309,21 @@ class ImageFolder(DataSource):
         self.label_names = sorted({lab for items in parts.values() for _, lab in items})
         index = {n: i for i, n in enumerate(self.label_names)}
         self.parts = {s: [(p, index[lab]) for p, lab in items] for s, items in parts.items()}
-        cfg = backbone.image_config()
-        size = (o.image_size, o.image_size) if o.image_size else tuple(cfg["size"])
-        from torchvision.transforms import v2 as T
-        import torch
+        self.train_tf, self.eval_tf = self.transforms(backbone)
 
+    def transforms(self, backbone):
+        """(train, eval) transforms from the backbone's preprocessing: resize + centre crop, or random crops."""
+        import torch
+        from torchvision.transforms import v2 as T
+
+        cfg = backbone.image_config()
+        size = (self.options.image_size,) * 2 if self.options.image_size else tuple(cfg["size"])
         norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])]
-        gray = [T.Grayscale(cfg["channels"])] if cfg["channels"] in (1,) else []
-        self.eval_tf = T.Compose(gray + [T.Resize(int(round(size[0] / 0.875))), T.CenterCrop(size)] + norm)
-        self.train_tf = T.Compose(gray + [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm) \
-            if o.augment else self.eval_tf
+        gray = [T.Grayscale(1)] if cfg["channels"] == 1 else []
+        eval_tf = T.Compose(gray + [T.Resize(int(round(size[0] / 0.875))), T.CenterCrop(size)] + norm)
+        train_tf = T.Compose(gray + [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] + norm) \
+            if self.options.augment else eval_tf
+        return train_tf, eval_tf
 
     def dataset(self, split):
         items = self.parts.get(split)
@@ -309,6 +336,17 @@ class ImageFolder(DataSource):
         import torch
 
         return {"inputs": torch.stack([x for x, _ in examples]), "targets": torch.tensor([y for _, y in examples])}
+
+    def encode(self, backbone, items):
+        import torch
+        from PIL import Image
+
+        _, tf = self.transforms(backbone)
+        out = []
+        for path in items:
+            with Image.open(path) as im:
+                out.append(tf(im.convert("RGB")))
+        return torch.stack(out)
 
 
 class _Images:

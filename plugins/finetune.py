@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -160,6 +159,11 @@ class Finetune(Strategy):
             f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
             m["accuracy"] = float(tp.sum() / cm.sum())
             m["macro_f1"] = float(f1.mean())
+            names = list(self.data.label_names or range(len(tp)))
+            m["per_class"] = {str(names[i]): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                              "f1": float(f1[i]), "support": int(cm.sum(1)[i])}
+                              for i in range(len(tp))}
+            m["confusion_matrix"] = cm.long().tolist()
         elif task == "multilabel":
             tp, fp, fn = (sums[k].double() for k in ("tp", "fp", "fn"))
             f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
@@ -171,13 +175,27 @@ class Finetune(Strategy):
             m["rmse"] = (float(sums["sq_err"]) / n) ** 0.5
         return m
 
+    def predict(self, model, inputs):
+        import torch
+
+        outputs = model(inputs).float()
+        names = list(self.data.label_names or [])
+        if self.data.task == "regression":
+            return [{"value": float(v)} for v in outputs.reshape(-1)]
+        if self.data.task == "multilabel":
+            probs = torch.sigmoid(outputs)
+            return [{"labels": [names[j] for j in range(len(names)) if p[j] > 0.5],
+                     "probabilities": {names[j]: float(p[j]) for j in range(len(names))}} for p in probs]
+        probs = torch.softmax(outputs, 1)
+        top = probs.topk(min(3, probs.shape[1]), dim=1)
+        return [{"label": names[int(i[0])], "probability": float(p[0]),
+                 "top": [{"label": names[int(j)], "probability": float(q)} for q, j in zip(p, i)]}
+                for p, i in zip(top.values, top.indices)]
+
     def export(self, model, directory):
-        """labels.json (task and label names), backbone/ in its family's native format, head.safetensors."""
+        """backbone/ in its family's native format, and head.safetensors."""
         from safetensors.torch import save_file
 
-        info = {"task": self.data.task, "label_names": list(self.data.label_names or []),
-                "backbone": self.backbone.name, "head": self.options.head}
-        Path(directory, "labels.json").write_text(json.dumps(info, indent=2) + "\n")
         Path(directory, "backbone").mkdir(exist_ok=True)
         self.backbone.export(str(Path(directory, "backbone")))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},

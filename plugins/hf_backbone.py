@@ -15,10 +15,10 @@ from graft import Backbone, GraftError, hookimpl, option
 @dataclass
 class HFOptions:
     weights: str = option("", "Local directory with config.json and weights (a save_pretrained folder), or a graft "
-                              "run directory whose backbone to continue from. Hub names are never downloaded.")
+                              "run directory whose backbone to continue from. Hub names are never downloaded.", path=True)
     config: dict = option(default_factory=dict, help="Random init instead: { model_type = \"bert\", hidden_size = "
                           "128, ... } (keyword arguments of AutoConfig.for_model).")
-    tokenizer: str = option("", "Tokenizer directory; default: the weights directory (text models).")
+    tokenizer: str = option("", "Tokenizer directory; default: the weights directory (text models).", path=True)
     pooling: Literal["cls", "mean", "pooler"] = option("mean", "How token features become one vector: the first "
                                                        "token, the mask-aware mean, or the model's pooler output.")
     trust_remote_code: bool = option(False, "Allow model code shipped inside the weights directory to run.")

@@ -12,7 +12,7 @@ from graft.errors import did_you_mean
 @dataclass
 class TimmOptions:
     model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, vit_tiny_patch16_224.")
-    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with weights_only=True).")
+    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with weights_only=True).", path=True)
     pretrained: bool = option(False, "Fetch timm's pretrained weights from the hub. Never done offline: pass weights.")
     model_kwargs: dict = option(default_factory=dict, help="Extra keyword arguments for timm.create_model, e.g. "
                                 "{ drop_path_rate = 0.1, in_chans = 1 }.")
