@@ -222,6 +222,8 @@ class Text(DataSource):
                 raise GraftError(f"{where}: regression label {x!r} is not a number.") from None
 
         def encode(records):
+            if not records:
+                return []
             texts = [t for t, _ in records]
             ids = tok(texts, truncation=True, max_length=o.max_length, add_special_tokens=True)["input_ids"]
             return [(i, target(lab)) for i, (_, lab) in zip(ids, records)]

@@ -4,7 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import time
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,3 +64,71 @@ def tiny(tmp_path):
     def make(name="tiny.toml", **tables):
         return write_config(tmp_path / name, tiny_config(**tables))
     return make
+
+
+def weights(run_dir, name="last.safetensors"):
+    return load_file(str(run_dir / name))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def start_train(cfg, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "graft.cli", "train", str(cfg), "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_lines(out, n, proc, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = out / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    raise AssertionError("run made no progress")
+
+
+def assert_same_records(a, b, rel=1e-6):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        x, y = ({k: v for k, v in r.items() if k != "samples_per_s"} for r in (x, y))
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == (pytest.approx(y[k], rel=rel, abs=1e-9) if isinstance(y[k], float) else y[k]), (k, x, y)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A random-init 2-layer BERT saved with save_pretrained, and a WordPiece tokenizer of a toy vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("bert")
+    words = "good great fine nice bad awful poor sad the a film movie is was very".split()
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tok = BertTokenizerFast(vocab=vocab)  # vocab_file= is ignored by transformers 5
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+def reviews(path, n=120, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    pos, neg = "good great fine nice".split(), "bad awful poor sad".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            label = i % 2
+            words = [rng.choice(pos if label else neg), rng.choice(["film", "movie"]), "was", "very"]
+            rng.shuffle(words)
+            f.write(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}) + "\n")
+    return path
+
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_VIT, graft, tiny_config, write_config
+from conftest import TINY_VIT, graft, reviews, tiny_config, write_config
 from graft import GraftError
 from graft.config import resolve
 from graft.loop import Run, train
@@ -103,40 +103,10 @@ def test_offline_and_name_errors_are_clear(tmp_path, table, match):
     assert proc.returncode == 2 and match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    """A random-init 2-layer BERT saved with save_pretrained, and a WordPiece tokenizer of a toy vocabulary."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("bert")
-    words = "good great fine nice bad awful poor sad the a film movie is was very".split()
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    tok = BertTokenizerFast(vocab=vocab)  # vocab_file= is ignored by transformers 5
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
-    return d
-
-
-def _reviews(path, n=120, seed=0):
-    import random
-
-    rng = random.Random(seed)
-    pos, neg = "good great fine nice".split(), "bad awful poor sad".split()
-    with open(path, "w") as f:
-        for i in range(n):
-            label = i % 2
-            words = [rng.choice(pos if label else neg), rng.choice(["film", "movie"]), "was", "very"]
-            rng.shuffle(words)
-            f.write(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}) + "\n")
-    return path
-
-
 def test_hf_text_backbone_finetunes_and_exports(tmp_path, tiny_bert):
     conf = tiny_config(backbone=None, data=None) | {
         "backbone": {"plugin": "hf", "weights": str(tiny_bert), "pooling": "cls"},
-        "data": {"plugin": "text", "path": str(_reviews(tmp_path / "r.jsonl")), "max_length": 16},
+        "data": {"plugin": "text", "path": str(reviews(tmp_path / "r.jsonl")), "max_length": 16},
     }
     conf["train"].update(epochs=6, batch_size=16, lr=3e-3)
     summary = train(resolve(conf, "bert.toml"), tmp_path / "run", echo=lambda m: None)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import graft, read_metrics, tiny_config, write_config
+from conftest import (start_train, wait_for_lines, assert_same_records, assert_same_weights, graft, read_metrics,
+                      tiny_config, weights, write_config)
 from graft import GraftError, Loss
 from graft import checkpoint as ckpt
 from graft.config import resolve
@@ -25,16 +25,6 @@ def run(tmp_path, name, **tables):
     out = tmp_path / name
     summary = train(conf, out, echo=lambda m: None)
     return out, summary
-
-
-def weights(run_dir, name="last.safetensors"):
-    return load_file(str(run_dir / name))
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= atol, worst
 
 
 def test_run_directory_contents(tmp_path):
@@ -61,40 +51,14 @@ def test_accumulation_matches_large_batch(tmp_path):
         assert_same_weights(weights(big), weights(one), atol=1e-6)
 
 
-def _start(cfg, out, *extra):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "graft.cli", "train", str(cfg), "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def _wait_for_lines(out, n, proc, timeout=60):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = out / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.01)
-    raise AssertionError("run made no progress")
-
-
-def assert_same_records(a, b, rel=1e-6):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        x, y = ({k: v for k, v in r.items() if k != "samples_per_s"} for r in (x, y))
-        assert x.keys() == y.keys()
-        for k in x:
-            assert x[k] == (pytest.approx(y[k], rel=rel, abs=1e-9) if isinstance(y[k], float) else y[k]), (k, x, y)
-
-
 def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
     tables = dict(train={"epochs": 3, "batch_size": 16, "scheduler": "cosine", "warmup_steps": 5},
                   strategy={"dropout": 0.1})  # dropout draws on the RNG, which resume must restore
     cfg = write_config(tmp_path / "c.toml", tiny_config(**tables))
     graft("train", cfg, "--out", tmp_path / "full", check=True)
 
-    proc = _start(cfg, tmp_path / "cut")
-    _wait_for_lines(tmp_path / "cut", 40, proc)
+    proc = start_train(cfg, tmp_path / "cut")
+    wait_for_lines(tmp_path / "cut", 40, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -110,8 +74,8 @@ def test_sigkill_during_checkpoints_leaves_a_loadable_one(tmp_path):
                                                                "checkpoint_every": 1, "keep_checkpoints": 2}))
     out = tmp_path / "run"
     for lines in (15, 40):
-        proc = _start(cfg, out, *(["--resume", str(out)] if (out / "checkpoints").exists() else []))
-        _wait_for_lines(out, lines, proc)
+        proc = start_train(cfg, out, *(["--resume", str(out)] if (out / "checkpoints").exists() else []))
+        wait_for_lines(out, lines, proc)
         time.sleep(0.05 * lines % 0.13)
         proc.kill()
         proc.communicate()
