@@ -41,7 +41,9 @@ class Backbone(Plugin):
 
     ``build()`` creates ``self.module`` (an ``nn.Module``) and sets ``self.num_features``. For image
     backbones the inputs are a float tensor ``[B, C, H, W]``; for text backbones a dict of tensors
-    (``input_ids``, ``attention_mask``, ...).
+    (``input_ids``, ``attention_mask``, ...). ``self.module(inputs, hidden=True)`` returns
+    ``(features, [h_0, h_1, ...])``: one pooled ``[batch, width_i]`` tensor per layer, input side first (feature
+    distillation uses these; a backbone that cannot give them raises NotImplementedError).
     """
 
     #: "image" or "text": which preprocessing a DataSource must apply
@@ -93,6 +95,8 @@ class DataSource(Plugin):
 
     task: str = "classification"
     label_names: Sequence[str] | None = None
+    #: the run's seed, set by the loop before ``setup`` (a second instance set up with it gets the same splits)
+    seed: int = 0
 
     def setup(self, backbone: Backbone, seed: int) -> None:
         raise NotImplementedError
@@ -127,6 +131,9 @@ class Strategy(Plugin):
       frozen parameters too so a later unfreeze needs no new optimizer.
     - ``on_epoch_start(epoch, model)`` applies schedules (freezing); it is called again on resume, so it must
       depend only on ``epoch`` and the strategy's own state.
+    - ``on_step_start(step, total_steps)`` precedes every optimizer step, for schedules of the strategy's own.
+    - Batches are what the DataSource's ``collate`` returns, plus ``batch["index"]``: the examples' positions
+      in their split (stable across epochs and runs), e.g. for caches, and ``batch["split"]``.
     - ``training_step(model, batch)`` returns ``{"loss": tensor, **other scalars to log}``. Call ``model(...)``
       (the wrapped module you were given) so that distributed gradient sync sees the forward pass.
     - ``eval_step(model, batch)`` returns a dict of tensors that are *summed* over batches and processes;
@@ -154,6 +161,9 @@ class Strategy(Plugin):
     def on_epoch_start(self, epoch: int, model: "nn.Module") -> None:
         pass
 
+    def on_step_start(self, step: int, total_steps: int) -> None:
+        """Called before each optimizer step (``step`` counts from 0); for schedules of the strategy's own."""
+
     def training_step(self, model: "nn.Module", batch: dict) -> dict:
         raise NotImplementedError
 
@@ -168,6 +178,10 @@ class Strategy(Plugin):
         from .errors import GraftError
 
         raise GraftError(f"strategy {self.name!r} does not predict.")
+
+    def report(self, model: "nn.Module") -> dict:
+        """Extra facts for summary.json at the end of a run (e.g. parameter counts)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -152,6 +152,30 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self._order()) - self.skip
 
 
+class _Indexed:
+    """Yields (index, example): every batch says which examples it holds (batch["index"]), e.g. for caches."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return i, self.ds[i]
+
+
+class _IndexedCollate:
+    def __init__(self, collate, split):
+        self.collate, self.split = collate, split
+
+    def __call__(self, items):
+        batch = self.collate([ex for _, ex in items])
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        batch["split"] = self.split
+        return batch
+
+
 def move(batch, device, non_blocking=True):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
@@ -188,6 +212,7 @@ class Run:
         self.backbone.build()
         self.data = specs["data"].cls(specs["data"].options)
         self.data.name = specs["data"].name
+        self.data.seed = t.seed
         if data_info is None:
             self.data.setup(self.backbone, t.seed)
         else:
@@ -211,8 +236,8 @@ class Run:
         sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=self.dist, pad=train)
         # A private generator keeps the DataLoader from drawing on the global RNG, which resume restores.
         return torch.utils.data.DataLoader(
-            ds, batch_size=batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size)),
-            sampler=sampler, collate_fn=self.data.collate, num_workers=t.num_workers,
+            _Indexed(ds), batch_size=batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size)),
+            sampler=sampler, collate_fn=_IndexedCollate(self.data.collate, split), num_workers=t.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(t.seed),
             persistent_workers=False)
 
@@ -418,6 +443,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
             it = iter(train_loader)
             while pos["micro"] < micro_per_epoch and pos["step"] < total_steps:
                 t0 = time.perf_counter()
+                strategy.on_step_start(pos["step"], total_steps)
                 group = min(t.grad_accum, micro_per_epoch - pos["micro"])
                 loss_sum = torch.zeros((), device=device)
                 n_samples = 0
@@ -520,6 +546,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         "train_samples_per_s": pos["samples"] / max(pos["train_time"], 1e-9),
         "weights": "model.safetensors" if pos["best"] is None else "model.safetensors (best on val)",
         **{k: v for k, v in results.items() if v is not None},
+        **strategy.report(base_model),
     }
     if main:
         if results["test"] is not None:
@@ -538,17 +565,23 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
 
 
 # -- using a finished run ---------------------------------------------------------------------------------
-def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False) -> Run:
-    """Rebuild a finished run's model with its best weights, from its resolved config.toml."""
+def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None) -> Run:
+    """Rebuild a finished run's model with its best weights, from its resolved config.toml. Global RNG state
+    is left as it was, so loading a run (e.g. a teacher) inside another run changes nothing there."""
     from . import config as cfg
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
     conf = cfg.load(run_dir / "config.toml", overrides)
-    conf.train.device = os.environ.get("GRAFT_DEVICE", conf.train.device)
+    if device:
+        conf.train.device = device
     info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
-    run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None)
+    with torch.random.fork_rng(devices=[]):
+        state = random.getstate(), np.random.get_state()
+        run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None)
+        random.setstate(state[0])
+        np.random.set_state(state[1])
     run.model.load_state_dict(move(ckpt.load_weights(run_dir / "model.safetensors"), run.device))
     run.model.eval()
     return run

@@ -71,7 +71,10 @@ class Finetune(Strategy):
                 super().__init__()
                 self.backbone, self.head = backbone, head
 
-            def forward(self, inputs):
+            def forward(self, inputs, hidden=False):
+                if hidden:
+                    features, layers = self.backbone(inputs, hidden=True)
+                    return self.head(features), layers
                 return self.head(self.backbone(inputs))
 
         self.model = FinetuneModel(self.backbone.module, head)
@@ -123,12 +126,16 @@ class Finetune(Strategy):
         return {"loss": self.loss(model(batch["inputs"]), batch["targets"])}
 
     def eval_step(self, model, batch):
+        return self.eval_sums(model(batch["inputs"]).float(), batch["targets"])
+
+    def eval_sums(self, outputs, y, loss=None):
+        """Summable statistics of one batch's outputs against targets ``y`` (``loss``: the batch's mean loss,
+        when the strategy computes it differently)."""
         import torch
 
-        outputs = model(batch["inputs"]).float()
-        y = batch["targets"]
         n = torch.tensor(float(y.shape[0]), device=outputs.device)
-        sums = {"count": n, "loss_sum": self.loss(outputs, y).float() * n}
+        loss = self.loss(outputs, y) if loss is None else loss
+        sums = {"count": n, "loss_sum": loss.float() * n}
         task = self.data.task
         if task == "classification":
             k = outputs.shape[1]

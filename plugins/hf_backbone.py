@@ -32,6 +32,18 @@ class HFOptions:
             raise ValueError("config needs model_type, e.g. config = { model_type = \"bert\", hidden_size = 128 }.")
 
 
+def pool(hidden, mask, how: str):
+    """[B, T, D] token features (or [B, C, H, W] maps) -> [B, D]: first token, or the mask-aware mean."""
+    if hidden.ndim == 4:  # convolutional vision models
+        return hidden.mean((2, 3))
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+
+
 _LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
@@ -90,24 +102,20 @@ class HFBackbone(Backbone):
                 super().__init__()
                 self.model = m
 
-            def forward(self, inputs):
+            def forward(self, inputs, hidden=False):
                 if modality == "image":
-                    out = self.model(pixel_values=inputs)
+                    out = self.model(pixel_values=inputs, output_hidden_states=hidden)
                     mask = None
                 else:
-                    out = self.model(**inputs)
+                    out = self.model(**inputs, output_hidden_states=hidden)
                     mask = inputs.get("attention_mask")
                 if pooling == "pooler":
-                    return out.pooler_output
-                hidden = out.last_hidden_state
-                if hidden.ndim == 4:  # convolutional vision models: [B, C, H, W]
-                    return hidden.mean((2, 3))
-                if pooling == "cls":
-                    return hidden[:, 0]
-                if mask is None:
-                    return hidden.mean(1)
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
+                    features = out.pooler_output
+                else:
+                    features = pool(out.last_hidden_state, mask, pooling)
+                if not hidden:
+                    return features
+                return features, [pool(h, mask, "mean") for h in out.hidden_states]
 
         self.module = HFFeatures(model)
         self._tokenizer = None

@@ -1,6 +1,7 @@
-"""Built-in losses: cross-entropy, binary cross-entropy (multi-label) and mean squared error."""
+"""Built-in losses: cross-entropy, BCE, MSE; knowledge distillation (soft targets) and feature distillation."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from graft import Loss, hookimpl, option
 
@@ -43,8 +44,77 @@ class MSE(Loss):
         return F.mse_loss(outputs.float().reshape(targets.shape), targets.float())
 
 
+@dataclass
+class KDOptions:
+    temperature: float = option(4.0, "Softening temperature T of both distributions.")
+    alpha: float = option(0.9, "Weight of the soft-target term; the hard-label cross-entropy gets 1 - alpha.")
+    schedule: Literal["constant", "linear"] = option("constant", "linear moves alpha and temperature from their "
+                                                     "start values to alpha_end / temperature_end over the run.")
+    alpha_end: float = option(-1.0, "Final alpha of a linear schedule; negative means alpha (no change).")
+    temperature_end: float = option(-1.0, "Final temperature of a linear schedule; negative means temperature.")
+
+    def validate(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
+        if not 0.0 <= self.alpha <= 1.0 or self.alpha_end > 1.0:
+            raise ValueError("alpha and alpha_end must be in [0, 1].")
+
+
+class KD(Loss):
+    """Soft-target distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy."""
+
+    Options = KDOptions
+
+    def at(self, progress: float) -> tuple[float, float]:
+        """(alpha, temperature) at ``progress`` in [0, 1] of the run."""
+        o = self.options
+        if o.schedule == "constant":
+            return o.alpha, o.temperature
+        a_end = o.alpha if o.alpha_end < 0 else o.alpha_end
+        t_end = o.temperature if o.temperature_end <= 0 else o.temperature_end
+        return o.alpha + (a_end - o.alpha) * progress, o.temperature + (t_end - o.temperature) * progress
+
+    def __call__(self, outputs, targets):
+        """``targets``: {"teacher": teacher logits, "labels": class ids or None, "progress": 0..1}."""
+        alpha, T = self.at(float(targets.get("progress", 0.0)))
+        return kd_loss(outputs, targets["teacher"], targets.get("labels"), alpha, T)
+
+
+def kd_loss(student, teacher, labels, alpha: float, temperature: float):
+    """Hinton et al. (2015): the KL term is scaled by T^2 so its gradients keep their size as T changes."""
+    import torch.nn.functional as F
+
+    s, t = student.float() / temperature, teacher.float() / temperature
+    soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    loss = alpha * temperature ** 2 * soft
+    if labels is not None and alpha < 1.0:
+        loss = loss + (1.0 - alpha) * F.cross_entropy(student.float(), labels)
+    return loss
+
+
+class FeatureMSE(Loss):
+    """Feature distillation: mean squared error between (projected) student and teacher hidden features."""
+
+    def __call__(self, outputs, targets):
+        import torch.nn.functional as F
+
+        return F.mse_loss(outputs.float(), targets.float())
+
+
+class FeatureCosine(Loss):
+    """Feature distillation: 1 - cosine similarity between (projected) student and teacher hidden features."""
+
+    def __call__(self, outputs, targets):
+        import torch.nn.functional as F
+
+        return (1.0 - F.cosine_similarity(outputs.float(), targets.float(), dim=-1)).mean()
+
+
 @hookimpl
 def register_losses(register):
     register(CrossEntropy, name="cross_entropy")
     register(BCE, name="bce")
     register(MSE, name="mse")
+    register(KD, name="kd")
+    register(FeatureMSE, name="feature_mse")
+    register(FeatureCosine, name="feature_cosine")

@@ -105,8 +105,14 @@ class TimmBackbone(Backbone):
                 super().__init__()
                 self.model = m
 
-            def forward(self, x):
-                return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            def forward(self, x, hidden=False):
+                if not hidden:
+                    return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                if not hasattr(self.model, "forward_intermediates"):
+                    raise NotImplementedError(f"timm model {type(self.model).__name__} has no forward_intermediates")
+                final, inter = self.model.forward_intermediates(x)
+                pooled = [h.flatten(2).mean(2) if h.ndim > 2 else h for h in inter]  # NCHW -> NC
+                return self.model.forward_head(final, pre_logits=True), pooled
 
         self.module = TimmFeatures(model)
         self.num_features = model.num_features

@@ -1,0 +1,267 @@
+"""The ``distill`` strategy: a finished run (the teacher) taught into any student backbone.
+
+The teacher and the student may be of different families and sizes: each gets its own preprocessing, because
+the teacher's inputs come from a second instance of the same data source, set up with the teacher's backbone and
+the same seed (so example i is the same example for both). Teacher outputs are computed once per dataset and
+kept as safetensors (the teacher cache), unless the data is randomly augmented: then the teacher must see the
+same augmented view as the student, and it runs online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from graft import GraftError, hookimpl, option
+
+from .finetune import Finetune, FinetuneOptions
+
+
+@dataclass
+class DistillOptions(FinetuneOptions):
+    teacher: str = option("", "A finished graft run directory (e.g. a finetune run) whose model teaches.", path=True)
+    feature_layers: list[list[int]] = field(default_factory=list, metadata={
+        "help": "Feature distillation: [[student_layer, teacher_layer], ...] indices into each backbone's hidden "
+                "layers (negative counts from the end); a learned projection bridges different widths."})
+    feature_loss: Literal["feature_mse", "feature_cosine"] = option("feature_mse", "Loss between hidden features.")
+    feature_weight: float = option(1.0, "Weight of the feature loss (when feature_layers is set).")
+    cache: Literal["auto", "on", "off"] = option(
+        "auto", "Teacher cache: auto = on unless the data is randomly augmented (then the teacher runs online).")
+    cache_dir: str = option("", "Where teacher caches live; default $GRAFT_CACHE_DIR or ~/.cache/graftkit.",
+                            path=True)
+
+    def validate(self):
+        super().validate()
+        if not self.teacher:
+            raise ValueError("teacher is required: the directory of a finished graft run, e.g. teacher = \"runs/big\".")
+        if any(len(pair) != 2 for pair in self.feature_layers):
+            raise ValueError("feature_layers takes pairs: [[student_layer, teacher_layer], ...].")
+
+
+class Distill(Finetune):
+    """Distil a finished run (the teacher) into any student backbone: soft targets, features, a teacher cache."""
+
+    Options = DistillOptions
+    default_loss = "kd"
+    primary_metric = "accuracy"
+
+    def build(self):
+        import torch
+        from torch import nn
+
+        from graft.loop import load_run
+
+        o = self.options
+        if self.data.task != "classification":
+            raise GraftError("[strategy] plugin = \"distill\" distils classifiers; the [data] task is "
+                             f"{self.data.task!r}.")
+        if self.loss is None or not hasattr(self.loss, "at"):
+            raise GraftError("[strategy] plugin = \"distill\" needs [loss] plugin = \"kd\" (or a loss with the same "
+                             "interface).")
+        teacher_dir = Path(o.teacher)
+        self.teacher_run = load_run(teacher_dir, for_prediction=True, device="cpu")
+        teacher_labels = list(self.teacher_run.data.label_names or [])
+        if teacher_labels != list(self.data.label_names or []):
+            raise GraftError(f"[strategy] teacher {o.teacher!r} predicts labels {teacher_labels}, but the data has "
+                             f"{list(self.data.label_names or [])}.")
+        self.teacher = self.teacher_run.model.eval().requires_grad_(False)
+        self.teacher_data = self._teacher_data()
+        model = super().build()
+        self.projections = []
+        if o.feature_layers:
+            with torch.no_grad():
+                probe = self._teacher_inputs("train", [0])
+                _, t_hidden = self.teacher(probe, hidden=True)
+                s_inputs = self.data.collate([self.data.dataset("train")[0]])["inputs"]
+                _, s_hidden = self.backbone.module(s_inputs, hidden=True)
+            self.pairs = [(s, t) for s, t in o.feature_layers]
+            for s, t in self.pairs:
+                try:
+                    ws, wt = s_hidden[s].shape[-1], t_hidden[t].shape[-1]
+                except IndexError:
+                    raise GraftError(f"[strategy] feature_layers pair [{s}, {t}] is out of range: the student has "
+                                     f"{len(s_hidden)} hidden layers, the teacher {len(t_hidden)}.") from None
+                self.projections.append(nn.Linear(ws, wt) if ws != wt else nn.Identity())
+            model.projections = nn.ModuleList(self.projections)
+            from graft.registry import get_registry
+
+            self.feature_loss = get_registry().get("loss", o.feature_loss)()
+        self.use_cache = o.cache == "on" or (o.cache == "auto" and not getattr(self.teacher_data.options, "augment",
+                                                                                 False))
+        if o.cache == "on" and getattr(self.teacher_data.options, "augment", False):
+            raise GraftError("[strategy] cache = \"on\" with augmented data would teach stale views; use cache = "
+                             "\"auto\" (the teacher then runs online).")
+        self.cache: dict | None = None
+        self.progress = 0.0
+        return model
+
+    def _teacher_data(self):
+        """The student's data source, set up again with the teacher's backbone (and the teacher run's data options
+        when it used the same data plugin), with the same seed: example i is the same example for both."""
+        spec = self.teacher_run.config.plugins["data"]
+        options = spec.options if spec.name == self.data.name else self.data.options
+        td = type(self.data)(options)
+        td.name, td.seed = self.data.name, self.data.seed
+        td.setup(self.teacher_run.backbone, self.data.seed)
+        for split in ("train", "val", "test"):
+            a, b = self.data.dataset(split), td.dataset(split)
+            if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
+                raise GraftError(f"[strategy] the teacher's view of the data splits differently ({split}: "
+                                 f"{len(b) if b else 0} vs {len(a) if a else 0} examples). Give the teacher run and "
+                                 f"this run the same data fractions.")
+        return td
+
+    def _teacher_inputs(self, split, indices):
+        ds = self.teacher_data.dataset(split)
+        return self.teacher_data.collate([ds[int(i)] for i in indices])["inputs"]
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _run_teacher(self, split, indices):
+        """Teacher logits (and hidden layers) for examples ``indices`` of ``split``, computed now."""
+        import torch
+
+        from graft.loop import move
+
+        device = self._device()
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        with torch.no_grad():
+            inputs = move(self._teacher_inputs(split, indices), device)
+            if self.options.feature_layers:
+                logits, hidden = self.teacher(inputs, hidden=True)
+                return logits.float(), [hidden[t].float() for _, t in self.pairs]
+            return self.teacher(inputs).float(), []
+
+    # -- the teacher cache ---------------------------------------------------------------------------------
+    def cache_key(self) -> str:
+        h = hashlib.sha256()
+        with open(Path(self.options.teacher) / "model.safetensors", "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        spec = {"data": self.teacher_data.name, "options": repr(self.teacher_data.options),
+                "teacher_backbone": repr(self.teacher_run.config.plugins["backbone"].options),
+                "seed": self.data.seed, "layers": [t for _, t in getattr(self, "pairs", [])],
+                "sizes": [len(self.teacher_data.dataset(s) or []) for s in ("train", "val", "test")]}
+        h.update(json.dumps(spec, sort_keys=True).encode())
+        return h.hexdigest()[:24]
+
+    def cache_path(self) -> Path:
+        root = self.options.cache_dir or os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit"
+        return Path(root) / "teacher" / f"{self.cache_key()}.safetensors"
+
+    def _load_or_build_cache(self):
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        path = self.cache_path()
+        if path.is_file():
+            flat = load_file(str(path), device=str(self._device()))
+        else:
+            flat = {}
+            for split in ("train", "val", "test"):
+                n = len(self.teacher_data.dataset(split) or [])
+                logits, hidden = [], []
+                for start in range(0, n, 64):
+                    out, hs = self._run_teacher(split, range(start, min(n, start + 64)))
+                    logits.append(out)
+                    hidden.append(hs)
+                if n:
+                    flat[f"{split}.logits"] = torch.cat(logits)
+                    for j in range(len(hidden[0])):
+                        flat[f"{split}.hidden.{j}"] = torch.cat([hs[j] for hs in hidden])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file({k: v.cpu().contiguous() for k, v in flat.items()}, str(tmp))
+            os.replace(tmp, path)  # whole or absent, even with several processes writing
+        self.cache = flat
+
+    def teacher_outputs(self, split, index):
+        if not self.use_cache:
+            return self._run_teacher(split, index.tolist())
+        if self.cache is None:
+            self._load_or_build_cache()
+        index = index.to(self.cache[f"{split}.logits"].device)
+        hidden = [self.cache[f"{split}.hidden.{j}"][index] for j in range(len(getattr(self, "pairs", [])))]
+        return self.cache[f"{split}.logits"][index], hidden
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def on_step_start(self, step, total_steps):
+        self.progress = step / max(1, total_steps - 1)
+
+    def training_step(self, model, batch):
+        t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"])
+        targets = {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress}
+        if not self.options.feature_layers:
+            logits = model(batch["inputs"])
+            return {"loss": self.loss(logits, targets)}
+        logits, hidden = model(batch["inputs"], hidden=True)
+        kd = self.loss(logits, targets)
+        proj = self.model.projections
+        feat = sum(self.feature_loss(proj[i](hidden[s]), t_hidden[i]) for i, (s, _) in enumerate(self.pairs))
+        feat = feat / len(self.pairs)
+        return {"loss": kd + self.options.feature_weight * feat, "kd_loss": kd.detach(), "feature_loss": feat.detach()}
+
+    def eval_step(self, model, batch):
+        outputs = model(batch["inputs"]).float()
+        t_logits, _ = self.teacher_outputs(batch["split"], batch["index"])
+        kd = self.loss(outputs, {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress})
+        sums = self.eval_sums(outputs, batch["targets"], loss=kd)
+        sums["teacher_correct"] = (t_logits.argmax(1) == batch["targets"]).sum()
+        sums["agree"] = (t_logits.argmax(1) == outputs.argmax(1)).sum()
+        return sums
+
+    def compute_metrics(self, sums):
+        m = super().compute_metrics(sums)
+        n = float(sums["count"])
+        m["teacher_accuracy"] = float(sums["teacher_correct"]) / n
+        m["agreement"] = float(sums["agree"]) / n
+        return m
+
+    def report(self, model):
+        """Parameter counts and inference throughput (examples/s on this device) of student and teacher."""
+        import torch
+
+        from graft.loop import move
+
+        val = self.data.dataset("test") or self.data.dataset("val") or self.data.dataset("train")
+        idx = list(range(min(64, len(val))))
+        device = self._device()
+        s_inputs = move(self.data.collate([val[i] for i in idx])["inputs"], device)
+        t_inputs = move(self._teacher_inputs("test" if self.data.dataset("test") else "val", idx), device)
+        self.teacher.to(device)
+
+        def throughput(module, inputs):
+            was = module.training
+            module.eval()
+            with torch.no_grad():
+                module(inputs)
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    module(inputs)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+            module.train(was)
+            return len(idx) / sorted(times)[1]
+
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        student_params = count(self.model) - sum(count(p) for p in self.projections)
+        return {"distill": {
+            "student_params": student_params, "teacher_params": count(self.teacher),
+            "student_examples_per_s": throughput(self.model, s_inputs),
+            "teacher_examples_per_s": throughput(self.teacher, t_inputs),
+            "teacher": str(self.options.teacher), "teacher_cache": str(self.cache_path()) if self.use_cache else None,
+        }}
+
+
+@hookimpl
+def register_strategies(register):
+    register(Distill, name="distill")
