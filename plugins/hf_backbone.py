@@ -18,6 +18,8 @@ class HFOptions:
                               "run directory whose backbone to continue from. Hub names are never downloaded.", path=True)
     config: dict = option(default_factory=dict, help="Random init instead: { model_type = \"bert\", hidden_size = "
                           "128, ... } (keyword arguments of AutoConfig.for_model).")
+    overrides: dict = option(default_factory=dict, help="Config values changed when loading weights, e.g. "
+                             "{ num_hidden_layers = 2 } keeps only the first two layers (a smaller student).")
     tokenizer: str = option("", "Tokenizer directory; default: the weights directory (text models).", path=True)
     pooling: Literal["cls", "mean", "pooler"] = option("mean", "How token features become one vector: the first "
                                                        "token, the mask-aware mean, or the model's pooler output.")
@@ -76,7 +78,7 @@ class HFBackbone(Backbone):
                 raise GraftError(f"{where}: weights = {o.weights!r} is not a local model directory with a "
                                  f"config.json.{hint}")
             try:
-                model = AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs)
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, **kwargs, **o.overrides)
             except ValueError as e:
                 raise GraftError(f"{where}: cannot load {path}: {str(e).splitlines()[0]}") from None
             self.source_dir = path

@@ -1,0 +1,125 @@
+"""Distillation: the KD loss against the textbook formula, teacher cache reuse, cross-family teachers, features."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_VIT, graft, tiny_config, write_config
+from graft.config import resolve
+from graft.loop import train
+from graft.plugins.losses import KD, kd_loss
+
+
+def textbook(student, teacher, labels, alpha, T):
+    """Sum over examples of T^2 * sum_c p_t,c (log p_t,c - log p_s,c), averaged; plus (1-alpha) CE; by hand."""
+    total = 0.0
+    for s_row, t_row, y in zip(student, teacher, labels):
+        zs = [math.exp(v / T) for v in s_row]
+        zt = [math.exp(v / T) for v in t_row]
+        ps = [v / sum(zs) for v in zs]
+        pt = [v / sum(zt) for v in zt]
+        kl = sum(p * (math.log(p) - math.log(q)) for p, q in zip(pt, ps))
+        e = [math.exp(v) for v in s_row]
+        ce = -math.log(e[y] / sum(e))
+        total += alpha * T * T * kl + (1 - alpha) * ce
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("alpha,T", [(1.0, 1.0), (0.5, 2.0), (0.9, 4.0), (0.0, 3.0)])
+def test_kd_matches_textbook(alpha, T):
+    student = [[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]]
+    teacher = [[1.5, 1.0, -0.5], [3.0, 0.0, -1.0]]  # second example: teacher and student disagree
+    labels = [0, 2]
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), alpha, T)
+    assert got.item() == pytest.approx(textbook(student, teacher, labels, alpha, T), rel=1e-6)
+
+
+def test_kd_gradient_scale_is_kept_by_t_squared():
+    """For large T the soft-target gradient tends to (z_s - z_t) / (N * C) (Hinton et al.): T^2 keeps it O(1)."""
+    torch.manual_seed(0)
+    s = torch.randn(4, 5)
+    t = torch.randn(4, 5)
+    s, t = s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    norms = []
+    for T in (5.0, 20.0, 80.0):
+        x = s.clone().requires_grad_(True)
+        kd_loss(x, t, None, 1.0, T).backward()
+        norms.append(x.grad.norm().item())
+        limit = (s - t) / (4 * 5)
+        if T == 80.0:
+            assert torch.allclose(x.grad, limit, atol=2e-3)
+    assert max(norms) / min(norms) < 1.3  # without T^2 it would shrink 256-fold from T=5 to T=80
+
+
+def test_kd_schedules():
+    loss = KD(KD.Options(alpha=0.9, alpha_end=0.1, temperature=4.0, temperature_end=1.0, schedule="linear"))
+    assert loss.at(0.0) == pytest.approx((0.9, 4.0))
+    assert loss.at(0.5) == pytest.approx((0.5, 2.5))
+    assert loss.at(1.0) == pytest.approx((0.1, 1.0))
+    assert KD(KD.Options(alpha=0.7)).at(0.8) == (0.7, 4.0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    conf = tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
+                       train={"epochs": 2, "batch_size": 64})
+    train(resolve(conf, "teacher.toml"), d / "run", echo=lambda m: None)
+    return d / "run"
+
+
+def student_conf(teacher, tmp_path, **strategy):
+    conf = tiny_config(strategy={"plugin": "distill", "teacher": str(teacher), "cache_dir": str(tmp_path / "cache"),
+                                 **strategy},
+                       loss={"plugin": "kd", "temperature": 2.0}, train={"max_steps": 6, "eval_every": 6})
+    return conf
+
+
+def test_cache_is_built_once_and_reused(tmp_path, teacher):
+    conf = student_conf(teacher, tmp_path)
+    first = train(resolve(conf, "s.toml"), tmp_path / "a", echo=lambda m: None)
+    files = list((tmp_path / "cache" / "teacher").glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    second = train(resolve(conf, "s.toml"), tmp_path / "b", echo=lambda m: None)
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert second["test"]["accuracy"] == first["test"]["accuracy"]
+    online = train(resolve(student_conf(teacher, tmp_path, cache="off"), "s.toml"), tmp_path / "c",
+                   echo=lambda m: None)
+    assert online["test"]["accuracy"] == pytest.approx(first["test"]["accuracy"])  # same teacher outputs
+    report = first["distill"]
+    assert report["teacher_params"] > report["student_params"] > 0
+    assert report["teacher_examples_per_s"] > 0 and first["test"]["teacher_accuracy"] > 0.5
+
+
+def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
+    conf = student_conf(teacher, tmp_path, feature_layers=[[-1, -1], [1, 2]], feature_loss="feature_cosine")
+    conf["backbone"] = {"plugin": "hf", "config": {"model_type": "vit", "image_size": 8, "patch_size": 4,
+                                                   "hidden_size": 32, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 2, "intermediate_size": 64}}
+    conf["train"]["log_every"] = 1
+    out = tmp_path / "hf"
+    summary = train(resolve(conf, "s.toml"), out, echo=lambda m: None)
+    assert summary["distill"]["teacher"] == str(teacher)
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("feature_loss" in r and "kd_loss" in r for r in logs if r["split"] == "train")
+    # the teacher runs on 16px images, the student on 8px: each side kept its own preprocessing
+    assert 'image_size = 16' in (teacher / "config.toml").read_text()
+
+
+def test_teacher_with_other_labels_is_refused(tmp_path, teacher, tiny_bert):
+    from conftest import reviews
+
+    conf = student_conf(teacher, tmp_path)
+    conf["backbone"] = {"plugin": "hf", "weights": str(tiny_bert)}
+    conf["data"] = {"plugin": "text", "path": str(reviews(tmp_path / "r.jsonl"))}
+    proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "predicts labels" in proc.stderr
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    conf = student_conf(tmp_path / "nope", tmp_path)
+    proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "not a finished graft run" in proc.stderr
