@@ -48,6 +48,7 @@ class TrainOptions:
     warmup_ratio: float = option(0.0, "Warmup as a fraction of all steps (used when warmup_steps is 0).")
     min_lr_ratio: float = option(0.0, "Final learning rate of linear/cosine schedules, as a fraction of lr.")
     eval_every: int = option(0, "Evaluate every N optimizer steps; 0 means at the end of every epoch.")
+    eval_at_start: bool = option(False, "Also evaluate before the first step (a baseline in metrics.jsonl).")
     log_every: int = option(10, "Write a metrics.jsonl line every N optimizer steps.")
     metric: str = option("", "Validation metric for best weights and early stopping; empty = the strategy's.")
     metric_mode: Literal["auto", "max", "min"] = option("auto", "Whether the metric improves upward; auto "

@@ -434,6 +434,10 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     state_of_grads = trainable()
     model, ddp = wrap(base_model)
     stopped_early = interrupted = False
+    if t.eval_at_start and pos["step"] == 0:
+        metrics = run.evaluate(base_model, "val")
+        if metrics is not None:
+            log({"step": 0, "epoch": 0, "split": "val", **scalars(metrics)})
     window = {"loss": 0.0, "n": 0, "samples": 0, "time": 0.0, "extra": {}}
     t_start = time.perf_counter()
     with _Signals() as signals:

@@ -1,8 +1,9 @@
 """Distillation on real digits: does a small student learn more from a fine-tuned teacher than from labels alone?
 
-Trains a ResNet-18 teacher (32x32 inputs), then a tiny ViT student (8x8 inputs, ~50k parameters) for the same
-budget twice per seed -- alone (finetune) and distilled (distill, soft targets at T=4) -- and prints the mean
-test accuracy over seeds. Run: python examples/distill_digits.py [--seeds 0 1 2] [--out runs/distill-digits]
+Trains a ResNet-18 teacher (32x32 inputs, 11.2M parameters), then timm's small test_resnet as the student (16x16
+inputs) for the same budget twice per seed -- alone (finetune) and distilled (distill: alpha 0.5, T 2) -- and
+prints the mean test accuracy over seeds. Each seed's teacher uses that seed too, so no student test example was
+seen by its teacher. Run: python examples/distill_digits.py [--seeds 0 1 2] [--out runs/distill-digits]
 """
 
 import argparse
@@ -13,14 +14,13 @@ from pathlib import Path
 from graft.config import resolve
 from graft.loop import train
 
-STUDENT = {"plugin": "timm", "model": "vit_tiny_patch16_224",
-           "model_kwargs": {"img_size": 8, "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+STUDENT = {"plugin": "timm", "model": "test_resnet"}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--out", default="runs/distill-digits")
     a = ap.parse_args()
     out = Path(a.out)
@@ -34,12 +34,12 @@ def main():
                            "train": {"seed": seed, "epochs": 6, "batch_size": 64, "lr": 2e-3, "scheduler": "cosine",
                                      **quiet}}, "teacher"), teacher, echo=print)
         results["teacher"].append(json.loads((teacher / "summary.json").read_text())["test"]["accuracy"])
-        budget = {"seed": seed, "epochs": a.epochs, "batch_size": 32, "lr": 3e-3, "scheduler": "cosine", **quiet}
-        data = {"plugin": "digits", "image_size": 8}
+        budget = {"seed": seed, "epochs": a.epochs, "batch_size": 32, "lr": 2e-3, "scheduler": "cosine", **quiet}
+        data = {"plugin": "digits", "image_size": 16}
         alone = train(resolve({"backbone": STUDENT, "strategy": {"plugin": "finetune"}, "data": data,
                                "train": budget}, "alone"), out / f"alone-{seed}", echo=print)
         distilled = train(resolve({"backbone": STUDENT, "strategy": {"plugin": "distill", "teacher": str(teacher)},
-                                   "loss": {"plugin": "kd", "temperature": 4.0, "alpha": 0.9}, "data": data,
+                                   "loss": {"plugin": "kd", "temperature": 2.0, "alpha": 0.5}, "data": data,
                                    "train": budget}, "distilled"), out / f"distilled-{seed}", echo=print)
         results["alone"].append(alone["test"]["accuracy"])
         results["distilled"].append(distilled["test"]["accuracy"])
