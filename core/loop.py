@@ -569,7 +569,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
 
 
 # -- using a finished run ---------------------------------------------------------------------------------
-def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None) -> Run:
+def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
+             registry=None) -> Run:
     """Rebuild a finished run's model with its best weights, from its resolved config.toml. Global RNG state
     is left as it was, so loading a run (e.g. a teacher) inside another run changes nothing there."""
     from . import config as cfg
@@ -577,7 +578,7 @@ def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, de
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
-    conf = cfg.load(run_dir / "config.toml", overrides)
+    conf = cfg.load(run_dir / "config.toml", overrides, registry)
     if device:
         conf.train.device = device
     info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
