@@ -86,23 +86,31 @@ def list_cmd(kind, pattern, as_json):
 
 @cli.command()
 @click.argument("kind")
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def describe(kind, name, as_json):
-    """Show a plugin's options: name, type, default, help."""
+    """Show a plugin's options (KIND NAME), or the loop's [train] options (`graft describe train`)."""
     from . import options
     from .registry import canonical_kind, summary_of
 
-    reg = _registry()
-    kind = canonical_kind(kind)
-    cls = reg.get(kind, name)
-    rows = options.describe(cls.Options)
-    entry = reg.entries[kind][name]
+    if kind == "train":
+        from .config import TrainOptions
+
+        cls, entry_plugin, summary, name = TrainOptions, "graft", summary_of(TrainOptions), "train"
+    else:
+        kind = canonical_kind(kind)
+        if not name:
+            raise GraftError(f"Which {kind}? `graft describe {kind} NAME`; `graft list {kind}` shows the names.")
+        cls = _registry().get(kind, name)
+        entry = _registry().entries[kind][name]
+        entry_plugin, summary = entry.plugin, entry.summary
+    rows = options.describe(cls.Options if kind != "train" else cls)
     if as_json:
-        click.echo(json.dumps({"kind": kind, "name": name, "plugin": entry.plugin, "summary": summary_of(cls),
+        click.echo(json.dumps({"kind": kind, "name": name, "plugin": entry_plugin, "summary": summary,
                                "options": rows}, indent=2, default=str))
         return
-    click.echo(f"{kind} {name!r} (plugin {entry.plugin})\n  {entry.summary}\n")
+    title = "[train] (the loop)" if kind == "train" else f"{kind} {name!r} (plugin {entry_plugin})"
+    click.echo(f"{title}\n  {summary}\n")
     if not rows:
         click.echo("  (no options)")
         return

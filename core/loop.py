@@ -337,6 +337,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.toml", config.to_toml())
+        if not resume:  # a fresh run starts a fresh log, even in a directory an earlier attempt left behind
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     train_loader = run.loader("train", train=True)
     if train_loader is None:

@@ -248,3 +248,25 @@ def test_matches_hand_written_reference_loop(tmp_path):
     assert torch.allclose(final["head.1.weight"], ref["fc.weight"], atol=1e-5)
     assert torch.allclose(final["backbone.model.conv1.0.weight"], ref["conv1.0.weight"], atol=1e-5)
     assert load_digits().images.shape[0] == sum(len(run.data.dataset(s)) for s in ("train", "val", "test"))
+
+
+def test_imagefolder_train_and_predict(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "images"
+    for i in range(90):
+        label = int(d.target[i]) % 3
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").resize((12, 12)).save(
+            folder / f"{i}.png")
+    conf = tiny_config(data={"plugin": "imagefolder", "path": str(root), "image_size": 8, "augment": True},
+                       train={"max_steps": 4, "eval_every": 4})
+    summary = train(resolve(conf, "img.toml"), tmp_path / "run", echo=lambda m: None)
+    assert summary["test"]["per_class"].keys() == {"class0", "class1", "class2"}
+    assert sum(r["support"] for r in summary["test"]["per_class"].values()) == 18  # 20% of 90, stratified
+    out = graft("predict", tmp_path / "run", next((root / "class1").iterdir()), "--json", check=True).stdout
+    assert json.loads(out)["label"] in {"class0", "class1", "class2"}

@@ -178,3 +178,22 @@ def test_two_processes_match_one_with_double_batch(tmp_path):
     assert val[0]
     assert_same_records(*val, rel=1e-4)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_early_stopping_with_patience(tmp_path):
+    # "max" on a falling loss: the first evaluation is the best, the next one is worse -> stop
+    out, summary = run(tmp_path, "es", train={"epochs": 6, "metric": "loss", "metric_mode": "max", "patience": 1})
+    assert summary["stopped_early"] and summary["epochs_completed"] == 2
+    vals = [r for r in read_metrics(out) if r["split"] == "val"]
+    assert len(vals) == 2 and summary["best"] == vals[0]["loss"]
+    # model.safetensors holds the best (first) evaluation's weights, last.safetensors the final ones
+    assert not torch.equal(weights(out, "model.safetensors")["head.1.weight"], weights(out)["head.1.weight"])
+
+
+def test_fresh_run_in_a_used_directory_starts_a_fresh_log(tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 999, "split": "train", "loss": 1.0}\n')
+    conf = resolve(tiny_config(train={"max_steps": 2}), "x.toml")
+    train(conf, out, echo=lambda m: None)
+    assert all(r["step"] <= 2 for r in read_metrics(out))
