@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from graft import Backbone, GraftError, hookimpl, option
 from graft.errors import did_you_mean
@@ -13,6 +14,9 @@ from graft.errors import did_you_mean
 class TimmOptions:
     model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, vit_tiny_patch16_224.")
     weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with weights_only=True).", path=True)
+    remap: Literal["auto", "names", "order"] = option(
+        "auto", "How weights map onto the model: by name; by order with every shape checked (foreign checkpoints, "
+        "e.g. torchvision's); auto = by name, or by order when no name matches.")
     pretrained: bool = option(False, "Fetch timm's pretrained weights from the hub. Never done offline: pass weights.")
     model_kwargs: dict = option(default_factory=dict, help="Extra keyword arguments for timm.create_model, e.g. "
                                 "{ drop_path_rate = 0.1, in_chans = 1 }.")
@@ -96,7 +100,7 @@ class TimmBackbone(Backbone):
         if o.weights:
             # safetensors files list tensors by name, so only torch files keep an order to remap by
             self.load_weights(model, load_state_file(o.weights, where), where,
-                              ordered=not o.weights.endswith(".safetensors"))
+                              ordered=not o.weights.endswith(".safetensors"), remap=o.remap)
         model.reset_classifier(0)
         self.timm_model = model
 
@@ -119,10 +123,13 @@ class TimmBackbone(Backbone):
         return self.module
 
     @staticmethod
-    def load_weights(model, state: dict, where: str, ordered: bool = True):
+    def load_weights(model, state: dict, where: str, ordered: bool = True, remap: str = "auto"):
         own = model.state_dict()
         state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
-        if not set(state) & set(own):  # a foreign naming scheme (e.g. torchvision's): map by order
+        if remap == "names" and not set(state) & set(own):
+            raise GraftError(f"{where}: no tensor name in the weights file matches the model; is it for another "
+                             f"library's naming? remap = \"order\" maps by order with shapes checked.")
+        if remap == "order" or (remap == "auto" and not set(state) & set(own)):
             if not ordered:
                 raise GraftError(f"{where}: the weights' names do not match {model.default_cfg.get('architecture')}"
                                  f" and a safetensors file keeps no tensor order to map them by. Convert the "

