@@ -101,6 +101,14 @@ class DataSource(Plugin):
     def setup(self, backbone: Backbone, seed: int) -> None:
         raise NotImplementedError
 
+    def require(self, backbone: Backbone, modality: str) -> None:
+        """Refuse a backbone of the wrong modality with a message naming both plugins."""
+        if backbone.modality != modality:
+            from .errors import GraftError
+
+            raise GraftError(f"[data] plugin = \"{self.name}\" needs a{'n' if modality[0] in 'aeiou' else ''} "
+                             f"{modality} backbone; [backbone] plugin = \"{backbone.name}\" takes {backbone.modality}.")
+
     def dataset(self, split: str) -> Sequence | None:
         raise NotImplementedError
 

@@ -76,9 +76,7 @@ class Digits(DataSource):
     def setup(self, backbone, seed):
         import torch
 
-        if backbone.modality != "image":
-            raise GraftError(f"[data] plugin = \"digits\" holds images, but backbone {backbone.name!r} takes "
-                             f"{backbone.modality}.")
+        self.require(backbone, "image")
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -185,8 +183,7 @@ class Text(DataSource):
         o = self.options
         where = "[data] plugin = \"text\""
         self.task = o.task
-        if backbone.modality != "text":
-            raise GraftError(f"{where} needs a text backbone; {backbone.name!r} takes {backbone.modality}.")
+        self.require(backbone, "text")
         tok = backbone.tokenizer()
         if tok is None:
             raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set [backbone] tokenizer = "
@@ -297,8 +294,7 @@ class ImageFolder(DataSource):
         root = Path(o.path).expanduser()
         if not root.is_dir():
             raise GraftError(f"{where}: path {o.path!r} is not a folder.")
-        if backbone.modality != "image":
-            raise GraftError(f"{where} needs an image backbone; {backbone.name!r} takes {backbone.modality}.")
+        self.require(backbone, "image")
         if (root / "train").is_dir():
             parts = {s: list_images(root / s) for s in ("train", "val", "test") if (root / s).is_dir()}
         else:

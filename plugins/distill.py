@@ -48,7 +48,6 @@ class Distill(Finetune):
 
     Options = DistillOptions
     default_loss = "kd"
-    primary_metric = "accuracy"
 
     def build(self):
         import torch

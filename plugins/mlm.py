@@ -130,8 +130,7 @@ class Corpus(DataSource):
 
         o = self.options
         where = "[data] plugin = \"corpus\""
-        if backbone.modality != "text":
-            raise GraftError(f"{where} needs a text backbone; {backbone.name!r} takes {backbone.modality}.")
+        self.require(backbone, "text")
         docs = read_documents(o, where)
         order = np.random.default_rng(seed).permutation(len(docs))
         n_val = max(1, int(round(len(docs) * o.val_fraction)))

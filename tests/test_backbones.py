@@ -142,3 +142,10 @@ def test_run_directory_hands_off_as_weights(tmp_path):
     trained = load_file(str(tmp_path / "a" / "model.safetensors"))
     key = "patch_embed.proj.weight"
     assert torch.equal(r.backbone.timm_model.state_dict()[key], trained[f"backbone.model.{key}"])
+
+
+def test_wrong_modality_names_both_plugins(tmp_path, tiny_bert):
+    conf = tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)})  # text model, image data
+    proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "r")
+    assert proc.returncode == 2
+    assert 'plugin = "digits" needs an image backbone; [backbone] plugin = "hf" takes text' in proc.stderr
