@@ -197,3 +197,14 @@ def test_fresh_run_in_a_used_directory_starts_a_fresh_log(tmp_path):
     conf = resolve(tiny_config(train={"max_steps": 2}), "x.toml")
     train(conf, out, echo=lambda m: None)
     assert all(r["step"] <= 2 for r in read_metrics(out))
+
+
+def test_channels_last_cnn(tmp_path):
+    conf = resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
+                               train={"channels_last": True, "max_steps": 2}), "x.toml")
+    r = Run(conf)
+    conv = r.model.backbone.model.conv1[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    _, summary = run(tmp_path, "cl", backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
+                     train={"channels_last": True, "max_steps": 2})
+    assert summary["steps"] == 2

