@@ -25,6 +25,10 @@ from .finetune import Finetune, FinetuneOptions
 @dataclass
 class DistillOptions(FinetuneOptions):
     teacher: str = option("", "A finished graft run directory (e.g. a finetune run) whose model teaches.", path=True)
+    teacher_backbone: dict = option(default_factory=dict, help="Instead of a run: a backbone table, e.g. { plugin = "
+                                    "\"timm\", model = \"resnet50\", weights = \"r50.safetensors\" }, with ...")
+    teacher_head: str = option("", "... a safetensors file holding its linear head (weight [classes, features], bias).",
+                               path=True)
     feature_layers: list[list[int]] = field(default_factory=list, metadata={
         "help": "Feature distillation: [[student_layer, teacher_layer], ...] indices into each backbone's hidden "
                 "layers (negative counts from the end); a learned projection bridges different widths."})
@@ -37,8 +41,11 @@ class DistillOptions(FinetuneOptions):
 
     def validate(self):
         super().validate()
-        if not self.teacher:
-            raise ValueError("teacher is required: the directory of a finished graft run, e.g. teacher = \"runs/big\".")
+        if bool(self.teacher) == bool(self.teacher_backbone):
+            raise ValueError("set teacher = \"runs/<finished run>\", or teacher_backbone = { plugin = ... } with "
+                             "teacher_head = \"head.safetensors\" (one of the two).")
+        if self.teacher_backbone and not self.teacher_head:
+            raise ValueError("teacher_backbone needs teacher_head: the safetensors file of its linear head.")
         if any(len(pair) != 2 for pair in self.feature_layers):
             raise ValueError("feature_layers takes pairs: [[student_layer, teacher_layer], ...].")
 
@@ -62,13 +69,19 @@ class Distill(Finetune):
         if self.loss is None or not hasattr(self.loss, "at"):
             raise GraftError("[strategy] plugin = \"distill\" needs [loss] plugin = \"kd\" (or a loss with the same "
                              "interface).")
-        teacher_dir = Path(o.teacher)
-        self.teacher_run = load_run(teacher_dir, for_prediction=True, device="cpu")
-        teacher_labels = list(self.teacher_run.data.label_names or [])
+        if o.teacher:
+            run = load_run(Path(o.teacher), for_prediction=True, device="cpu")
+            teacher_labels = list(run.data.label_names or [])
+            self.teacher = run.model
+            self.teacher_backbone_obj, self.teacher_conf = run.backbone, run.config
+        else:
+            self.teacher, self.teacher_backbone_obj = self._teacher_from_tables()
+            teacher_labels = list(self.data.label_names or [])
+            self.teacher_conf = None
         if teacher_labels != list(self.data.label_names or []):
             raise GraftError(f"[strategy] teacher {o.teacher!r} predicts labels {teacher_labels}, but the data has "
                              f"{list(self.data.label_names or [])}.")
-        self.teacher = self.teacher_run.model.eval().requires_grad_(False)
+        self.teacher.eval().requires_grad_(False)
         self.teacher_data = self._teacher_data()
         model = super().build()
         self.projections = []
@@ -99,14 +112,59 @@ class Distill(Finetune):
         self.progress = 0.0
         return model
 
+    def _teacher_from_tables(self):
+        """A teacher from a backbone table and a linear head's weights."""
+        import torch
+        from safetensors.torch import load_file
+
+        from graft import options as opts
+        from graft.registry import get_registry
+
+        table = dict(self.options.teacher_backbone)
+        name = table.pop("plugin", None)
+        if not name:
+            raise GraftError("[strategy] teacher_backbone needs plugin = \"...\" like a [backbone] table.")
+        cls = get_registry().get("backbone", name)
+        backbone = cls(opts.build(cls.Options, table, "[strategy] teacher_backbone"))
+        backbone.name = name
+        with torch.random.fork_rng(devices=[]):  # the student's initialisation must not depend on the teacher's
+            backbone.build()
+            head = torch.nn.Linear(backbone.num_features, self.data.num_outputs)
+        head_state = load_file(self.options.teacher_head) if Path(self.options.teacher_head).is_file() else None
+        if head_state is None:
+            raise GraftError(f"[strategy] teacher_head {self.options.teacher_head!r} does not exist.")
+        w = next((v for k, v in head_state.items() if k.endswith("weight")), None)
+        b = next((v for k, v in head_state.items() if k.endswith("bias")), None)
+        classes = self.data.num_outputs
+        if w is None or tuple(w.shape) != (classes, backbone.num_features):
+            raise GraftError(f"[strategy] teacher_head must hold a linear layer's weight of shape [{classes}, "
+                             f"{backbone.num_features}] (the data's classes x the teacher's features); found "
+                             f"{ {k: tuple(v.shape) for k, v in head_state.items()} }.")
+        if b is None:
+            b = torch.zeros(classes)
+        head.load_state_dict({"weight": w, "bias": b})
+
+        class Teacher(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone, self.head = backbone.module, head
+
+            def forward(self, inputs, hidden=False):
+                if hidden:
+                    features, layers = self.backbone(inputs, hidden=True)
+                    return self.head(features), layers
+                return self.head(self.backbone(inputs))
+
+        return Teacher(), backbone
+
     def _teacher_data(self):
         """The student's data source, set up again with the teacher's backbone (and the teacher run's data options
         when it used the same data plugin), with the same seed: example i is the same example for both."""
-        spec = self.teacher_run.config.plugins["data"]
-        options = spec.options if spec.name == self.data.name else self.data.options
+        spec = self.teacher_conf.plugins["data"] if self.teacher_conf is not None else None
+        options = spec.options if spec is not None and spec.name == self.data.name else self.data.options
         td = type(self.data)(options)
         td.name, td.seed = self.data.name, self.data.seed
-        td.setup(self.teacher_run.backbone, self.data.seed)
+        td.setup(self.teacher_backbone_obj, self.data.seed)
         for split in ("train", "val", "test"):
             a, b = self.data.dataset(split), td.dataset(split)
             if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
@@ -140,16 +198,25 @@ class Distill(Finetune):
 
     # -- the teacher cache ---------------------------------------------------------------------------------
     def cache_key(self) -> str:
+        """Teacher weights + data + preprocessing: any change makes a new cache."""
+        if getattr(self, "_cache_key", None):
+            return self._cache_key
         h = hashlib.sha256()
-        with open(Path(self.options.teacher) / "model.safetensors", "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        for v in self.teacher.state_dict().values():  # values, not names: one teacher, however it was given
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+        b = self.teacher_backbone_obj
+        if b.modality == "image":
+            preprocessing = repr(sorted(b.image_config().items()))
+        else:
+            tok = b.tokenizer()
+            preprocessing = f"{type(tok).__name__}:{len(tok)}:{getattr(tok, 'init_kwargs', {}).get('do_lower_case')}"
         spec = {"data": self.teacher_data.name, "options": repr(self.teacher_data.options),
-                "teacher_backbone": repr(self.teacher_run.config.plugins["backbone"].options),
+                "preprocessing": preprocessing,
                 "seed": self.data.seed, "layers": [t for _, t in getattr(self, "pairs", [])],
                 "sizes": [len(self.teacher_data.dataset(s) or []) for s in ("train", "val", "test")]}
         h.update(json.dumps(spec, sort_keys=True).encode())
-        return h.hexdigest()[:24]
+        self._cache_key = h.hexdigest()[:24]
+        return self._cache_key
 
     def cache_path(self) -> Path:
         root = self.options.cache_dir or os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit"
@@ -257,8 +324,15 @@ class Distill(Finetune):
             "student_params": student_params, "teacher_params": count(self.teacher),
             "student_examples_per_s": throughput(self.model, s_inputs),
             "teacher_examples_per_s": throughput(self.teacher, t_inputs),
-            "teacher": str(self.options.teacher), "teacher_cache": str(self.cache_path()) if self.use_cache else None,
+            "teacher": str(self.options.teacher or self.options.teacher_backbone),
+            "teacher_cache": str(self.cache_path()) if self.use_cache else None,
         }}
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
 
 
 @hookimpl

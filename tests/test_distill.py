@@ -123,3 +123,22 @@ def test_missing_teacher_is_a_clear_error(tmp_path):
     conf = student_conf(tmp_path / "nope", tmp_path)
     proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "x")
     assert proc.returncode == 2 and "not a finished graft run" in proc.stderr
+
+
+def test_teacher_from_backbone_table_and_head(tmp_path, teacher):
+    """The same teacher given as a backbone table + head file teaches exactly like its run directory."""
+    from_run = student_conf(teacher, tmp_path)
+    from_run["data"]["image_size"] = 16
+    from_run["backbone"] = {"plugin": "timm", "model": "test_resnet"}
+    a = train(resolve(from_run, "a.toml"), tmp_path / "a", echo=lambda m: None)
+    tables = student_conf(teacher, tmp_path)
+    tables["data"]["image_size"] = 16
+    tables["backbone"] = {"plugin": "timm", "model": "test_resnet"}
+    del tables["strategy"]["teacher"]
+    tables["strategy"]["teacher_backbone"] = {"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(teacher / "backbone" / "model.safetensors")}
+    tables["strategy"]["teacher_head"] = str(teacher / "head.safetensors")
+    b = train(resolve(tables, "b.toml"), tmp_path / "b", echo=lambda m: None)
+    assert b["test"]["teacher_accuracy"] == a["test"]["teacher_accuracy"] > 0.5
+    assert b["test"]["accuracy"] == pytest.approx(a["test"]["accuracy"])
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1  # same weights: one cache
