@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -488,7 +489,12 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                if scaler.is_enabled():
+                    with warnings.catch_warnings():  # the scaler skipping an overflowing step is expected
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        scheduler.step()
+                else:
+                    scheduler.step()
                 pos["step"] += 1
                 dt = time.perf_counter() - t0
                 pos["samples"] += n_samples * dist.world_size
