@@ -15,6 +15,11 @@ import click
 from .errors import GraftError
 
 
+#: optional libraries -> the graftkit extra that installs them
+EXTRAS = {"timm": "timm", "torchvision": "timm", "transformers": "hf", "tokenizers": "hf", "sklearn": "data",
+          "PIL": "data", "matplotlib": "plots", "torch": "all", "numpy": "all", "safetensors": "all"}
+
+
 def _debug() -> bool:
     return os.environ.get("GRAFT_DEBUG", "") not in ("", "0")
 
@@ -33,6 +38,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except ModuleNotFoundError as e:
+            if _debug():
+                raise
+            top = (e.name or "").split(".")[0]
+            extra = EXTRAS.get(top)
+            hint = f"pip install 'graftkit[{extra}]'" if extra else f"pip install {top}"
+            click.echo(f"Error: this needs the Python package {top!r}, which is not installed. Install it: {hint}.",
+                       err=True)
+            sys.exit(2)
         except Exception as e:  # noqa: BLE001 - a bug, not bad input: short message unless --debug
             if _debug():
                 raise

@@ -115,3 +115,23 @@ def test_error_bad_override(tiny, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     proc = graft("--debug", "train", tmp_path / "nope.toml")
     assert proc.returncode == 2 and "Traceback" in proc.stderr
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    """A plugin needing a library that is not installed fails with an install hint, not a traceback."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "needs_lib.py").write_text(
+        "from graft import Backbone, hookimpl\n\n"
+        "class NeedsLib(Backbone):\n    \"\"\"Needs a missing library.\"\"\"\n\n"
+        "    def build(self):\n        import graft_missing_lib  # noqa: F401\n\n"
+        "@hookimpl\ndef register_backbones(register):\n    register(NeedsLib, name='needs_lib')\n")
+    dist = site / "needs_lib-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: needs-lib\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[graft]\nneeds_lib = needs_lib\n")
+    conf = tiny_config(backbone={"plugin": "needs_lib"})
+    proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "r",
+                 env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'graft_missing_lib', which is not installed" in proc.stderr
