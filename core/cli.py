@@ -212,13 +212,15 @@ def _show_metrics(results: dict) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Change the saved config, e.g. --set data.test_path=new.csv. Repeatable.")
+@click.option("--data", "data_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Shorthand for --set data.KEY=VALUE, e.g. --data test_path=new.jsonl. Repeatable.")
 @click.option("--split", "splits", default="val,test", show_default=True, help="Comma-separated splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-class reports).")
-def eval_cmd(run_dir, overrides, splits, as_json):
-    """Evaluate a finished run's best weights again, on its data or on data given with --set."""
+def eval_cmd(run_dir, overrides, data_overrides, splits, as_json):
+    """Evaluate a finished run's best weights again, on its data or on other data (--data / --set)."""
     from .loop import load_run
 
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides])
     results = {}
     for split in [s.strip() for s in splits.split(",") if s.strip()]:
         metrics = run.evaluate(run.model, split)

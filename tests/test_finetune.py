@@ -177,8 +177,8 @@ def test_eval_and_predict_round_trip(tmp_path, tiny_bert):
     assert "per class" in text and "pos" in text
     # other data through --set: the whole file as the test split
     other = reviews(tmp_path / "other.jsonl", n=40, seed=5)
-    res = json.loads(graft("eval", tmp_path / "run", "--split", "test", "--json", "--set",
-                           f"data.test_path=\"{other}\"", check=True).stdout)
+    res = json.loads(graft("eval", tmp_path / "run", "--split", "test", "--json", "--data",
+                           f"test_path={other}", check=True).stdout)
     assert sum(r["support"] for r in res["test"]["per_class"].values()) == 40
     out = graft("predict", tmp_path / "run", "great film was very", "awful movie was very", "--json", check=True)
     preds = [json.loads(x) for x in out.stdout.splitlines()]
