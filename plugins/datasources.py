@@ -267,7 +267,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class ImageFolderOptions(SplitOptions):
-    path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.", path=True)
+    path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.",
+                       path=True)
     image_size: int = option(0, "Side length of the model input; 0 means the backbone's own size.")
     augment: bool = option(False, "Random resized crops and horizontal flips on the training split.")
 

@@ -15,7 +15,8 @@ from graft import Backbone, GraftError, hookimpl, option
 @dataclass
 class HFOptions:
     weights: str = option("", "Local directory with config.json and weights (a save_pretrained folder), or a graft "
-                              "run directory whose backbone to continue from. Hub names are never downloaded.", path=True)
+                              "run directory whose backbone to continue from. Hub names are never downloaded.",
+                          path=True)
     config: dict = option(default_factory=dict, help="Random init instead: { model_type = \"bert\", hidden_size = "
                           "128, ... } (keyword arguments of AutoConfig.for_model).")
     overrides: dict = option(default_factory=dict, help="Config values changed when loading weights, e.g. "

@@ -12,8 +12,10 @@ from graft.errors import did_you_mean
 
 @dataclass
 class TimmOptions:
-    model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, vit_tiny_patch16_224.")
-    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with weights_only=True).", path=True)
+    model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, "
+                                    "vit_tiny_patch16_224.")
+    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with "
+                              "weights_only=True), or a graft run directory.", path=True)
     remap: Literal["auto", "names", "order"] = option(
         "auto", "How weights map onto the model: by name; by order with every shape checked (foreign checkpoints, "
         "e.g. torchvision's); auto = by name, or by order when no name matches.")
@@ -99,8 +101,10 @@ class TimmBackbone(Backbone):
             raise GraftError(f"{where}: timm.create_model({o.model!r}) rejected model_kwargs: {e}.") from None
         if o.weights:
             # safetensors files list tensors by name, so only torch files keep an order to remap by
+            # A directory is a graft run or its backbone/ export: timm's own names, nothing to remap.
             self.load_weights(model, load_state_file(o.weights, where), where,
-                              ordered=not o.weights.endswith(".safetensors"), remap=o.remap)
+                              ordered=not o.weights.endswith(".safetensors"),
+                              remap="names" if Path(o.weights).is_dir() else o.remap)
         model.reset_classifier(0)
         self.timm_model = model
 

@@ -270,3 +270,17 @@ def test_imagefolder_train_and_predict(tmp_path):
     assert sum(r["support"] for r in summary["test"]["per_class"].values()) == 18  # 20% of 90, stratified
     out = graft("predict", tmp_path / "run", next((root / "class1").iterdir()), "--json", check=True).stdout
     assert json.loads(out)["label"] in {"class0", "class1", "class2"}
+
+
+def test_finished_run_stays_usable_when_original_weights_move(tmp_path, tiny_bert):
+    import shutil
+
+    moved = tmp_path / "bert-copy"
+    shutil.copytree(tiny_bert, moved)
+    conf = _text_conf(moved, reviews(tmp_path / "r.jsonl"))
+    conf["train"]["epochs"] = 2
+    graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "run", check=True)
+    before = graft("predict", tmp_path / "run", "good film", "--json", check=True).stdout
+    shutil.rmtree(moved)  # the pretrained folder is gone; the run's backbone/ export stands in
+    assert graft("predict", tmp_path / "run", "good film", "--json", check=True).stdout == before
+    assert graft("eval", tmp_path / "run", "--split", "test", check=True).returncode == 0
