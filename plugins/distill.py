@@ -3,8 +3,8 @@
 The teacher and the student may be of different families and sizes: each gets its own preprocessing, because
 the teacher's inputs come from a second instance of the same data source, set up with the teacher's backbone and
 the same seed (so example i is the same example for both). Teacher outputs are computed once per dataset and
-kept as safetensors (the teacher cache), unless the data is randomly augmented: then the teacher must see the
-same augmented view as the student, and it runs online.
+kept as safetensors (the teacher cache), unless the data is randomly augmented: then it runs online, on the
+student's own augmented batch when both preprocess alike, else on its own (independently augmented) view.
 """
 
 from __future__ import annotations
@@ -110,7 +110,19 @@ class Distill(Finetune):
                              "\"auto\" (the teacher then runs online).")
         self.cache: dict | None = None
         self.progress = 0.0
+        self.same_view = self._same_view()
         return model
+
+    def _same_view(self) -> bool:
+        """True when the teacher would get exactly the student's inputs (same data options and preprocessing):
+        then an online teacher runs on the student's batch itself -- the same augmented view, no second load."""
+        s, t = self.backbone, self.teacher_backbone_obj
+        if s.modality != t.modality or repr(self.teacher_data.options) != repr(self.data.options):
+            return False
+        if s.modality == "image":
+            return s.image_config() == t.image_config()
+        st, tt = s.tokenizer(), t.tokenizer()
+        return type(st) is type(tt) and st.get_vocab() == tt.get_vocab()
 
     def _teacher_from_tables(self):
         """A teacher from a backbone table and a linear head's weights."""
@@ -180,8 +192,8 @@ class Distill(Finetune):
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _run_teacher(self, split, indices):
-        """Teacher logits (and hidden layers) for examples ``indices`` of ``split``, computed now."""
+    def _run_teacher(self, split, indices, inputs=None):
+        """Teacher logits (and hidden layers) for examples ``indices`` of ``split`` (or for ready ``inputs``)."""
         import torch
 
         from graft.loop import move
@@ -190,7 +202,8 @@ class Distill(Finetune):
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         with torch.no_grad():
-            inputs = move(self._teacher_inputs(split, indices), device)
+            if inputs is None:
+                inputs = move(self._teacher_inputs(split, indices), device)
             if self.options.feature_layers:
                 logits, hidden = self.teacher(inputs, hidden=True)
                 return logits.float(), [hidden[t].float() for _, t in self.pairs]
@@ -248,8 +261,10 @@ class Distill(Finetune):
             os.replace(tmp, path)  # whole or absent, even with several processes writing
         self.cache = flat
 
-    def teacher_outputs(self, split, index):
+    def teacher_outputs(self, split, index, inputs=None):
         if not self.use_cache:
+            if inputs is not None and self.same_view:
+                return self._run_teacher(split, None, inputs)
             return self._run_teacher(split, index.tolist())
         if self.cache is None:
             self._load_or_build_cache()
@@ -262,7 +277,7 @@ class Distill(Finetune):
         self.progress = step / max(1, total_steps - 1)
 
     def training_step(self, model, batch):
-        t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"])
+        t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
         targets = {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress}
         if not self.options.feature_layers:
             logits = model(batch["inputs"])
@@ -276,7 +291,7 @@ class Distill(Finetune):
 
     def eval_step(self, model, batch):
         outputs = model(batch["inputs"]).float()
-        t_logits, _ = self.teacher_outputs(batch["split"], batch["index"])
+        t_logits, _ = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
         kd = self.loss(outputs, {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress})
         sums = self.eval_sums(outputs, batch["targets"], loss=kd)
         sums["teacher_correct"] = (t_logits.argmax(1) == batch["targets"]).sum()

@@ -142,3 +142,34 @@ def test_teacher_from_backbone_table_and_head(tmp_path, teacher):
     assert b["test"]["teacher_accuracy"] == a["test"]["teacher_accuracy"] > 0.5
     assert b["test"]["accuracy"] == pytest.approx(a["test"]["accuracy"])
     assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1  # same weights: one cache
+
+
+def test_online_teacher_sees_the_students_augmented_view(tmp_path, teacher):
+    """Augmented data: no cache, and with the same preprocessing the teacher runs on the student's very batch."""
+    from PIL import Image
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    root = tmp_path / "img"
+    for i in range(60):
+        (root / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 16).astype(np.uint8)).save(root / str(d.target[i]) / f"{i}.png")
+    labels = sorted({str(t) for t in d.target[:60]})
+    assert labels == [str(i) for i in range(10)]
+    conf = student_conf(teacher, tmp_path)
+    conf["backbone"] = {"plugin": "timm", "model": "test_resnet"}
+    conf["data"] = {"plugin": "imagefolder", "path": str(root), "image_size": 16, "augment": True}
+    from graft.loop import Run
+
+    r = Run(resolve(conf, "aug.toml"))
+    s = r.strategy
+    # the teacher run used other data, so its view of these folders takes the student's options: the same view
+    assert not s.use_cache and s.same_view
+    batch = r.data.collate([r.data.dataset("train")[i] for i in range(4)])
+    import torch
+
+    with torch.no_grad():
+        direct = s.teacher(batch["inputs"])
+    got, _ = s.teacher_outputs("train", torch.arange(4), batch["inputs"])
+    assert torch.equal(got, direct.float())
