@@ -137,12 +137,20 @@ def save(directory: Path, step: int, model_state: dict, state: dict, keep: int =
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
+    if final.exists():
+        # Re-saving a step (the end of a run right after a periodic save): at every moment `latest` must name a
+        # whole checkpoint, so the new one goes live under another name before the old one is removed.
+        fresh = directory / f"{final.name}.new"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.replace(tmp, fresh)
+        _fsync_dir(directory)
+        atomic_write_text(directory / "latest", fresh.name + "\n")
         shutil.rmtree(final)
+        tmp = fresh
     os.replace(tmp, final)
     _fsync_dir(directory)
     atomic_write_text(directory / "latest", final.name + "\n")
-    old = sorted(p for p in directory.glob("step-*") if p.is_dir() and p != final)
+    old = sorted(p for p in directory.glob("step-*") if p.is_dir() and p != final and not p.name.endswith(".new"))
     for p in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
@@ -165,9 +173,9 @@ def load(path: Path) -> tuple[dict, dict]:
         model_state = load_file(str(path / "model.safetensors"))
         tensors = load_file(str(path / "state.safetensors"))
         skeleton = json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise GraftError(f"Checkpoint {path} is unreadable ({e}). Resume from an earlier one or start again.") \
-            from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own error is no OSError/ValueError
+        raise GraftError(f"Checkpoint {path} is unreadable ({e}). Point {path.parent / 'latest'} at an earlier "
+                         f"step directory, or start again.") from None
     return model_state, unpack(skeleton, tensors)
 
 
@@ -175,7 +183,7 @@ def load_weights(path: Path) -> dict:
     """A safetensors weights file as a state dict, with a clear error when it is missing or damaged."""
     try:
         return load_file(str(path))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors' own error is no OSError/ValueError
         raise GraftError(f"Cannot read weights {path}: {e}.") from None
 
 

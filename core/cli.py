@@ -216,11 +216,13 @@ def _show_metrics(results: dict) -> None:
               help="Shorthand for --set data.KEY=VALUE, e.g. --data test_path=new.jsonl. Repeatable.")
 @click.option("--split", "splits", default="val,test", show_default=True, help="Comma-separated splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-class reports).")
-def eval_cmd(run_dir, overrides, data_overrides, splits, as_json):
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
+def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_code):
     """Evaluate a finished run's best weights again, on its data or on other data (--data / --set)."""
     from .loop import load_run
 
-    run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides])
+    run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides],
+                   trust_remote_code=trust_remote_code)
     results = {}
     for split in [s.strip() for s in splits.split(",") if s.strip()]:
         metrics = run.evaluate(run.model, split)
@@ -244,14 +246,15 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json):
 @click.argument("inputs", nargs=-1)
 @click.option("--file", "input_file", type=click.File("r"), help="Read inputs from a file, one per line ('-': stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-def predict(run_dir, inputs, input_file, as_json):
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
+def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .loop import load_run, predict as run_predict
 
     items = list(inputs) + ([line.rstrip("\n") for line in input_file if line.strip()] if input_file else [])
     if not items:
         raise GraftError("Nothing to predict: give inputs as arguments or with --file.")
-    run = load_run(run_dir, for_prediction=True)
+    run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     for item, result in zip(items, run_predict(run, items)):
         if as_json:
             click.echo(json.dumps({"input": item, **result}))

@@ -75,8 +75,12 @@ class TrainOptions:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}.")
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must have two numbers, got {self.betas}.")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}.")
+        if self.clip_grad_norm < 0 or self.weight_decay < 0 or not 0.0 <= self.momentum < 1.0:
+            raise ValueError("clip_grad_norm and weight_decay must not be negative, and momentum must be in [0, 1).")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
 
 PLUGIN_TABLES = tuple(KINDS)  # backbone, strategy, loss, data
@@ -189,6 +193,8 @@ def load(path: str | Path, overrides: list[str] = (), registry: Registry | None 
 
 
 # -- a small TOML writer for resolved configs (plain values, lists and tables only) ---------------------
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -197,7 +203,8 @@ def _toml_value(v) -> str:
             return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 32 or ord(c) == 127 else c)
+                             for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
     if isinstance(v, dict):

@@ -199,14 +199,15 @@ class Run:
     """Everything built from a config, before training: plugins, model, data, device, process info."""
 
     def __init__(self, config: Config, dist: distributed.Dist | None = None, device: torch.device | None = None,
-                 data_info: dict | None = None):
+                 data_info: dict | None = None, reseed: bool = True):
         """``data_info`` ({"task", "label_names"}, as a run saves in labels.json) skips reading the data: enough
         to rebuild a trained model for prediction."""
         self.config = config
         t = config.train
         self.dist = dist or distributed.from_env()
         self.device = device or select_device(t.device, self.dist.local_rank)
-        seed_everything(t.seed, t.deterministic)
+        if reseed:
+            seed_everything(t.seed, t.deterministic)
         specs = config.plugins
         self.backbone = specs["backbone"].cls(specs["backbone"].options)
         self.backbone.name = specs["backbone"].name
@@ -267,8 +268,17 @@ class Run:
                 sums[k] = sums[k] + v if k in sums else v
         model.train(was_training)
         if self.dist.enabled:
-            for k in sorted(sums):  # same order on every process
-                distributed.all_reduce_sum(sums[k], self.dist)
+            # Gathered as dicts, not reduced key by key: a process may have had fewer batches, or none.
+            import torch.distributed as td
+
+            parts = [None] * self.dist.world_size
+            td.all_gather_object(parts, {k: v.cpu() for k, v in sums.items()})
+            sums = {}
+            for part in parts:
+                for k, v in part.items():
+                    sums[k] = sums[k] + v if k in sums else v
+            if not sums:
+                return None
         return {k: (float(v) if _is_scalar(v) else v) for k, v in self.strategy.compute_metrics(sums).items()}
 
 
@@ -337,7 +347,6 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     ckpt_dir = run_dir / "checkpoints"
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.toml", config.to_toml())
         if not resume:  # a fresh run starts a fresh log, even in a directory an earlier attempt left behind
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -354,15 +363,27 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     mode = _metric_mode(t, metric)
 
     # Loop position and bookkeeping; all of it goes into checkpoints.
+    # What fixes the data order: a resumed run must keep these, or it would skip to the wrong examples.
+    layout = {"world_size": dist.world_size, "batch_size": t.batch_size, "grad_accum": t.grad_accum}
     pos = {"epoch": 0, "micro": 0, "step": 0, "best": None, "bad_evals": 0, "skipped_steps": 0,
-           "samples": 0, "train_time": 0.0}
+           "samples": 0, "train_time": 0.0, "stopped_early": False, "last_eval_step": -1, **layout}
     if resume:
         latest = ckpt.latest(ckpt_dir)
         if latest is None:
             raise GraftError(f"--resume {run_dir}: no checkpoint in {ckpt_dir}. Start a new run instead.")
         model_state, state = ckpt.load(latest)
-        base_model.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
+        changed = {k: (state["position"].get(k, v), v) for k, v in layout.items() if state["position"].get(k, v) != v}
+        if changed:
+            raise GraftError(f"--resume {run_dir}: the run was made with " + ", ".join(
+                f"{k} = {a}" for k, (a, _) in changed.items()) + ", this config says " + ", ".join(
+                f"{k} = {b}" for k, (_, b) in changed.items()) + ". Resume with the same settings (--nproc too).")
+        try:
+            base_model.load_state_dict(model_state)
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise GraftError(f"--resume {run_dir}: checkpoint {latest.name} does not fit this config's model or "
+                             f"optimizer ({str(e).splitlines()[0]}). Resume with the config the run was made with "
+                             f"({run_dir / 'config.toml'}).") from None
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         strategy.load_state_dict(state["strategy"])
@@ -371,6 +392,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         if main:
             _truncate_metrics(run_dir / "metrics.jsonl", pos["step"])
             echo(f"Resuming {run_dir} from {latest.name} (epoch {pos['epoch']}, step {pos['step']}).")
+    if main:
+        ckpt.atomic_write_text(run_dir / "config.toml", config.to_toml())
 
     def wrap(module):
         m = module
@@ -392,11 +415,12 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
 
             rngs = [None] * dist.world_size
             td.all_gather_object(rngs, rng_state())
+        # Every process checks (the weights are the same everywhere), so all of them stop together.
+        bad = [n for n, p in base_model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise GraftError(f"Refusing to checkpoint non-finite weights ({bad[0]}...); the last good "
+                             f"checkpoint in {ckpt_dir} is kept.")
         if main:
-            bad = [n for n, p in base_model.named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                raise GraftError(f"Refusing to checkpoint non-finite weights ({bad[0]}...); the last good "
-                                 f"checkpoint in {ckpt_dir} is kept.")
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "strategy": strategy.state_dict(), "rng": rngs,
                      "position": dict(pos)}
@@ -417,6 +441,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         metrics = run.evaluate(base_model, "val")
         if metrics is None:
             return False
+        pos["last_eval_step"] = pos["step"]
         log({"step": pos["step"], "epoch": pos["epoch"], "split": "val", **scalars(metrics)})
         if metric not in scalars(metrics):
             raise GraftError(f"[train] metric = {metric!r} is not among the strategy's metrics: "
@@ -436,7 +461,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     strategy.on_epoch_start(pos["epoch"], base_model)
     state_of_grads = trainable()
     model, ddp = wrap(base_model)
-    stopped_early = interrupted = False
+    stopped_early, interrupted = pos["stopped_early"], False
     if t.eval_at_start and pos["step"] == 0:
         metrics = run.evaluate(base_model, "val")
         if metrics is not None:
@@ -517,7 +542,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
                                     sps=f"{rec['samples_per_s']:.0f}", refresh=False)
                     window = {"loss": 0.0, "n": 0, "samples": 0, "time": 0.0, "extra": {}}
                 if t.eval_every and pos["step"] % t.eval_every == 0:
-                    stopped_early = evaluate_and_track()
+                    stopped_early = pos["stopped_early"] = evaluate_and_track()
                 if stop_asked > 0:
                     interrupted = True
                 if t.checkpoint_every and pos["step"] % t.checkpoint_every == 0 or interrupted:
@@ -526,13 +551,13 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
                     break
             if pos["micro"] >= micro_per_epoch:  # a whole epoch done
                 if not t.eval_every:
-                    stopped_early = evaluate_and_track()
+                    stopped_early = pos["stopped_early"] = evaluate_and_track()
                 pos["epoch"], pos["micro"] = pos["epoch"] + 1, 0
-                strategy.on_epoch_start(pos["epoch"], base_model)
-                if trainable() != state_of_grads:
-                    state_of_grads = trainable()
-                    model, ddp = wrap(base_model)  # DDP registers gradient hooks only for trainable parameters
-                if pos["step"] < total_steps:
+                if pos["step"] < total_steps and not stopped_early:
+                    strategy.on_epoch_start(pos["epoch"], base_model)
+                    if trainable() != state_of_grads:
+                        state_of_grads = trainable()
+                        model, ddp = wrap(base_model)  # DDP registers gradient hooks only for trainable params
                     save_checkpoint()
     bar.close()
 
@@ -542,6 +567,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
                  f"`graft train {config.path} --resume {run_dir}`.")
         return {"interrupted": True, "step": pos["step"]}
 
+    if not stopped_early and pos["last_eval_step"] not in (-1, pos["step"]):
+        evaluate_and_track()  # the steps since the last evaluation count too
     save_checkpoint()
     save_weights("last.safetensors")
     if pos["best"] is None:
@@ -578,7 +605,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
 
 # -- using a finished run ---------------------------------------------------------------------------------
 def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
-             registry=None) -> Run:
+             registry=None, trust_remote_code: bool = False) -> Run:
     """Rebuild a finished run's model with its best weights, from its resolved config.toml. Global RNG state
     is left as it was, so loading a run (e.g. a teacher) inside another run changes nothing there."""
     from . import config as cfg
@@ -588,15 +615,20 @@ def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, de
         raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
     conf = cfg.load(run_dir / "config.toml", overrides, registry)
     backbone = conf.plugins["backbone"].options
+    if getattr(backbone, "trust_remote_code", False) and not trust_remote_code:
+        # A run directory may come from someone else: its config must not switch code execution on by itself.
+        raise GraftError(f"{run_dir / 'config.toml'} sets trust_remote_code = true, so loading it would run code "
+                         f"shipped with its model. If you trust its source, pass --trust-remote-code.")
     if getattr(backbone, "weights", "") and (run_dir / "backbone").is_dir():
         # The run's own export stands in for the original weights: the run stays usable when they move.
         backbone.weights = str(run_dir / "backbone")
     if device:
         conf.train.device = device
     info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         state = random.getstate(), np.random.get_state()
-        run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None)
+        run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None, reseed=False)
         random.setstate(state[0])
         np.random.set_state(state[1])
     run.model.load_state_dict(move(ckpt.load_weights(run_dir / "model.safetensors"), run.device))
@@ -620,8 +652,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop what was logged after the checkpoint we resume from, so the file reads as one run."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step and json.loads(line).get("split") != "test"]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill we are recovering from
+        if record["step"] <= step and record.get("split") != "test":
+            keep.append(line)
     ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -113,6 +113,13 @@ class Distill(Finetune):
         self.same_view = self._same_view()
         return model
 
+    def param_groups(self, model):
+        groups = super().param_groups(model)
+        if self.projections:
+            groups.append({"params": list(self.model.projections.parameters()), "lr_scale": self.options.head_lr_scale,
+                           "name": "projections"})
+        return groups
+
     def _same_view(self) -> bool:
         """True when the teacher would get exactly the student's inputs (same data options and preprocessing):
         then an online teacher runs on the student's batch itself -- the same augmented view, no second load."""

@@ -261,9 +261,14 @@ class MLM(Strategy):
                            word_ids=batch["word_ids"] if o.whole_word else None, generator=generator)
 
     def training_step(self, model, batch):
+        import torch
+
         inputs, labels = self._masked(batch)
-        out = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"], labels=labels)
-        return {"loss": out.loss}
+        logits = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"]).logits
+        # Mean over masked tokens, and 0 (not NaN) for a batch where the draw masked none.
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                                                 ignore_index=-100, reduction="sum")
+        return {"loss": loss / (labels != -100).sum().clamp(min=1)}
 
     def eval_step(self, model, batch):
         import torch

@@ -101,7 +101,17 @@ def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
                                                    "num_attention_heads": 2, "intermediate_size": 64}}
     conf["train"]["log_every"] = 1
     out = tmp_path / "hf"
+    from graft.loop import Run, build_optimizer
+
+    r = Run(resolve(conf, "s.toml"))
+    optimized = {id(p) for g in build_optimizer(r.config.train, r.strategy.param_groups(r.model)).param_groups
+                 for p in g["params"]}
+    assert all(id(p) in optimized for p in r.model.projections.parameters())  # the projections learn
     summary = train(resolve(conf, "s.toml"), out, echo=lambda m: None)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "last.safetensors"))
+    assert not torch.equal(trained["projections.0.weight"], r.model.state_dict()["projections.0.weight"])
     assert summary["distill"]["teacher"] == str(teacher)
     logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("feature_loss" in r and "kd_loss" in r for r in logs if r["split"] == "train")

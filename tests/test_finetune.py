@@ -284,3 +284,15 @@ def test_finished_run_stays_usable_when_original_weights_move(tmp_path, tiny_ber
     shutil.rmtree(moved)  # the pretrained folder is gone; the run's backbone/ export stands in
     assert graft("predict", tmp_path / "run", "good film", "--json", check=True).stdout == before
     assert graft("eval", tmp_path / "run", "--split", "test", check=True).returncode == 0
+
+
+def test_loading_a_run_never_switches_remote_code_on_by_itself(tmp_path):
+    conf = tiny_config(backbone={"plugin": "hf", "trust_remote_code": True,
+                                 "config": {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16,
+                                            "num_hidden_layers": 1, "num_attention_heads": 2,
+                                            "intermediate_size": 32}},
+                       train={"max_steps": 2})
+    graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "run", check=True)
+    proc = graft("eval", tmp_path / "run")
+    assert proc.returncode == 2 and "--trust-remote-code" in proc.stderr
+    assert graft("eval", tmp_path / "run", "--trust-remote-code").returncode == 0

@@ -208,3 +208,42 @@ def test_channels_last_cnn(tmp_path):
     _, summary = run(tmp_path, "cl", backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
                      train={"channels_last": True, "max_steps": 2})
     assert summary["steps"] == 2
+
+
+def test_steps_after_the_last_evaluation_are_evaluated(tmp_path):
+    out, summary = run(tmp_path, "tail", train={"max_steps": 50})  # one epoch is 40 steps of 32
+    vals = [r["step"] for r in read_metrics(out) if r["split"] == "val"]
+    assert vals == [40, 50] and summary["steps"] == 50
+
+
+def test_resume_of_an_early_stopped_run_does_not_train_on(tmp_path):
+    conf = resolve(tiny_config(train={"epochs": 6, "metric": "loss", "metric_mode": "max", "patience": 1}), "x")
+    first = train(conf, tmp_path / "r", echo=lambda m: None)
+    again = train(conf, tmp_path / "r", resume=True, echo=lambda m: None)
+    assert first["stopped_early"] and again["stopped_early"] and again["steps"] == first["steps"]
+
+
+def test_resume_with_another_batch_layout_is_refused(tmp_path):
+    conf = resolve(tiny_config(train={"max_steps": 3}), "x")
+    train(conf, tmp_path / "r", echo=lambda m: None)
+    other = resolve(tiny_config(train={"max_steps": 6, "batch_size": 16}), "x")
+    with pytest.raises(GraftError, match="batch_size = 32, this config says batch_size = 16"):
+        train(other, tmp_path / "r", resume=True, echo=lambda m: None)
+
+
+def test_checkpoint_resave_same_step_and_damaged_files(tmp_path):
+    d = tmp_path / "ck"
+    ckpt.save(d, 5, {"w": torch.ones(2)}, {"position": {"step": 5}}, keep=1)
+    ckpt.save(d, 5, {"w": torch.zeros(2)}, {"position": {"step": 5}}, keep=1)
+    latest = ckpt.latest(d)
+    assert latest.name == "step-00000005" and [p.name for p in d.iterdir() if p.is_dir()] == [latest.name]
+    assert torch.equal(ckpt.load(latest)[0]["w"], torch.zeros(2))
+    (latest / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes()[:20])
+    with pytest.raises(GraftError, match="unreadable"):
+        ckpt.load(latest)
+
+
+def test_bad_train_values_are_config_errors(tmp_path):
+    for key, value in (("clip_grad_norm", -1.0), ("momentum", 1.5), ("betas", [0.9, 1.2])):
+        with pytest.raises(GraftError, match=key):
+            resolve(tiny_config(train={key: value}), "x.toml")

@@ -150,3 +150,11 @@ def test_continued_pretraining_keeps_a_pretrained_tokenizer(tmp_path, corpus, ti
     r = Run(resolve(conf, "m.toml"))
     assert len(r.backbone.tokenizer()) == 20  # the saved toy vocabulary, not a new one
     assert r.strategy.model.bert is r.backbone.hf_model  # the MLM model trains the backbone itself
+
+
+def test_a_batch_without_masked_tokens_gives_zero_loss_not_nan(corpus):
+    r = Run(resolve(scratch_config(corpus, probability=1e-9), "m.toml"))
+    ds = r.data.dataset("train")
+    batch = r.data.collate([ds[i] for i in range(2)])
+    loss = r.strategy.training_step(r.model, batch)["loss"]
+    assert loss.item() == 0.0
