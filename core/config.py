@@ -42,6 +42,7 @@ class TrainOptions:
     lr: float = option(1e-3, "Base learning rate; strategies scale it per parameter group.")
     weight_decay: float = option(0.01, "Decoupled weight decay (AdamW) or L2 (SGD).")
     momentum: float = option(0.9, "SGD momentum.")
+    fused_optimizer: bool = option(True, "Use torch's fused AdamW/SGD kernels where the parameters allow it.")
     betas: list[float] = option(default_factory=lambda: [0.9, 0.999], help="AdamW betas.")
     scheduler: Literal["constant", "linear", "cosine"] = option("constant", "Learning-rate schedule after warmup.")
     warmup_steps: int = option(0, "Linear warmup length in optimizer steps.")
