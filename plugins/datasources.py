@@ -338,14 +338,9 @@ class ImageFolder(DataSource):
 
     def encode(self, backbone, items):
         import torch
-        from PIL import Image
 
-        _, tf = self.transforms(backbone)
-        out = []
-        for path in items:
-            with Image.open(path) as im:
-                out.append(tf(im.convert("RGB")))
-        return torch.stack(out)
+        images = _Images([(path, -1) for path in items], self.transforms(backbone)[1])
+        return torch.stack([images[i][0] for i in range(len(images))])
 
 
 class _Images:

@@ -19,7 +19,7 @@ from typing import Literal
 
 from graft import GraftError, hookimpl, option
 
-from .finetune import Finetune, FinetuneOptions
+from .finetune import Finetune, FinetuneOptions, classifier
 
 
 @dataclass
@@ -163,18 +163,7 @@ class Distill(Finetune):
             b = torch.zeros(classes)
         head.load_state_dict({"weight": w, "bias": b})
 
-        class Teacher(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.backbone, self.head = backbone.module, head
-
-            def forward(self, inputs, hidden=False):
-                if hidden:
-                    features, layers = self.backbone(inputs, hidden=True)
-                    return self.head(features), layers
-                return self.head(self.backbone(inputs))
-
-        return Teacher(), backbone
+        return classifier(backbone.module, head), backbone
 
     def _teacher_data(self):
         """The student's data source, set up again with the teacher's backbone (and the teacher run's data options
@@ -219,11 +208,13 @@ class Distill(Finetune):
     # -- the teacher cache ---------------------------------------------------------------------------------
     def cache_key(self) -> str:
         """Teacher weights + data + preprocessing: any change makes a new cache."""
+        import torch
+
         if getattr(self, "_cache_key", None):
             return self._cache_key
         h = hashlib.sha256()
         for v in self.teacher.state_dict().values():  # values, not names: one teacher, however it was given
-            h.update(v.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         b = self.teacher_backbone_obj
         if b.modality == "image":
             preprocessing = repr(sorted(b.image_config().items()))
@@ -349,12 +340,6 @@ class Distill(Finetune):
             "teacher": str(self.options.teacher or self.options.teacher_backbone),
             "teacher_cache": str(self.cache_path()) if self.use_cache else None,
         }}
-
-
-def torch_uint8():
-    import torch
-
-    return torch.uint8
 
 
 @hookimpl

@@ -38,6 +38,24 @@ class FinetuneOptions:
             raise ValueError("freeze_groups, lp_epochs, unfreeze_every and head_hidden must not be negative.")
 
 
+def classifier(backbone_module, head):
+    """backbone -> head as one module; ``forward(inputs, hidden=True)`` also returns the backbone's hidden layers."""
+    from torch import nn
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone_module, head
+
+        def forward(self, inputs, hidden=False):
+            if hidden:
+                features, layers = self.backbone(inputs, hidden=True)
+                return self.head(features), layers
+            return self.head(self.backbone(inputs))
+
+    return Classifier()
+
+
 class Finetune(Strategy):
     """Fine-tune a backbone with a new head: classification, multi-label or regression."""
 
@@ -66,18 +84,7 @@ class Finetune(Strategy):
             hidden = o.head_hidden or width
             head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(o.dropout), nn.Linear(hidden, out))
 
-        class FinetuneModel(nn.Module):
-            def __init__(self, backbone, head):
-                super().__init__()
-                self.backbone, self.head = backbone, head
-
-            def forward(self, inputs, hidden=False):
-                if hidden:
-                    features, layers = self.backbone(inputs, hidden=True)
-                    return self.head(features), layers
-                return self.head(self.backbone(inputs))
-
-        self.model = FinetuneModel(self.backbone.module, head)
+        self.model = classifier(self.backbone.module, head)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
         self.groups = [g for g in self.groups if g]
@@ -203,9 +210,11 @@ class Finetune(Strategy):
         """backbone/ in its family's native format, and head.safetensors."""
         from safetensors.torch import save_file
 
+        from graft.checkpoint import clean_state_dict
+
         Path(directory, "backbone").mkdir(exist_ok=True)
         self.backbone.export(str(Path(directory, "backbone")))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()},
+        save_file(clean_state_dict(self.model.head.state_dict()),
                   str(Path(directory, "head.safetensors")))
 
 

@@ -260,29 +260,30 @@ class MLM(Strategy):
                            o.probability, o.mask_ratio, o.random_ratio,
                            word_ids=batch["word_ids"] if o.whole_word else None, generator=generator)
 
-    def training_step(self, model, batch):
+    def _predict_masked(self, model, batch, generator=None):
+        """(logits, labels, summed cross-entropy over the masked tokens) for one freshly masked batch."""
         import torch
 
-        inputs, labels = self._masked(batch)
-        logits = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"]).logits
+        inputs, labels = self._masked(batch, generator=generator)
+        logits = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"]).logits.float()
+        loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
+                                                     ignore_index=-100, reduction="sum")
+        return logits, labels, loss_sum
+
+    def training_step(self, model, batch):
+        _, labels, loss_sum = self._predict_masked(model, batch)
         # Mean over masked tokens, and 0 (not NaN) for a batch where the draw masked none.
-        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                                                 ignore_index=-100, reduction="sum")
-        return {"loss": loss / (labels != -100).sum().clamp(min=1)}
+        return {"loss": loss_sum / (labels != -100).sum().clamp(min=1)}
 
     def eval_step(self, model, batch):
         import torch
 
         # The same masks at every evaluation, so perplexities compare across steps and runs.
         g = torch.Generator(device=batch["index"].device).manual_seed(int(batch["index"][0]) + 1)
-        inputs, labels = self._masked(batch, generator=g)
-        out = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"])
-        logits = out.logits.float()
-        n = (labels != -100).sum()
-        loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
-                                                     ignore_index=-100, reduction="sum")
-        correct = ((logits.argmax(-1) == labels) & (labels != -100)).sum()
-        return {"loss_sum": loss_sum, "tokens": n.float(), "correct": correct.float()}
+        logits, labels, loss_sum = self._predict_masked(model, batch, generator=g)
+        masked = labels != -100
+        return {"loss_sum": loss_sum, "tokens": masked.sum().float(),
+                "correct": ((logits.argmax(-1) == labels) & masked).sum().float()}
 
     def compute_metrics(self, sums):
         import math
