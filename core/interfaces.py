@@ -68,6 +68,14 @@ class Backbone(Plugin):
         side (last stage/layer). Freezing schedules and layer-wise LR decay use these groups."""
         return [[n for n, _ in self.module.named_parameters()]]
 
+    @classmethod
+    def reload_options(cls, options, export_dir, trust_remote_code: bool):
+        """Options to rebuild this backbone for a finished run (eval, predict, a distill teacher). ``export_dir``
+        is the run's ``backbone/`` export (or None): point weights there so the run survives its original weights
+        moving. A run directory may come from someone else, so never let its options alone turn on code
+        execution unless ``trust_remote_code`` is given."""
+        return options
+
     def export(self, directory: str) -> None:
         """Save the network in its family's native format into the (existing) ``directory``, so that the
         family's own loader -- or this backbone's ``weights`` option -- reads it back."""

@@ -623,14 +623,9 @@ def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, de
     if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
         raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
     conf = cfg.load(run_dir / "config.toml", overrides, registry)
-    backbone = conf.plugins["backbone"].options
-    if getattr(backbone, "trust_remote_code", False) and not trust_remote_code:
-        # A run directory may come from someone else: its config must not switch code execution on by itself.
-        raise GraftError(f"{run_dir / 'config.toml'} sets trust_remote_code = true, so loading it would run code "
-                         f"shipped with its model. If you trust its source, pass --trust-remote-code.")
-    if getattr(backbone, "weights", "") and (run_dir / "backbone").is_dir():
-        # The run's own export stands in for the original weights: the run stays usable when they move.
-        backbone.weights = str(run_dir / "backbone")
+    spec = conf.plugins["backbone"]
+    export = run_dir / "backbone"
+    spec.options = spec.cls.reload_options(spec.options, export if export.is_dir() else None, trust_remote_code)
     if device:
         conf.train.device = device
     info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -123,6 +124,15 @@ class HFBackbone(Backbone):
         self.module = HFFeatures(model)
         self._tokenizer = None
         return self.module
+
+    @classmethod
+    def reload_options(cls, options, export_dir, trust_remote_code):
+        if options.trust_remote_code and not trust_remote_code:
+            raise GraftError("The run's config sets trust_remote_code = true, so loading it would run code shipped "
+                             "with its model. If you trust its source, pass --trust-remote-code.")
+        if options.weights and export_dir is not None:
+            return dataclasses.replace(options, weights=str(export_dir))
+        return options
 
     def tokenizer(self):
         if self.modality != "text":

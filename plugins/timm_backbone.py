@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,6 +126,12 @@ class TimmBackbone(Backbone):
         self.module = TimmFeatures(model)
         self.num_features = model.num_features
         return self.module
+
+    @classmethod
+    def reload_options(cls, options, export_dir, trust_remote_code):
+        if options.weights and export_dir is not None:
+            return dataclasses.replace(options, weights=str(export_dir))
+        return options
 
     @staticmethod
     def load_weights(model, state: dict, where: str, ordered: bool = True, remap: str = "auto"):
