@@ -124,7 +124,9 @@ class TimmBackbone(Backbone):
                 return self.model.forward_head(final, pre_logits=True), pooled
 
         self.module = TimmFeatures(model)
-        self.num_features = model.num_features
+        # Models with a pre-logits layer (MobileNetV3, LCNet, EfficientNet-lite heads...) widen the features after
+        # pooling; head_hidden_size is what forward_head(pre_logits=True) returns.
+        self.num_features = getattr(model, "head_hidden_size", None) or model.num_features
         return self.module
 
     @classmethod

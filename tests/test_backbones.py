@@ -14,6 +14,8 @@ from graft.loop import Run, train
 BACKBONES = {
     "timm-vit": TINY_VIT,
     "timm-resnet": {"plugin": "timm", "model": "test_resnet"},
+    # a pre-logits conv after pooling: features are head_hidden_size (1024) wide, not num_features (288)
+    "timm-mobilenetv3": {"plugin": "timm", "model": "mobilenetv3_small_050"},
     "hf-vit": {"plugin": "hf", "config": {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 32,
                                           "num_hidden_layers": 2, "num_attention_heads": 2,
                                           "intermediate_size": 64}},
