@@ -105,6 +105,21 @@ class DataSource(Plugin):
     label_names: Sequence[str] | None = None
     #: the run's seed, set by the loop before ``setup`` (a second instance set up with it gets the same splits)
     seed: int = 0
+    #: the training epoch about to run, set by ``set_epoch``
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop before each training epoch starts its loader (again on resume)."""
+        self.epoch = epoch
+
+    def example_seed(self, index: int) -> int:
+        """A seed for random augmentation of example ``index`` of the training split in the current epoch.
+
+        Drawing augmentation from it, rather than from a worker's RNG, makes the draw the same with any number
+        of loader workers or processes, after a resume, and in a second instance of the source (a distill
+        teacher's view of the same example, at its own resolution).
+        """
+        return (self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index)
 
     def setup(self, backbone: Backbone, seed: int) -> None:
         raise NotImplementedError

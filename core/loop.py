@@ -481,6 +481,7 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         while pos["step"] < total_steps and not (stopped_early or interrupted):
             sampler = train_loader.sampler
             sampler.set_epoch(pos["epoch"], skip=pos["micro"] * t.batch_size)
+            run.data.set_epoch(pos["epoch"])  # before iter(): worker processes copy the source as it is then
             it = iter(train_loader)
             while pos["micro"] < micro_per_epoch and pos["step"] < total_steps:
                 t0 = time.perf_counter()

@@ -14,11 +14,16 @@ from graft import DataSource, GraftError, hookimpl, option
 class SplitOptions:
     val_fraction: float = option(0.1, "Fraction of all examples held out for validation (stratified, seeded).")
     test_fraction: float = option(0.2, "Fraction of all examples held out for testing (stratified, seeded).")
+    train_fraction: float = option(1.0, "Keep only this fraction of the training split (stratified, seeded, at "
+                                        "least one example per class): few-label runs and learning curves. "
+                                        "Validation and test stay whole.")
 
     def validate(self):
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1.")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError("train_fraction must be in (0, 1].")
 
 
 def stratified_split(labels, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -37,6 +42,23 @@ def stratified_split(labels, val_fraction: float, test_fraction: float, seed: in
         out["val"] += idx[n_test:n_test + n_val].tolist()
         out["train"] += idx[n_test + n_val:].tolist()
     return {k: sorted(v) for k, v in out.items()}
+
+
+def keep_fraction(indices: list[int], labels, fraction: float, seed: int) -> list[int]:
+    """A seeded, stratified subset of ``indices`` (``labels[i]`` is the class of index i), at least one per class.
+    The same seed and fraction keep the same examples, so a teacher run and its student see one subset."""
+    import numpy as np
+
+    if fraction >= 1:
+        return indices
+    rng = np.random.default_rng([seed, 1])  # its own stream: the split itself must not change with the fraction
+    labels = np.asarray(labels)[indices]
+    indices = np.asarray(indices)
+    kept = []
+    for c in np.unique(labels):
+        idx = indices[labels == c]
+        kept += rng.permutation(idx)[: max(1, int(round(len(idx) * fraction)))].tolist()
+    return sorted(kept)
 
 
 def image_transform(backbone, image_size: int):
@@ -64,6 +86,8 @@ def image_transform(backbone, image_size: int):
 @dataclass
 class DigitsOptions(SplitOptions):
     image_size: int = option(32, "Side length the 8x8 images are resized to; 0 means the backbone's own size.")
+    augment: bool = option(False, "Random small affine warps of the training images (rotation up to 12 degrees, "
+                                  "shifts up to 1 of 8 pixels, scale 0.9-1.1), drawn per example and epoch.")
 
 
 class Digits(DataSource):
@@ -80,15 +104,39 @@ class Digits(DataSource):
         from sklearn.datasets import load_digits
 
         d = load_digits()
-        transform = image_transform(backbone, self.options.image_size)
-        images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        self.x = torch.stack([transform(img) for img in images])
+        o = self.options
+        self.transform = image_transform(backbone, o.image_size)
+        self.raw = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        self.x = torch.stack([self.transform(img) for img in self.raw])
         self.y = torch.tensor(d.target, dtype=torch.long)
-        self.splits = stratified_split(d.target, self.options.val_fraction, self.options.test_fraction, seed)
+        self.splits = stratified_split(d.target, o.val_fraction, o.test_fraction, seed)
+        self.splits["train"] = keep_fraction(self.splits["train"], d.target, o.train_fraction, seed)
 
     def dataset(self, split):
         idx = self.splits.get(split)
-        return None if not idx else [(self.x[i], self.y[i]) for i in idx]
+        if not idx:
+            return None
+        if split == "train" and self.options.augment:
+            return _WarpedDigits(self, idx)
+        return [(self.x[i], self.y[i]) for i in idx]
+
+    def warp(self, i: int, seed: int):
+        """Image i under a random affine warp drawn from ``seed``. The warp is sampled straight from the 8x8
+        original at the output size, in coordinates relative to the image, so any two resolutions (a student's
+        and a teacher's view) show the same warp."""
+        import math
+
+        import torch
+        import torch.nn.functional as F
+
+        g = torch.Generator().manual_seed(seed)
+        angle, scale, dx, dy = (torch.rand(4, generator=g) * 2 - 1).tolist()
+        angle, scale, dx, dy = angle * math.radians(12), 1 + 0.1 * scale, dx * 0.25, dy * 0.25  # 0.25 = 1 px of 8
+        c, s_ = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[[c, -s_, dx], [s_, c, dy]]], dtype=torch.float32)
+        size = self.x.shape[-2:]
+        grid = F.affine_grid(theta, [1, 1, *size], align_corners=False)
+        return self.transform(F.grid_sample(self.raw[i:i + 1], grid, align_corners=False).squeeze(0))
 
     def collate(self, examples):
         import torch
@@ -110,6 +158,18 @@ class Digits(DataSource):
                 x = 1.0 - x
             out.append(transform(torch.from_numpy(x).unsqueeze(0)))
         return torch.stack(out)
+
+
+class _WarpedDigits:
+    def __init__(self, source, idx):
+        self.source, self.idx = source, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, j):
+        i = self.idx[j]
+        return self.source.warp(i, self.source.example_seed(j)), self.source.y[i]
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -233,6 +293,7 @@ class Text(DataSource):
         val_f = 0.0 if o.val_path else o.val_fraction
         test_f = 0.0 if o.test_path else o.test_fraction
         idx = stratified_split(strat, val_f, test_f, seed)
+        idx["train"] = keep_fraction(idx["train"], strat, o.train_fraction, seed)
         self.splits = {s: encode([main[i] for i in idx[s]]) for s in ("train", "val", "test")}
         for split in ("val", "test"):
             if split in parts:
@@ -270,7 +331,8 @@ class ImageFolderOptions(SplitOptions):
     path: str = option("", "A folder with one sub-folder per class, or with train/ (val/, test/) folders of those.",
                        path=True)
     image_size: int = option(0, "Side length of the model input; 0 means the backbone's own size.")
-    augment: bool = option(False, "Random resized crops and horizontal flips on the training split.")
+    augment: bool = option(False, "Random resized crops and horizontal flips on the training split, drawn per "
+                                  "example and epoch.")
 
     def validate(self):
         super().validate()
@@ -302,6 +364,10 @@ class ImageFolder(DataSource):
             items = list_images(root)
             idx = stratified_split([lab for _, lab in items], o.val_fraction, o.test_fraction, seed)
             parts = {s: [items[i] for i in idx[s]] for s in ("train", "val", "test")}
+        if parts.get("train") and o.train_fraction < 1:
+            keep = keep_fraction(list(range(len(parts["train"]))), [lab for _, lab in parts["train"]],
+                                 o.train_fraction, seed)
+            parts["train"] = [parts["train"][i] for i in keep]
         if not parts.get("train"):
             raise GraftError(f"{where}: no images under {o.path!r} (expected class folders of "
                              f"{', '.join(sorted(IMAGE_SUFFIXES))} files).")
@@ -328,8 +394,9 @@ class ImageFolder(DataSource):
         items = self.parts.get(split)
         if not items:
             return None
-        tf = self.train_tf if split == "train" else self.eval_tf
-        return _Images(items, tf)
+        if split == "train" and self.options.augment:
+            return _Images(items, self.train_tf, seeded_by=self)
+        return _Images(items, self.eval_tf)
 
     def collate(self, examples):
         import torch
@@ -344,18 +411,27 @@ class ImageFolder(DataSource):
 
 
 class _Images:
-    def __init__(self, items, transform):
-        self.items, self.transform = items, transform
+    """Images read and transformed on access. ``seeded_by`` (a source) draws each random transform from the
+    source's ``example_seed``: the same crop and flip in any worker, after a resume, and in a teacher's view at
+    another size (crops are drawn relative to the original image)."""
+
+    def __init__(self, items, transform, seeded_by=None):
+        self.items, self.transform, self.seeded_by = items, transform, seeded_by
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
+        import torch
         from PIL import Image
 
         path, label = self.items[i]
         with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+            if self.seeded_by is None:
+                return self.transform(im.convert("RGB")), label
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seeded_by.example_seed(i))
+                return self.transform(im.convert("RGB")), label
 
 
 @hookimpl

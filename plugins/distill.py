@@ -123,13 +123,24 @@ class Distill(Finetune):
     def _same_view(self) -> bool:
         """True when the teacher would get exactly the student's inputs (same data options and preprocessing):
         then an online teacher runs on the student's batch itself -- the same augmented view, no second load."""
+        import torch
+
         s, t = self.backbone, self.teacher_backbone_obj
         if s.modality != t.modality or repr(self.teacher_data.options) != repr(self.data.options):
             return False
-        if s.modality == "image":
-            return s.image_config() == t.image_config()
-        st, tt = s.tokenizer(), t.tokenizer()
-        return type(st) is type(tt) and st.get_vocab() == tt.get_vocab()
+        if s.modality == "text":
+            st, tt = s.tokenizer(), t.tokenizer()
+            if type(st) is not type(tt) or st.get_vocab() != tt.get_vocab():
+                return False
+        # The prepared inputs decide, not the backbones' nominal input sizes: a data source may resize both.
+        split = next(sp for sp in ("val", "test", "train") if self.data.dataset(sp))
+        n = min(8, len(self.data.dataset(split)))
+        a = self.data.collate([self.data.dataset(split)[i] for i in range(n)])["inputs"]
+        b = self._teacher_inputs(split, range(n))
+        a, b = (x if isinstance(x, dict) else {"": x} for x in (a, b))
+        return a.keys() == b.keys() and all(
+            torch.is_tensor(a[k]) and torch.is_tensor(b[k]) and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+            for k in a)
 
     def _teacher_from_tables(self):
         """A teacher from a backbone table and a linear head's weights."""
@@ -182,6 +193,7 @@ class Distill(Finetune):
         return td
 
     def _teacher_inputs(self, split, indices):
+        self.teacher_data.set_epoch(self.data.epoch)  # the same augmentation draw as the student's view
         ds = self.teacher_data.dataset(split)
         return self.teacher_data.collate([ds[int(i)] for i in indices])["inputs"]
 
