@@ -5,9 +5,9 @@ The public API for plugin authors lives here. Importing ``graft`` never imports 
 
 from .errors import GraftError
 from .hookspecs import hookimpl
-from .interfaces import Backbone, DataSource, Loss, Plugin, Strategy
+from .interfaces import UNLABELLED, Backbone, DataSource, Loss, Plugin, Strategy
 from .options import option
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "DataSource", "GraftError", "Loss", "Plugin", "Strategy", "hookimpl", "option",
+__all__ = ["Backbone", "DataSource", "GraftError", "Loss", "Plugin", "Strategy", "UNLABELLED", "hookimpl", "option",
            "__version__"]

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
+#: class target of a training example kept without its label (torch's ignore_index): losses skip it, strategies
+#: that learn from inputs alone (distill's soft targets) use it
+UNLABELLED = -100
+
 
 class Plugin:
     """Base of every plugin class. ``Options`` is a dataclass: each field is one key of the config table."""
@@ -107,6 +111,10 @@ class DataSource(Plugin):
     seed: int = 0
     #: the training epoch about to run, set by ``set_epoch``
     epoch: int = 0
+    #: option names that say how examples are prepared for one backbone (image size, token length): a second
+    #: view of the data for another backbone (a distill teacher's) takes these from the teacher's run and
+    #: everything else (which examples, splits, labels, augmentation) from this run
+    view_options: ClassVar[tuple[str, ...]] = ()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the loop before each training epoch starts its loader (again on resume)."""

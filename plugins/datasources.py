@@ -7,16 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import DataSource, GraftError, hookimpl, option
+from graft import UNLABELLED, DataSource, GraftError, hookimpl, option
 
 
 @dataclass
 class SplitOptions:
     val_fraction: float = option(0.1, "Fraction of all examples held out for validation (stratified, seeded).")
     test_fraction: float = option(0.2, "Fraction of all examples held out for testing (stratified, seeded).")
-    train_fraction: float = option(1.0, "Keep only this fraction of the training split (stratified, seeded, at "
-                                        "least one example per class): few-label runs and learning curves. "
-                                        "Validation and test stay whole.")
+    train_fraction: float = option(1.0, "Keep the labels of only this fraction of the training split "
+                                        "(stratified, seeded, at least one example per class): few-label runs and "
+                                        "learning curves. Validation and test stay whole.")
+    unlabelled: Literal["drop", "keep"] = option(
+        "drop", "With train_fraction < 1, the other training examples are dropped, or kept without their labels: "
+                "losses skip them, distill teaches them with the teacher's soft targets (classification only).")
 
     def validate(self):
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
@@ -42,6 +45,15 @@ def stratified_split(labels, val_fraction: float, test_fraction: float, seed: in
         out["val"] += idx[n_test:n_test + n_val].tolist()
         out["train"] += idx[n_test + n_val:].tolist()
     return {k: sorted(v) for k, v in out.items()}
+
+
+def few_labels(train: list[int], labels, options, seed: int) -> tuple[list[int], set[int]]:
+    """The training split under ``train_fraction`` / ``unlabelled``: (indices, the subset whose labels are
+    withheld)."""
+    kept = keep_fraction(train, labels, options.train_fraction, seed)
+    if options.unlabelled == "drop":
+        return kept, set()
+    return train, set(train) - set(kept)
 
 
 def keep_fraction(indices: list[int], labels, fraction: float, seed: int) -> list[int]:
@@ -95,6 +107,7 @@ class Digits(DataSource):
 
     Options = DigitsOptions
     task = "classification"
+    view_options = ("image_size",)
     label_names = [str(i) for i in range(10)]
 
     def setup(self, backbone, seed):
@@ -110,7 +123,12 @@ class Digits(DataSource):
         self.x = torch.stack([self.transform(img) for img in self.raw])
         self.y = torch.tensor(d.target, dtype=torch.long)
         self.splits = stratified_split(d.target, o.val_fraction, o.test_fraction, seed)
-        self.splits["train"] = keep_fraction(self.splits["train"], d.target, o.train_fraction, seed)
+        self.splits["train"], self.hidden = few_labels(self.splits["train"], d.target, o, seed)
+
+    def label(self, i):
+        import torch
+
+        return torch.tensor(UNLABELLED) if i in self.hidden else self.y[i]
 
     def dataset(self, split):
         idx = self.splits.get(split)
@@ -118,7 +136,7 @@ class Digits(DataSource):
             return None
         if split == "train" and self.options.augment:
             return _WarpedDigits(self, idx)
-        return [(self.x[i], self.y[i]) for i in idx]
+        return [(self.x[i], self.y[i] if split != "train" else self.label(i)) for i in idx]
 
     def warp(self, i: int, seed: int):
         """Image i under a random affine warp drawn from ``seed``. The warp is sampled straight from the 8x8
@@ -169,7 +187,7 @@ class _WarpedDigits:
 
     def __getitem__(self, j):
         i = self.idx[j]
-        return self.source.warp(i, self.source.example_seed(j)), self.source.y[i]
+        return self.source.warp(i, self.source.example_seed(j)), self.source.label(i)
 
 
 # -- text ---------------------------------------------------------------------------------------------
@@ -236,6 +254,7 @@ class Text(DataSource):
     """Text classification, multi-label or regression from CSV, JSONL or label folders; dynamic padding."""
 
     Options = TextOptions
+    view_options = ("max_length",)
 
     def setup(self, backbone, seed):
         import numpy as np
@@ -293,8 +312,12 @@ class Text(DataSource):
         val_f = 0.0 if o.val_path else o.val_fraction
         test_f = 0.0 if o.test_path else o.test_fraction
         idx = stratified_split(strat, val_f, test_f, seed)
-        idx["train"] = keep_fraction(idx["train"], strat, o.train_fraction, seed)
+        if o.unlabelled == "keep" and o.train_fraction < 1 and o.task != "classification":
+            raise GraftError(f"{where}: unlabelled = \"keep\" needs task = \"classification\".")
+        idx["train"], hidden = few_labels(idx["train"], strat, o, seed)
         self.splits = {s: encode([main[i] for i in idx[s]]) for s in ("train", "val", "test")}
+        self.splits["train"] = [(ids, UNLABELLED if i in hidden else y)
+                                for i, (ids, y) in zip(idx["train"], self.splits["train"])]
         for split in ("val", "test"):
             if split in parts:
                 self.splits[split] = encode(parts[split])
@@ -350,6 +373,7 @@ class ImageFolder(DataSource):
 
     Options = ImageFolderOptions
     task = "classification"
+    view_options = ("image_size",)
 
     def setup(self, backbone, seed):
         o = self.options
@@ -364,9 +388,9 @@ class ImageFolder(DataSource):
             items = list_images(root)
             idx = stratified_split([lab for _, lab in items], o.val_fraction, o.test_fraction, seed)
             parts = {s: [items[i] for i in idx[s]] for s in ("train", "val", "test")}
+        hidden = set()
         if parts.get("train") and o.train_fraction < 1:
-            keep = keep_fraction(list(range(len(parts["train"]))), [lab for _, lab in parts["train"]],
-                                 o.train_fraction, seed)
+            keep, hidden = few_labels(list(range(len(parts["train"]))), [lab for _, lab in parts["train"]], o, seed)
             parts["train"] = [parts["train"][i] for i in keep]
         if not parts.get("train"):
             raise GraftError(f"{where}: no images under {o.path!r} (expected class folders of "
@@ -374,6 +398,7 @@ class ImageFolder(DataSource):
         self.label_names = sorted({lab for items in parts.values() for _, lab in items})
         index = {n: i for i, n in enumerate(self.label_names)}
         self.parts = {s: [(p, index[lab]) for p, lab in items] for s, items in parts.items()}
+        self.parts["train"] = [(p, UNLABELLED if i in hidden else y) for i, (p, y) in enumerate(self.parts["train"])]
         self.train_tf, self.eval_tf = self.transforms(backbone)
 
     def transforms(self, backbone):

@@ -4,7 +4,8 @@ The teacher and the student may be of different families and sizes: each gets it
 the teacher's inputs come from a second instance of the same data source, set up with the teacher's backbone and
 the same seed (so example i is the same example for both). Teacher outputs are computed once per dataset and
 kept as safetensors (the teacher cache), unless the data is randomly augmented: then it runs online, on the
-student's own augmented batch when both preprocess alike, else on its own (independently augmented) view.
+student's own augmented batch when both preprocess alike, else on its own view of the same random draw (data
+sources draw augmentation from ``example_seed``, so the teacher's 64x64 view shows the student's 32x32 warp).
 """
 
 from __future__ import annotations
@@ -177,10 +178,16 @@ class Distill(Finetune):
         return classifier(backbone.module, head), backbone
 
     def _teacher_data(self):
-        """The student's data source, set up again with the teacher's backbone (and the teacher run's data options
-        when it used the same data plugin), with the same seed: example i is the same example for both."""
+        """The student's data source, set up again with the teacher's backbone and the same seed, so example i is
+        the same example for both. Which examples, labels and augmentation come from this run's options; how they
+        are prepared (the source's ``view_options``, e.g. image_size) from the teacher run's, when it used the
+        same data plugin -- a teacher trained on few labels can then teach all the student's examples."""
+        import dataclasses
+
         spec = self.teacher_conf.plugins["data"] if self.teacher_conf is not None else None
-        options = spec.options if spec is not None and spec.name == self.data.name else self.data.options
+        options = self.data.options
+        if spec is not None and spec.name == self.data.name:
+            options = dataclasses.replace(options, **{k: getattr(spec.options, k) for k in self.data.view_options})
         td = type(self.data)(options)
         td.name, td.seed = self.data.name, self.data.seed
         td.setup(self.teacher_backbone_obj, self.data.seed)
@@ -188,8 +195,8 @@ class Distill(Finetune):
             a, b = self.data.dataset(split), td.dataset(split)
             if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
                 raise GraftError(f"[strategy] the teacher's view of the data splits differently ({split}: "
-                                 f"{len(b) if b else 0} vs {len(a) if a else 0} examples). Give the teacher run and "
-                                 f"this run the same data fractions.")
+                                 f"{len(b) if b else 0} vs {len(a) if a else 0} examples): data source "
+                                 f"{self.data.name!r} must split the same way whatever the backbone.")
         return td
 
     def _teacher_inputs(self, split, indices):

@@ -21,9 +21,19 @@ class CrossEntropy(Loss):
     Options = CrossEntropyOptions
 
     def __call__(self, outputs, targets):
-        import torch.nn.functional as F
+        return cross_entropy(outputs, targets, self.options.label_smoothing)
 
-        return F.cross_entropy(outputs.float(), targets, label_smoothing=self.options.label_smoothing)
+
+def cross_entropy(outputs, labels, label_smoothing: float = 0.0):
+    """Mean cross-entropy over the labelled examples. Summing and dividing by the count (at least 1) gives 0 for
+    a batch with no labels at all, where torch's mean would be NaN, and needs no host sync to find out."""
+    import torch.nn.functional as F
+
+    from graft import UNLABELLED
+
+    total = F.cross_entropy(outputs.float(), labels, ignore_index=UNLABELLED, label_smoothing=label_smoothing,
+                            reduction="sum")
+    return total / (labels != UNLABELLED).sum().clamp(min=1)
 
 
 class BCE(Loss):
@@ -88,7 +98,7 @@ def kd_loss(student, teacher, labels, alpha: float, temperature: float):
     soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
     loss = alpha * temperature ** 2 * soft
     if labels is not None and alpha < 1.0:
-        loss = loss + (1.0 - alpha) * F.cross_entropy(student.float(), labels)
+        loss = loss + (1.0 - alpha) * cross_entropy(student, labels)  # unlabelled examples learn from soft targets only
     return loss
 
 

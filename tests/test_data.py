@@ -89,3 +89,46 @@ def test_distill_teacher_sees_the_same_augmentation_at_its_own_size(tmp_path):
         teacher = s._teacher_inputs("train", [7])[0]
         assert teacher.shape[-1] == 16
         assert corr(student.mean(0), F.avg_pool2d(teacher[None], 2)[0].mean(0)) > 0.97
+
+
+def test_unlabelled_examples_are_kept_without_labels_and_skipped_by_losses():
+    from graft import UNLABELLED
+    from graft.plugins.losses import CrossEntropy, kd_loss
+
+    full, part = digits(), digits(train_fraction=0.1, unlabelled="keep")
+    assert part.splits["train"] == full.splits["train"]
+    labels = torch.stack([y for _, y in part.dataset("train")])
+    labelled = labels != UNLABELLED
+    assert int(labelled.sum()) == len(digits(train_fraction=0.1).splits["train"])
+    assert torch.equal(labels[labelled], full.y[torch.tensor(full.splits["train"])][labelled])
+
+    ce = CrossEntropy()
+    logits = torch.randn(6, 10, requires_grad=True)
+    y = torch.tensor([3, UNLABELLED, 1, UNLABELLED, 0, 9])
+    assert torch.allclose(ce(logits, y), F.cross_entropy(logits[y >= 0], y[y >= 0]))
+    none = ce(logits, torch.full((6,), UNLABELLED))
+    none.backward()
+    assert none.item() == 0 and torch.isfinite(logits.grad).all()  # torch's own mean would be NaN here
+    teacher = torch.randn(6, 10)
+    soft_only = kd_loss(logits, teacher, None, 0.5, 2.0)
+    assert torch.allclose(kd_loss(logits, teacher, torch.full((6,), UNLABELLED), 0.5, 2.0), soft_only)
+
+
+def test_teacher_trained_on_few_labels_teaches_every_training_example(tmp_path):
+    """The teacher run used 16x16 inputs and only the labelled fifth; the student keeps the rest unlabelled:
+    the teacher's view takes its image size from its run and which examples from the student's config."""
+    few = {"train_fraction": 0.2}
+    teacher_conf = tiny_config(backbone=RESNET, data={"image_size": 16, **few}, train={"max_steps": 2})
+    train(resolve(teacher_conf, "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    conf = tiny_config(strategy={"plugin": "distill", "teacher": str(tmp_path / "teacher"),
+                                 "cache_dir": str(tmp_path / "cache")},
+                       loss={"plugin": "kd", "alpha": 0.5}, data={"unlabelled": "keep", **few},
+                       train={"epochs": 1, "batch_size": 8})  # small batches: some hold no labelled example
+    r = Run(resolve(conf, "s.toml"))
+    assert len(r.strategy.teacher_data.dataset("train")) == len(r.data.dataset("train")) == len(digits().splits["train"])
+    assert r.strategy.teacher_data.options.image_size == 16 and r.data.options.image_size == 8
+    summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    assert summary["skipped_steps"] == 0 and np.isfinite(summary["test"]["loss"])
+    alone = train(resolve(tiny_config(data={"unlabelled": "keep", **few}, train={"epochs": 1, "batch_size": 8}),
+                          "a.toml"), tmp_path / "alone", echo=lambda m: None)
+    assert np.isfinite(alone["test"]["loss"])  # finetune trains on the labelled ones, no NaN from empty batches
