@@ -125,7 +125,8 @@ def test_teacher_trained_on_few_labels_teaches_every_training_example(tmp_path):
                        loss={"plugin": "kd", "alpha": 0.5}, data={"unlabelled": "keep", **few},
                        train={"epochs": 1, "batch_size": 8})  # small batches: some hold no labelled example
     r = Run(resolve(conf, "s.toml"))
-    assert len(r.strategy.teacher_data.dataset("train")) == len(r.data.dataset("train")) == len(digits().splits["train"])
+    n_train = len(digits().splits["train"])
+    assert len(r.strategy.teacher_data.dataset("train")) == len(r.data.dataset("train")) == n_train
     assert r.strategy.teacher_data.options.image_size == 16 and r.data.options.image_size == 8
     summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
     assert summary["skipped_steps"] == 0 and np.isfinite(summary["test"]["loss"])
