@@ -188,6 +188,14 @@ class Distill(Finetune):
         options = self.data.options
         if spec is not None and spec.name == self.data.name:
             options = dataclasses.replace(options, **{k: getattr(spec.options, k) for k in self.data.view_options})
+            if self.teacher_conf.train.seed != self.data.seed:
+                import warnings
+
+                warnings.warn(f"[strategy] teacher {self.options.teacher!r} was trained with seed "
+                              f"{self.teacher_conf.train.seed}, this run uses {self.data.seed}: splits drawn "
+                              f"from the seed differ, so the teacher may have trained on this run's validation "
+                              f"and test examples and flatter the student. Use the teacher's [train] seed.",
+                              stacklevel=2)
         td = type(self.data)(options)
         td.name, td.seed = self.data.name, self.data.seed
         td.setup(self.teacher_backbone_obj, self.data.seed)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_VIT, graft, tiny_config, write_config
 from graft.config import resolve
-from graft.loop import train
+from graft.loop import Run, train
 from graft.plugins.losses import KD, kd_loss
 
 
@@ -183,3 +183,10 @@ def test_online_teacher_sees_the_students_augmented_view(tmp_path, teacher):
         direct = s.teacher(batch["inputs"])
     got, _ = s.teacher_outputs("train", torch.arange(4), batch["inputs"])
     assert torch.equal(got, direct.float())
+
+
+def test_teacher_trained_with_another_seed_is_warned_about(tmp_path, teacher):
+    conf = student_conf(teacher, tmp_path)
+    conf["train"]["seed"] = 1  # another split: the teacher's training examples may be this run's test examples
+    with pytest.warns(UserWarning, match="seed 0, this run uses 1"):
+        Run(resolve(conf, "s.toml"))
