@@ -190,3 +190,17 @@ def test_teacher_trained_with_another_seed_is_warned_about(tmp_path, teacher):
     conf["train"]["seed"] = 1  # another split: the teacher's training examples may be this run's test examples
     with pytest.warns(UserWarning, match="seed 0, this run uses 1"):
         Run(resolve(conf, "s.toml"))
+
+
+def test_timm_student_from_hf_teacher(tmp_path):
+    """The reverse of the test above: a Hugging Face vision teacher (a finished run) teaches a timm student."""
+    hf_vit = {"plugin": "hf", "config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
+                                         "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}}
+    teacher_conf = tiny_config(backbone=hf_vit, data={"image_size": 16}, train={"max_steps": 4})
+    train(resolve(teacher_conf, "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    conf = student_conf(tmp_path / "teacher", tmp_path)
+    conf["backbone"] = {"plugin": "timm", "model": "test_resnet"}
+    summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    teacher_test = json.loads((tmp_path / "teacher" / "summary.json").read_text())["test"]["accuracy"]
+    assert summary["test"]["teacher_accuracy"] == pytest.approx(teacher_test)  # the hf run, rebuilt, teaches
+    assert summary["distill"]["teacher_params"] != summary["distill"]["student_params"]
