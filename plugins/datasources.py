@@ -132,11 +132,7 @@ class Digits(DataSource):
 
     def dataset(self, split):
         idx = self.splits.get(split)
-        if not idx:
-            return None
-        if split == "train" and self.options.augment:
-            return _WarpedDigits(self, idx)
-        return [(self.x[i], self.y[i] if split != "train" else self.label(i)) for i in idx]
+        return _DigitsSplit(self, idx, warp=split == "train" and self.options.augment) if idx else None
 
     def warp(self, i: int, seed: int):
         """Image i under a random affine warp drawn from ``seed``. The warp is sampled straight from the 8x8
@@ -178,16 +174,18 @@ class Digits(DataSource):
         return torch.stack(out)
 
 
-class _WarpedDigits:
-    def __init__(self, source, idx):
-        self.source, self.idx = source, idx
+class _DigitsSplit:
+    """A split's examples, made on access (an online teacher asks for a few per step)."""
+
+    def __init__(self, source, idx, warp):
+        self.source, self.idx, self.warp = source, idx, warp
 
     def __len__(self):
         return len(self.idx)
 
     def __getitem__(self, j):
-        i = self.idx[j]
-        return self.source.warp(i, self.source.example_seed(j)), self.source.label(i)
+        i, src = self.idx[j], self.source
+        return (src.warp(i, src.example_seed(j)) if self.warp else src.x[i]), src.label(i)
 
 
 # -- text ---------------------------------------------------------------------------------------------
