@@ -115,6 +115,9 @@ class DataSource(Plugin):
     #: view of the data for another backbone (a distill teacher's) takes these from the teacher's run and
     #: everything else (which examples, splits, labels, augmentation) from this run
     view_options: ClassVar[tuple[str, ...]] = ()
+    #: option names that change only the training split (which training examples, their labels, augmentation),
+    #: never validation or test: a distill teacher whose run differs in these cannot have seen this run's test set
+    training_options: ClassVar[tuple[str, ...]] = ()
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the loop before each training epoch starts its loader (again on resume)."""
@@ -127,7 +130,11 @@ class DataSource(Plugin):
         of loader workers or processes, after a resume, and in a second instance of the source (a distill
         teacher's view of the same example, at its own resolution).
         """
-        return (self.seed * 1_000_003 + self.epoch) * 1_000_003 + int(index)
+        import hashlib
+
+        # a hash, not arithmetic: any seed fits torch's 64-bit seeds, and no (epoch, index) pair collides with another
+        digest = hashlib.blake2b(f"{self.seed}:{self.epoch}:{int(index)}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
 
     def setup(self, backbone: Backbone, seed: int) -> None:
         raise NotImplementedError

@@ -73,26 +73,32 @@ def keep_fraction(indices: list[int], labels, fraction: float, seed: int) -> lis
     return sorted(kept)
 
 
-def image_transform(backbone, image_size: int):
+def image_transform(backbone, image_size: int) -> "ImageTransform":
     """Tensor [C0, H, W] in [0, 1] -> the backbone's input: resized, channels matched, normalised."""
     import torch
-    import torch.nn.functional as F
 
     cfg = backbone.image_config()
     size = (image_size, image_size) if image_size else tuple(cfg["size"])
-    mean = torch.tensor(cfg["mean"]).view(-1, 1, 1)
-    std = torch.tensor(cfg["std"]).view(-1, 1, 1)
-    channels = cfg["channels"]
+    return ImageTransform(size, torch.tensor(cfg["mean"]).view(-1, 1, 1), torch.tensor(cfg["std"]).view(-1, 1, 1),
+                          cfg["channels"])
 
-    def transform(x):
+
+class ImageTransform:
+    """A class, not a closure: data sources that hold it must pickle for loader workers started by spawn."""
+
+    def __init__(self, size, mean, std, channels):
+        self.size, self.mean, self.std, self.channels = size, mean, std, channels
+
+    def __call__(self, x):
+        import torch.nn.functional as F
+
+        size, channels, mean, std = self.size, self.channels, self.mean, self.std
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False).squeeze(0)
         if x.shape[0] != channels:
             x = x.mean(0, keepdim=True).expand(channels, -1, -1) if channels != 1 else x.mean(0, keepdim=True)
         m, s = (mean, std) if mean.shape[0] == channels else (mean.mean().view(1, 1, 1), std.mean().view(1, 1, 1))
         return (x - m) / s
-
-    return transform
 
 
 @dataclass
@@ -108,6 +114,7 @@ class Digits(DataSource):
     Options = DigitsOptions
     task = "classification"
     view_options = ("image_size",)
+    training_options = ("train_fraction", "unlabelled", "augment")
     label_names = [str(i) for i in range(10)]
 
     def setup(self, backbone, seed):
@@ -253,6 +260,7 @@ class Text(DataSource):
 
     Options = TextOptions
     view_options = ("max_length",)
+    training_options = ("train_fraction", "unlabelled")
 
     def setup(self, backbone, seed):
         import numpy as np
@@ -372,6 +380,7 @@ class ImageFolder(DataSource):
     Options = ImageFolderOptions
     task = "classification"
     view_options = ("image_size",)
+    training_options = ("train_fraction", "unlabelled", "augment")
 
     def setup(self, backbone, seed):
         o = self.options
@@ -452,8 +461,8 @@ class _Images:
         with Image.open(path) as im:
             if self.seeded_by is None:
                 return self.transform(im.convert("RGB")), label
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seeded_by.example_seed(i))
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only: GPU dropout keeps its own stream
+                torch.default_generator.manual_seed(self.seeded_by.example_seed(i))
                 return self.transform(im.convert("RGB")), label
 
 

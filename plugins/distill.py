@@ -188,14 +188,7 @@ class Distill(Finetune):
         options = self.data.options
         if spec is not None and spec.name == self.data.name:
             options = dataclasses.replace(options, **{k: getattr(spec.options, k) for k in self.data.view_options})
-            if self.teacher_conf.train.seed != self.data.seed:
-                import warnings
-
-                warnings.warn(f"[strategy] teacher {self.options.teacher!r} was trained with seed "
-                              f"{self.teacher_conf.train.seed}, this run uses {self.data.seed}: splits drawn "
-                              f"from the seed differ, so the teacher may have trained on this run's validation "
-                              f"and test examples and flatter the student. Use the teacher's [train] seed.",
-                              stacklevel=2)
+            self._warn_if_teacher_split_differs(spec.options)
         td = type(self.data)(options)
         td.name, td.seed = self.data.name, self.data.seed
         td.setup(self.teacher_backbone_obj, self.data.seed)
@@ -206,6 +199,23 @@ class Distill(Finetune):
                                  f"{len(b) if b else 0} vs {len(a) if a else 0} examples): data source "
                                  f"{self.data.name!r} must split the same way whatever the backbone.")
         return td
+
+    def _warn_if_teacher_split_differs(self, theirs):
+        """The teacher run may have trained on this run's validation and test examples: another seed, or other
+        options that decide the splits (anything but how examples are prepared or what the training split holds)."""
+        import dataclasses
+        import warnings
+
+        ours, src = self.data.options, self.data
+        keys = [f.name for f in dataclasses.fields(ours) if f.name not in src.view_options + src.training_options
+                and getattr(theirs, f.name, None) != getattr(ours, f.name)]
+        why = [f"[data] {k} = {getattr(theirs, k, None)!r} there, {getattr(ours, k)!r} here" for k in keys]
+        if self.teacher_conf.train.seed != src.seed:
+            why.insert(0, f"seed {self.teacher_conf.train.seed} there, {src.seed} here")
+        if why:
+            warnings.warn(f"[strategy] teacher {self.options.teacher!r} split its data differently ({'; '.join(why)}"
+                          f"), so it may have trained on this run's validation and test examples and flatter the "
+                          f"student. Use the teacher run's [train] seed and [data] split settings.", stacklevel=2)
 
     def _teacher_inputs(self, split, indices):
         self.teacher_data.set_epoch(self.data.epoch)  # the same augmentation draw as the student's view

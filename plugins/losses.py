@@ -25,12 +25,16 @@ class CrossEntropy(Loss):
 
 
 def cross_entropy(outputs, labels, label_smoothing: float = 0.0):
-    """Mean cross-entropy over the labelled examples. Summing and dividing by the count (at least 1) gives 0 for
-    a batch with no labels at all, where torch's mean would be NaN, and needs no host sync to find out."""
+    """Mean cross-entropy over the batch's labelled examples (each batch averages its own, so a batch with few
+    labels weighs as much as a full one). Summing and dividing by the count (at least 1) gives 0 for a batch with
+    no labels at all, where torch's mean would be NaN, and needs no host sync to find out. Class-probability
+    targets ([N, C] floats) are all labelled: a plain mean."""
     import torch.nn.functional as F
 
     from graft import UNLABELLED
 
+    if labels.is_floating_point():
+        return F.cross_entropy(outputs.float(), labels, label_smoothing=label_smoothing)
     total = F.cross_entropy(outputs.float(), labels, ignore_index=UNLABELLED, label_smoothing=label_smoothing,
                             reduction="sum")
     return total / (labels != UNLABELLED).sum().clamp(min=1)

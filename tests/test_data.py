@@ -49,6 +49,17 @@ def test_digits_augmentation_is_drawn_per_example_and_epoch():
     assert torch.equal(small.dataset("val")[0][0], small.x[small.splits["val"][0]])  # evaluation is not augmented
 
 
+def test_sources_pickle_for_spawned_workers_and_take_any_seed():
+    import pickle
+
+    for d in (digits(augment=True), digits(seed=2**31 - 1, augment=True)):
+        d.set_epoch(1)
+        ds = pickle.loads(pickle.dumps(d.dataset("train")))  # spawn / forkserver workers get the split this way
+        assert torch.equal(ds[3][0], d.dataset("train")[3][0])
+    seeds = {digits(seed=s).example_seed(i) for s in (0, 20240101, 2**63 - 1) for i in range(3)}
+    assert len(seeds) == 9 and all(0 <= x < 2**63 for x in seeds)
+
+
 def _imagefolder(root):
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -109,6 +120,8 @@ def test_unlabelled_examples_are_kept_without_labels_and_skipped_by_losses():
     none = ce(logits, torch.full((6,), UNLABELLED))
     none.backward()
     assert none.item() == 0 and torch.isfinite(logits.grad).all()  # torch's own mean would be NaN here
+    probs = torch.softmax(torch.randn(6, 10), 1)  # class-probability targets: a plain mean over all examples
+    assert torch.allclose(ce(logits, probs), F.cross_entropy(logits, probs))
     teacher = torch.randn(6, 10)
     soft_only = kd_loss(logits, teacher, None, 0.5, 2.0)
     assert torch.allclose(kd_loss(logits, teacher, torch.full((6,), UNLABELLED), 0.5, 2.0), soft_only)

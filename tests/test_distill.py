@@ -188,7 +188,18 @@ def test_online_teacher_sees_the_students_augmented_view(tmp_path, teacher):
 def test_teacher_trained_with_another_seed_is_warned_about(tmp_path, teacher):
     conf = student_conf(teacher, tmp_path)
     conf["train"]["seed"] = 1  # another split: the teacher's training examples may be this run's test examples
-    with pytest.warns(UserWarning, match="seed 0, this run uses 1"):
+    with pytest.warns(UserWarning, match="seed 0 there, 1 here"):
+        Run(resolve(conf, "s.toml"))
+    conf = student_conf(teacher, tmp_path)
+    conf["data"]["test_fraction"] = 0.3  # another test split, same seed
+    with pytest.warns(UserWarning, match="test_fraction = 0.2 there, 0.3 here"):
+        Run(resolve(conf, "s.toml"))
+    import warnings
+
+    conf = student_conf(teacher, tmp_path)
+    conf["data"].update(train_fraction=0.5, unlabelled="keep", augment=True)  # the training split only: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         Run(resolve(conf, "s.toml"))
 
 
