@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from graft import GraftError, hookimpl, option
+from graft import UNLABELLED, GraftError, hookimpl, option
 
 from .finetune import Finetune, FinetuneOptions, classifier
 
@@ -329,8 +329,9 @@ class Distill(Finetune):
         t_logits, _ = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
         kd = self.loss(outputs, {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress})
         sums = self.eval_sums(outputs, batch["targets"], loss=kd)
+        labelled = batch["targets"] != UNLABELLED  # the same examples eval_sums counts
         sums["teacher_correct"] = (t_logits.argmax(1) == batch["targets"]).sum()
-        sums["agree"] = (t_logits.argmax(1) == outputs.argmax(1)).sum()
+        sums["agree"] = ((t_logits.argmax(1) == outputs.argmax(1)) & labelled).sum()
         return sums
 
     def compute_metrics(self, sums):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from graft import GraftError, Strategy, hookimpl, option
+from graft import UNLABELLED, GraftError, Strategy, hookimpl, option
 
 TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"}}
 
@@ -140,8 +140,10 @@ class Finetune(Strategy):
         when the strategy computes it differently)."""
         import torch
 
-        n = torch.tensor(float(y.shape[0]), device=outputs.device)
         loss = self.loss(outputs, y) if loss is None else loss
+        if self.data.task == "classification" and not bool((y != UNLABELLED).all()):
+            outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
+        n = torch.tensor(float(y.shape[0]), device=outputs.device)
         sums = {"count": n, "loss_sum": loss.float() * n}
         task = self.data.task
         if task == "classification":

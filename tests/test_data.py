@@ -143,6 +143,10 @@ def test_teacher_trained_on_few_labels_teaches_every_training_example(tmp_path):
     assert r.strategy.teacher_data.options.image_size == 16 and r.data.options.image_size == 8
     summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
     assert summary["skipped_steps"] == 0 and np.isfinite(summary["test"]["loss"])
+    r = Run(resolve(conf, "s.toml"))
+    on_train = r.evaluate(r.model, "train")  # `graft eval --split train` scores the labelled examples only
+    assert 0 <= on_train["agreement"] <= 1 and 0 <= on_train["accuracy"] <= 1
+    assert sum(sum(row) for row in on_train["confusion_matrix"]) == len(digits(train_fraction=0.2).splits["train"])
     alone = train(resolve(tiny_config(data={"unlabelled": "keep", **few}, train={"epochs": 1, "batch_size": 8}),
                           "a.toml"), tmp_path / "alone", echo=lambda m: None)
     assert np.isfinite(alone["test"]["loss"])  # finetune trains on the labelled ones, no NaN from empty batches
