@@ -167,6 +167,61 @@ def latest(directory: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_latest(directory: Path, echo=print) -> tuple[Path, dict, dict] | None:
+    """(path, model state, state) of the newest checkpoint that loads. A damaged one (a disk that filled up, a file
+    cut short by hand) is passed over for the one before it, saying so; None when there is none."""
+    first = latest(directory)
+    candidates = ([first] if first else []) + sorted(
+        (p for p in directory.glob("step-*") if (p / "state.json").is_file() and p != first), reverse=True)
+    errors = []
+    for path in candidates:
+        try:
+            model_state, state = load(path)
+        except GraftError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            echo(f"Warning: checkpoint {candidates[0].name} is damaged; resuming from {path.name} instead.")
+        return path, model_state, state
+    if errors:
+        raise GraftError(errors[0] if len(errors) == 1 else f"No checkpoint in {directory} loads; the newest: "
+                         f"{errors[0]}")
+    return None
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the length of a run: a second ``graft train`` (or ``--resume``) on
+    the same directory refuses instead of interleaving checkpoints. The operating system drops it when the process
+    ends, however it ends, so no stale lock survives a kill."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; runs are not protected there
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            self.file = None
+            raise GraftError(f"Run directory {self.path.parent} is in use by another graft process (it holds "
+                             f"{self.path}). Wait for it to finish, or choose another --out.") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+
+
 def load(path: Path) -> tuple[dict, dict]:
     """(model state dict, state) of a checkpoint directory."""
     try:

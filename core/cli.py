@@ -8,11 +8,12 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import click
 
-from .errors import GraftError
+from .errors import GraftError, GraftWarning
 
 
 #: optional libraries -> the graftkit extra that installs them
@@ -62,6 +63,19 @@ def cli(debug):
     """graftkit: transfer learning with any backbone, any strategy, one training loop."""
     if debug:
         os.environ["GRAFT_DEBUG"] = "1"
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """GraftWarnings are the user's business: one line, from the main process only. Others as Python shows them."""
+    if issubclass(category, GraftWarning):
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"Warning: {message}", err=True)
+        return
+    _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _registry():

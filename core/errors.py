@@ -1,10 +1,15 @@
-"""The one exception type the CLI turns into a clean message and exit code 2."""
+"""The exception the CLI turns into a clean message and exit code 2, and the warning it prints as one line."""
 
 import difflib
 
 
 class GraftError(Exception):
     """Bad input from the user: a config, a file, a plugin name. Printed as one paragraph, no traceback."""
+
+
+class GraftWarning(UserWarning):
+    """Something the user should know that does not stop the run (files skipped, a head replaced). The CLI prints
+    it as one ``Warning: ...`` line, once, from the main process only."""
 
 
 def did_you_mean(word, choices):

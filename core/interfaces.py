@@ -67,6 +67,12 @@ class Backbone(Plugin):
         """A Hugging Face (fast) tokenizer, for text backbones."""
         raise NotImplementedError(f"backbone {self.name!r} takes no text")
 
+    def limits(self) -> dict:
+        """What inputs the network can take, for data sources to check at setup instead of failing mid-step:
+        ``"max_tokens"`` (int) usable positions of a text model, ``"vocab_size"`` (int) rows of its token embedding
+        table, ``"image_size"`` ((H, W)) the one input size of a fixed-size image model. An absent key is no limit."""
+        return {}
+
     def layer_groups(self) -> list[list[str]]:
         """Parameter names of ``self.module``, grouped from the input side (stem/embeddings) to the output
         side (last stage/layer). Freezing schedules and layer-wise LR decay use these groups."""
@@ -146,6 +152,39 @@ class DataSource(Plugin):
 
             raise GraftError(f"[data] plugin = \"{self.name}\" needs a{'n' if modality[0] in 'aeiou' else ''} "
                              f"{modality} backbone; [backbone] plugin = \"{backbone.name}\" takes {backbone.modality}.")
+
+    def check_limits(self, backbone: Backbone, *, where: str, tokens: int | None = None, tokens_key: str = "",
+                     tokenizer=None, image_size: tuple[int, int] | None = None, image_key: str = "") -> int | None:
+        """Check what this source will feed ``backbone`` against ``backbone.limits()``: ``tokens`` per example
+        (option ``tokens_key``), the ``tokenizer``'s vocabulary, and ``image_size`` (option ``image_key``).
+
+        Returns the backbone's usable token count (None: no limit). Raises GraftError naming ``where``, both numbers
+        and the key to change when something does not fit -- an index error in the first step otherwise.
+        """
+        from .errors import GraftError
+
+        limits = backbone.limits()
+        max_tokens = limits.get("max_tokens")
+        if tokens is not None and max_tokens is not None and tokens > max_tokens:
+            raise GraftError(f"{where}: {tokens_key} = {tokens}, but backbone {backbone.name!r} takes at most "
+                             f"{max_tokens} tokens per example{limits.get('max_tokens_why', '')}. Set {tokens_key} "
+                             f"to {max_tokens} or less.")
+        vocab = limits.get("vocab_size")
+        if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+            raise GraftError(f"{where}: the tokenizer has {len(tokenizer)} tokens, but backbone {backbone.name!r}'s "
+                             f"embedding table has {vocab} rows, so some token ids would not exist. Use the model's "
+                             f"own tokenizer ([backbone] tokenizer = \"DIR\") or a model with vocab_size >= "
+                             f"{len(tokenizer)}.")
+        fixed = limits.get("image_size")
+        if image_size is not None and fixed is not None and tuple(image_size) != tuple(fixed):
+            raise GraftError(f"{where}: {image_key} = {image_size[0]} gives {image_size[0]}x{image_size[1]} images, "
+                             f"but backbone {backbone.name!r} takes only {fixed[0]}x{fixed[1]}. Set {image_key} = "
+                             f"{fixed[0]} (or 0 for the backbone's own size).")
+        return max_tokens
+
+    def report(self) -> dict:
+        """Facts about the data for the run directory (``data.json`` and summary.json), e.g. skipped files."""
+        return {}
 
     def dataset(self, split: str) -> Sequence | None:
         raise NotImplementedError

@@ -349,15 +349,30 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print)
 
 
 def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> dict:
+    main = dist.is_main
+    ckpt_dir = run_dir / "checkpoints"
+    with contextlib.ExitStack() as stack:
+        if main:  # before anything slow: a second run on this directory, or one that cannot write, fails at once
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(ckpt.RunLock(run_dir))
+            except OSError as e:
+                raise GraftError(f"Cannot write the run directory {run_dir}: {e.strerror or e}. Choose another --out "
+                                 f"(a folder you can write to).") from None
+        run = Run(config, dist, device)
+        if main:
+            if not resume:  # a fresh run starts a fresh log, even in a directory an earlier attempt left behind
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            report = run.data.report()
+            if report:
+                ckpt.atomic_write_text(run_dir / "data.json", json.dumps(report, indent=2) + "\n")
+        return _train_locked(config, run, run_dir, ckpt_dir, resume, dist, device, echo)
+
+
+def _train_locked(config: Config, run, run_dir: Path, ckpt_dir: Path, resume: bool, dist, device, echo) -> dict:
     t = config.train
     main = dist.is_main
-    run = Run(config, dist, device)
     strategy, base_model = run.strategy, run.model
-    ckpt_dir = run_dir / "checkpoints"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh run starts a fresh log, even in a directory an earlier attempt left behind
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     train_loader = run.loader("train", train=True)
     if train_loader is None:
@@ -377,10 +392,10 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
     pos = {"epoch": 0, "micro": 0, "step": 0, "best": None, "bad_evals": 0, "skipped_steps": 0,
            "samples": 0, "train_time": 0.0, "stopped_early": False, "last_eval_step": -1, **layout}
     if resume:
-        latest = ckpt.latest(ckpt_dir)
-        if latest is None:
+        found = ckpt.load_latest(ckpt_dir, echo if main else lambda m: None)
+        if found is None:
             raise GraftError(f"--resume {run_dir}: no checkpoint in {ckpt_dir}. Start a new run instead.")
-        model_state, state = ckpt.load(latest)
+        latest, model_state, state = found
         changed = {k: (state["position"].get(k, v), v) for k, v in layout.items() if state["position"].get(k, v) != v}
         if changed:
             raise GraftError(f"--resume {run_dir}: the run was made with " + ", ".join(
@@ -597,6 +612,8 @@ def _train(config: Config, run_dir: Path, resume: bool, dist, device, echo) -> d
         **{k: v for k, v in results.items() if v is not None},
         **strategy.report(base_model),
     }
+    if run.data.report():
+        summary["data"] = run.data.report()
     if main:
         if results["test"] is not None:
             log({"step": pos["step"], "epoch": pos["epoch"], "split": "test", **scalars(results["test"])})

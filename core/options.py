@@ -6,6 +6,7 @@ Config validation, ``graft describe`` and the docs all read these fields, so a s
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -126,6 +127,8 @@ def _check(value, tp, where: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GraftError(f"{where} must be a number, got {value!r} ({type(value).__name__}).")
+        if not math.isfinite(value):  # TOML has nan and inf literals; no setting means either
+            raise GraftError(f"{where} must be a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

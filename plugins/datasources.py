@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import UNLABELLED, DataSource, GraftError, hookimpl, option
+from graft import UNLABELLED, DataSource, GraftError, GraftWarning, hookimpl, option, read_text
+from graft.errors import did_you_mean
+from graft.files import ENCODING_HELP, check_encoding
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, GraftWarning, stacklevel=2)
 
 
 @dataclass
@@ -107,6 +116,10 @@ class DigitsOptions(SplitOptions):
     augment: bool = option(False, "Random small affine warps of the training images (rotation up to 12 degrees, "
                                   "shifts up to 1 of 8 pixels, scale 0.9-1.1), drawn per example and epoch.")
 
+    def validate(self):
+        super().validate()
+        check_image_size(self.image_size)
+
 
 class Digits(DataSource):
     """scikit-learn's handwritten digits: 1,797 real 8x8 images, 10 classes, stratified seeded splits."""
@@ -121,6 +134,8 @@ class Digits(DataSource):
         import torch
 
         self.require(backbone, "image")
+        self.check_limits(backbone, image_size=(self.options.image_size,) * 2 if self.options.image_size else None,
+                          image_key="image_size", where="[data] plugin = \"digits\"")
         from sklearn.datasets import load_digits
 
         d = load_digits()
@@ -173,8 +188,8 @@ class Digits(DataSource):
         transform = image_transform(backbone, self.options.image_size)
         out = []
         for path in items:
-            with Image.open(path) as im:
-                x = np.asarray(im.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255.0
+            im = open_image(path)
+            x = np.asarray(im.convert("L").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255.0
             if x.mean() > 0.5:
                 x = 1.0 - x
             out.append(transform(torch.from_numpy(x).unsqueeze(0)))
@@ -200,6 +215,7 @@ class _DigitsSplit:
 class TextOptions(SplitOptions):
     path: str = option("", "A CSV or JSONL file, or a folder with one sub-folder of .txt files per label.", path=True)
     format: Literal["auto", "csv", "jsonl", "folders"] = option("auto", "How to read path; auto goes by its suffix.")
+    encoding: str = option("utf-8", ENCODING_HELP)
     text_column: str = option("text", "Column (CSV) or field (JSONL) holding the text.")
     label_column: str = option("label", "Column or field holding the label.")
     val_path: str = option("", "Separate validation file (same format); else split off path.", path=True)
@@ -207,52 +223,110 @@ class TextOptions(SplitOptions):
     task: Literal["classification", "multilabel", "regression"] = option(
         "classification", "multilabel labels are lists (JSONL) or strings separated by label_separator.")
     label_separator: str = option(",", "Separator of multi-label strings in CSV.")
-    max_length: int = option(256, "Tokens per example (longer texts are truncated).")
+    missing_labels: Literal["error", "drop", "unlabelled"] = option(
+        "error", "A row whose label is empty or absent: stop with its file and line; drop it (with a warning); or "
+                 "keep it in the training split without a label (classification; see unlabelled). Never a class "
+                 "named ''.")
+    max_length: int = option(0, "Tokens per example (longer texts are truncated); 0 = the backbone's usable "
+                                "positions, at most 256.")
     max_examples: int = option(0, "Use only this many examples of path (seeded sample, stratified); 0 = all.")
 
     def validate(self):
         super().validate()
         if not self.path:
             raise ValueError("path is required: a CSV/JSONL file or a folder of label folders.")
-        if self.max_length < 2:
-            raise ValueError("max_length must be at least 2.")
+        if self.max_length == 1 or self.max_length < 0:
+            raise ValueError("max_length must be 0 (the model's limit) or at least 2.")
+        check_encoding(self.encoding)
+        if self.max_examples < 0:
+            raise ValueError("max_examples must not be negative.")
 
 
-def read_records(path: str, fmt: str, text_col: str, label_col: str, where: str) -> list[tuple[str, object]]:
+@dataclass
+class Record:
+    text: str
+    label: object  # None when missing
+    where: str  # "file, line N": for error messages
+
+
+def _label_value(value):
+    """A cell or field as a label: strings lose stray spaces; empty strings and nulls are missing (None)."""
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return value
+
+
+def read_records(path: str, o: TextOptions, where: str) -> list[Record]:
+    """Records of a CSV/TSV, JSONL or label-folder ``path``, each with its file and line for later errors."""
     p = Path(path).expanduser()
     if not p.exists():
         raise GraftError(f"{where}: {path!r} does not exist.")
+    fmt = o.format
     if fmt == "auto":
         fmt = "folders" if p.is_dir() else {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
             p.suffix.lower(), "")
         if not fmt:
             raise GraftError(f"{where}: cannot tell the format of {path!r}; set format = \"csv\" or \"jsonl\".")
     if fmt == "folders":
-        out = []
-        for d in sorted(x for x in p.iterdir() if x.is_dir()):
-            out += [(f.read_text(encoding="utf-8", errors="replace").strip(), d.name)
-                    for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+        if not p.is_dir():
+            raise GraftError(f"{where}: format = \"folders\" needs a folder; {path!r} is a file.")
+        out = [Record(read_text(f, o.encoding, where).strip(), d.name, str(f))
+               for d in sorted(x for x in p.iterdir() if x.is_dir() and not x.name.startswith("."))
+               for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
         if not out:
             raise GraftError(f"{where}: {path!r} has no label folders with text files.")
         return out
-    rows = []
+    if p.is_dir():
+        raise GraftError(f"{where}: {path!r} is a folder; format = {fmt!r} needs a file.")
+    text = read_text(p, o.encoding, where)
+    text_col, label_col = o.text_column, o.label_column
+    records = []
     if fmt == "csv":
         import csv
+        import io
 
-        with open(p, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            for col in (text_col, label_col):
+                if col not in header:
+                    raise GraftError(f"{where}: {p} has no column {col!r}; columns: {', '.join(header) or '(none)'}."
+                                     f"{did_you_mean(col, header)} Set text_column / label_column.")
+            ti, li = header.index(text_col), header.index(label_col)
+            line = reader.line_num + 1
+            for row in reader:
+                if any(cell.strip() for cell in row):  # blank lines are no records
+                    records.append(Record(row[ti] if ti < len(row) else None,
+                                          _label_value(row[li]) if li < len(row) else None, f"{p}, line {line}"))
+                line = reader.line_num + 1
+        except csv.Error as e:
+            raise GraftError(f"{where}: {p}, line {reader.line_num}: not valid CSV ({e}).") from None
     else:
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise GraftError(f"{where}: {path}:{i} is not valid JSON ({e.msg}).") from None
-    if rows and (text_col not in rows[0] or label_col not in rows[0]):
-        raise GraftError(f"{where}: {path!r} has no column {text_col if text_col not in rows[0] else label_col!r}; "
-                         f"columns: {', '.join(rows[0])}. Set text_column / label_column.")
-    return [(str(r[text_col]), r[label_col]) for r in rows]
+        import json
+
+        fields: dict = {}  # every field name seen, in order
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GraftError(f"{where}: {p}, line {i} is not valid JSON ({e.msg}).") from None
+            if not isinstance(r, dict):
+                raise GraftError(f"{where}: {p}, line {i} is not a JSON object ({{\"{text_col}\": ..., "
+                                 f"\"{label_col}\": ...}}).")
+            fields.update(r)
+            records.append(Record(r.get(text_col), _label_value(r.get(label_col)), f"{p}, line {i}"))
+        for col in (text_col, label_col):
+            if records and col not in fields:
+                raise GraftError(f"{where}: {p} has no field {col!r} in any record; fields: {', '.join(fields)}."
+                                 f"{did_you_mean(col, fields)} Set text_column / label_column.")
+    for rec in records:
+        if rec.text is None:
+            raise GraftError(f"{where}: {rec.where} has no {text_col!r} value. Fill it in or remove the row.")
+        rec.text = str(rec.text)
+    return records
 
 
 class Text(DataSource):
@@ -260,7 +334,7 @@ class Text(DataSource):
 
     Options = TextOptions
     view_options = ("max_length",)
-    training_options = ("train_fraction", "unlabelled")
+    training_options = ("train_fraction", "unlabelled", "missing_labels")
 
     def setup(self, backbone, seed):
         import numpy as np
@@ -273,24 +347,44 @@ class Text(DataSource):
         if tok is None:
             raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set [backbone] tokenizer = "
                              f"\"DIR\".")
+        if o.missing_labels == "unlabelled" and o.task != "classification":
+            raise GraftError(f"{where}: missing_labels = \"unlabelled\" needs task = \"classification\"; use "
+                             f"\"drop\" or fill in the labels.")
+        max_length = self.check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length",
+                                       tokenizer=tok, where=where)
+        max_length = o.max_length or min(256, max_length or 256)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        main = read_records(o.path, o.format, o.text_column, o.label_column, where)
-        parts = {"": main}
+        parts = {"": read_records(o.path, o, where)}
         for split, p in (("val", o.val_path), ("test", o.test_path)):
             if p:
-                parts[split] = read_records(p, o.format, o.text_column, o.label_column, where)
-        labels_all = [lab for recs in parts.values() for _, lab in recs]
+                parts[split] = read_records(p, o, where)
+        missing = {s: [r for r in recs if r.label is None] for s, recs in parts.items()}
+        if any(missing.values()):
+            first = next(r for recs in missing.values() for r in recs)
+            count = sum(map(len, missing.values()))
+            if o.missing_labels == "error":
+                raise GraftError(f"{where}: {first.where} has no label ({o.label_column!r} is empty or absent; "
+                                 f"{count} such row{'s' if count > 1 else ''} in all). Fill them in, or set "
+                                 f"missing_labels = \"drop\" (leave them out) or \"unlabelled\" (train on them "
+                                 f"without a label).")
+            warn(f"{where}: {count} row{'s' if count > 1 else ''} without a label (first: {first.where}) "
+                 f"{'left out' if o.missing_labels == 'drop' else 'kept for training without a label'}.")
+        unlabelled = missing[""] if o.missing_labels == "unlabelled" else []
+        parts = {s: [r for r in recs if r.label is not None] for s, recs in parts.items()}
+        main = parts[""]
         if o.task == "classification":
-            self.label_names = sorted({str(x) for x in labels_all})
+            self.label_names = sorted({str(r.label) for recs in parts.values() for r in recs})
         elif o.task == "multilabel":
-            split_labels = lambda x: [str(v) for v in x] if isinstance(x, list) else [  # noqa: E731
-                v.strip() for v in str(x).split(o.label_separator) if v.strip()]
-            self.label_names = sorted({v for x in labels_all for v in split_labels(x)})
+            def split_labels(x):
+                return [str(v).strip() for v in x] if isinstance(x, list) else [
+                    v.strip() for v in str(x).split(o.label_separator) if v.strip()]
+            self.label_names = sorted({v for recs in parts.values() for r in recs for v in split_labels(r.label)})
         else:
             self.label_names = [o.label_column]
         index = {n: i for i, n in enumerate(self.label_names)}
 
-        def target(x):
+        def target(rec):
+            x = rec.label
             if o.task == "classification":
                 return index[str(x)]
             if o.task == "multilabel":
@@ -299,22 +393,27 @@ class Text(DataSource):
                     vec[index[v]] = 1.0
                 return vec
             try:
-                return float(x)
-            except ValueError:
-                raise GraftError(f"{where}: regression label {x!r} is not a number.") from None
+                value = float(x)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not np.isfinite(value):
+                raise GraftError(f"{where}: {rec.where}: regression target {x!r} is not a finite number.")
+            return value
 
-        def encode(records):
+        def encode(records, targets=None):
             if not records:
                 return []
-            texts = [t for t, _ in records]
-            ids = tok(texts, truncation=True, max_length=o.max_length, add_special_tokens=True)["input_ids"]
-            return [(i, target(lab)) for i, (_, lab) in zip(ids, records)]
+            ids = tok([r.text for r in records], truncation=True, max_length=max_length,
+                      add_special_tokens=True)["input_ids"]
+            return [(i, target(r) if targets is None else targets) for i, r in zip(ids, records)]
 
-        strat = [str(lab) if o.task == "classification" else 0 for _, lab in main]
+        strat = [str(r.label) if o.task == "classification" else 0 for r in main]
         if o.max_examples and o.max_examples < len(main):
             keep = np.random.default_rng(seed).permutation(len(main))[: o.max_examples]
             main = [main[i] for i in sorted(keep)]
             strat = [strat[i] for i in sorted(keep)]
+        if not main:
+            raise GraftError(f"{where}: {o.path!r} holds no labelled rows.")
         val_f = 0.0 if o.val_path else o.val_fraction
         test_f = 0.0 if o.test_path else o.test_fraction
         idx = stratified_split(strat, val_f, test_f, seed)
@@ -324,9 +423,18 @@ class Text(DataSource):
         self.splits = {s: encode([main[i] for i in idx[s]]) for s in ("train", "val", "test")}
         self.splits["train"] = [(ids, UNLABELLED if i in hidden else y)
                                 for i, (ids, y) in zip(idx["train"], self.splits["train"])]
+        self.splits["train"] += encode(unlabelled, targets=UNLABELLED)
         for split in ("val", "test"):
             if split in parts:
                 self.splits[split] = encode(parts[split])
+        if o.task == "classification":
+            trained = {y for _, y in self.splits["train"]}
+            for split in ("val", "test"):
+                unseen = sorted({self.label_names[y] for _, y in self.splits[split] if y not in trained})
+                if unseen:
+                    warn(f"{where}: the {split} split has label{'s' if len(unseen) > 1 else ''} "
+                         f"{', '.join(map(repr, unseen))} that the training split never has; the model cannot learn "
+                         f"{'them' if len(unseen) > 1 else 'it'}, so those examples count as errors.")
 
     def dataset(self, split):
         return self.splits.get(split) or None
@@ -346,13 +454,24 @@ class Text(DataSource):
 
     def encode(self, backbone, items):
         tok = backbone.tokenizer()
-        enc = tok(list(items), truncation=True, max_length=self.options.max_length, padding=True,
-                  return_tensors="pt")
+        for item in items:
+            if Path(item).suffix.lower() in IMAGE_SUFFIXES and Path(item).is_file():
+                raise GraftError(f"{item!r} is an image file, but this run takes text. Pass the text itself, or "
+                                 f"--file FILE with one text per line.")
+        limit = backbone.limits().get("max_tokens")
+        max_length = self.options.max_length or min(256, limit or 256)
+        enc = tok(list(items), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 # -- image folders ------------------------------------------------------------------------------------
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(image_size: int) -> None:
+    if not 0 <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be 0 (the backbone's own) or 1 to {MAX_IMAGE_SIZE}, got {image_size}.")
 
 
 @dataclass
@@ -362,16 +481,85 @@ class ImageFolderOptions(SplitOptions):
     image_size: int = option(0, "Side length of the model input; 0 means the backbone's own size.")
     augment: bool = option(False, "Random resized crops and horizontal flips on the training split, drawn per "
                                   "example and epoch.")
+    bad_files: Literal["error", "skip"] = option(
+        "error", "Files with an image suffix that do not decode (corrupt, truncated, empty, not an image), found by "
+                 "a check of every file at setup: stop with a list of them, or skip them with a warning (the list "
+                 "goes to data.json in the run directory).")
 
     def validate(self):
         super().validate()
         if not self.path:
             raise ValueError("path is required.")
+        check_image_size(self.image_size)
 
 
 def list_images(root: Path) -> list[tuple[Path, str]]:
-    return [(f, d.name) for d in sorted(x for x in root.iterdir() if x.is_dir())
-            for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    """(file, class folder name) for every image-suffixed file under ``root``'s class folders. Hidden files and
+    folders (``.DS_Store``, ``.ipynb_checkpoints``, ``._photo.jpg``) are never examples or classes."""
+    def visible(f: Path) -> bool:
+        return not any(part.startswith(".") for part in f.relative_to(root).parts)
+
+    return [(f, d.name) for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith("."))
+            for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and visible(f)]
+
+
+def image_problem(path) -> str | None:
+    """Why ``path`` cannot be used as an image (None when it can). Fast: the header, then a JPEG decoded at 1/8
+    scale (its whole entropy-coded stream is still read, so truncation shows) or a PNG's chunk checksums; other
+    formats are decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is the file's fault
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
+def check_images(paths: list[Path]) -> dict[str, str]:
+    """{path: problem} for the files among ``paths`` that do not decode (threads: PIL releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        problems = list(pool.map(image_problem, paths))
+    return {str(p): why for p, why in zip(paths, problems) if why}
+
+
+def open_image(path):
+    """An image file as the RGB picture a person sees: EXIF orientation applied (phone photos stored sideways),
+    transparency composited on white, palette/CMYK/grey converted, 16- and 32-bit pixels scaled to 8 bits.
+
+    Raises GraftError naming the file when it cannot be read."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                x = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or x.max() > 255 else 255.0
+                if im.mode == "F" and x.max() <= 1.0:
+                    top = 1.0
+                im = Image.fromarray(np.clip(x / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                rgba = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise GraftError(f"{path}: no such file.") from None
+    except IsADirectoryError:
+        raise GraftError(f"{path} is a folder; pass image files (e.g. {Path(path) / '*.png'}).") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is the file's fault
+        raise GraftError(f"{path} cannot be read as an image ({type(e).__name__}: {e}). Pass a JPEG, PNG, BMP, "
+                         f"GIF, WebP or TIFF file.") from None
 
 
 class ImageFolder(DataSource):
@@ -389,10 +577,25 @@ class ImageFolder(DataSource):
         if not root.is_dir():
             raise GraftError(f"{where}: path {o.path!r} is not a folder.")
         self.require(backbone, "image")
+        self.check_limits(backbone, image_size=(o.image_size,) * 2 if o.image_size else None, image_key="image_size",
+                          where=where)
         if (root / "train").is_dir():
             parts = {s: list_images(root / s) for s in ("train", "val", "test") if (root / s).is_dir()}
         else:
-            items = list_images(root)
+            parts = {"": list_images(root)}
+        bad = check_images([f for items in parts.values() for f, _ in items])
+        self.skipped = sorted(bad)
+        if bad:
+            listing = "; ".join(f"{p} ({why})" for p, why in list(bad.items())[:5])
+            if o.bad_files == "error":
+                raise GraftError(f"{where}: {len(bad)} file{'s' if len(bad) > 1 else ''} under {o.path!r} cannot be "
+                                 f"read as images: {listing}{' ...' if len(bad) > 5 else ''}. Remove or replace "
+                                 f"them, or set bad_files = \"skip\" to train without them.")
+            warn(f"{where}: skipping {len(bad)} unreadable image file{'s' if len(bad) > 1 else ''} (listed in the run "
+                 f"directory's data.json), e.g. {listing.split('; ')[0]}.")
+            parts = {s: [(f, lab) for f, lab in items if str(f) not in bad] for s, items in parts.items()}
+        if "" in parts:
+            items = parts.pop("")
             idx = stratified_split([lab for _, lab in items], o.val_fraction, o.test_fraction, seed)
             parts = {s: [items[i] for i in idx[s]] for s in ("train", "val", "test")}
         hidden = set()
@@ -407,6 +610,9 @@ class ImageFolder(DataSource):
         self.parts = {s: [(p, index[lab]) for p, lab in items] for s, items in parts.items()}
         self.parts["train"] = [(p, UNLABELLED if i in hidden else y) for i, (p, y) in enumerate(self.parts["train"])]
         self.train_tf, self.eval_tf = self.transforms(backbone)
+
+    def report(self):
+        return {"skipped_files": self.skipped} if getattr(self, "skipped", None) else {}
 
     def transforms(self, backbone):
         """(train, eval) transforms from the backbone's preprocessing: resize + centre crop, or random crops."""
@@ -455,15 +661,14 @@ class _Images:
 
     def __getitem__(self, i):
         import torch
-        from PIL import Image
 
         path, label = self.items[i]
-        with Image.open(path) as im:
-            if self.seeded_by is None:
-                return self.transform(im.convert("RGB")), label
-            with torch.random.fork_rng(devices=[]):  # the CPU generator only: GPU dropout keeps its own stream
-                torch.default_generator.manual_seed(self.seeded_by.example_seed(i))
-                return self.transform(im.convert("RGB")), label
+        image = open_image(path)
+        if self.seeded_by is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: GPU dropout keeps its own stream
+            torch.default_generator.manual_seed(self.seeded_by.example_seed(i))
+            return self.transform(image), label
 
 
 @hookimpl

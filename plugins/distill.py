@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from graft import UNLABELLED, GraftError, hookimpl, option
+from graft import UNLABELLED, GraftError, GraftWarning, hookimpl, option
 
 from .finetune import Finetune, FinetuneOptions, classifier
 

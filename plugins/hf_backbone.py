@@ -170,6 +170,30 @@ class HFBackbone(Backbone):
             mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
         return {"size": size, "mean": mean, "std": std, "channels": getattr(cfg, "num_channels", 3)}
 
+    def limits(self) -> dict:
+        """Usable positions of learned absolute position embeddings (RoBERTa-style ones start after the padding
+        index, so they lose padding_idx + 1), the vocabulary size, and the fixed size of ViT-style image models."""
+        import torch
+
+        out = {}
+        positions = next((m for name, m in self.hf_model.named_modules()
+                          if isinstance(m, torch.nn.Embedding) and name.split(".")[-1] in
+                          ("position_embeddings", "wpe", "embed_positions")), None)
+        if self.modality == "text":
+            if positions is not None:
+                n, pad = positions.num_embeddings, positions.padding_idx
+                out["max_tokens"] = n - (pad + 1 if pad is not None else 0)
+                out["max_tokens_why"] = (f" (max_position_embeddings = {n}; position ids start after the padding "
+                                         f"index {pad}, as in RoBERTa, so {n - pad - 1} are usable)"
+                                         if pad is not None else f" (max_position_embeddings = {n})")
+            vocab = getattr(self.hf_model.config, "vocab_size", None)
+            if isinstance(vocab, int):
+                out["vocab_size"] = vocab
+        elif isinstance(getattr(getattr(self.hf_model, "embeddings", None), "position_embeddings", None),
+                        torch.nn.Parameter):  # ViT-style: one learned embedding per patch of one image size
+            out["image_size"] = self.image_config()["size"]
+        return out
+
     def layer_groups(self) -> list[list[str]]:
         """embeddings, then each encoder layer in order, then whatever follows (final norm, pooler)."""
         embeddings, layers, rest = [], {}, []

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import DataSource, GraftError, Strategy, hookimpl, option
+from graft import DataSource, GraftError, Strategy, hookimpl, option, read_text
+from graft.files import ENCODING_HELP, check_encoding
 
 
 # -- masking --------------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ class CorpusOptions:
     path: str = option("", "A .txt file or folder of them (one document per line, or blank-line separated with "
                            "split = \"paragraphs\"), or a JSONL file with a text field.", path=True)
     text_field: str = option("text", "JSONL field holding the text.")
+    encoding: str = option("utf-8", ENCODING_HELP)
     documents: Literal["lines", "paragraphs"] = option("lines", "How plain text splits into documents.")
     block_size: int = option(128, "Tokens per training block (documents are concatenated, then cut).")
     val_fraction: float = option(0.05, "Fraction of documents held out for perplexity.")
@@ -70,16 +72,19 @@ class CorpusOptions:
             raise ValueError("block_size must be at least 8.")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1).")
+        check_encoding(self.encoding)
 
 
 def read_documents(o: CorpusOptions, where: str) -> list[str]:
     p = Path(o.path)
     if not p.exists():
         raise GraftError(f"{where}: {o.path!r} does not exist.")
-    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+    # hidden files and folders (.git, .ipynb_checkpoints, editors' swap files) are never documents
+    files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file()
+                   and not any(part.startswith(".") for part in f.relative_to(p).parts)) if p.is_dir() else [p]
     docs: list[str] = []
     for f in files:
-        text = f.read_text(encoding="utf-8", errors="replace")
+        text = read_text(f, o.encoding, where)
         if f.suffix == ".jsonl":
             for i, line in enumerate(text.splitlines(), 1):
                 if line.strip():
@@ -142,9 +147,8 @@ class Corpus(DataSource):
                 raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer and cannot take one.")
             size = o.vocab_size or backbone.hf_model.config.vocab_size
             tok = train_wordpiece(split_docs["train"], size)
-            if len(tok) > backbone.hf_model.config.vocab_size:
-                raise GraftError(f"{where}: the trained vocabulary ({len(tok)}) exceeds the model's vocab_size.")
             backbone.set_tokenizer(tok)
+        self.check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
         if tok.mask_token_id is None:
             raise GraftError(f"{where}: the tokenizer has no mask token, so it cannot do masked-LM.")
         self.tokenizer = tok

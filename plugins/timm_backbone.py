@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import Backbone, GraftError, hookimpl, option
+from graft import Backbone, GraftError, GraftWarning, hookimpl, option
 from graft.errors import did_you_mean
 
 
@@ -155,20 +155,44 @@ class TimmBackbone(Backbone):
             k = mismatched[0]
             raise GraftError(f"{where}: weights do not fit the model: {k} is {tuple(state[k].shape)} in the file, "
                              f"{tuple(own[k].shape)} in the model ({len(mismatched)} mismatched tensors).")
-        state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        head = {k: v for k, v in state.items() if classifier and k.startswith(classifier + ".")}
+        state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
+                 and k not in head}
         missing = [k for k in own if k not in state and not k.startswith(classifier + ".")
                    and not k.endswith("num_batches_tracked")]
         if missing:
             raise GraftError(f"{where}: weights file lacks {len(missing)} tensors of the model, e.g. {missing[0]}. "
                              f"Is it for another architecture?")
         model.load_state_dict(state, strict=False)
+        if head:
+            import warnings
+
+            weight = next((v for k, v in head.items() if v.ndim >= 1 and k.endswith("weight")), None)
+            classes = f" ({weight.shape[0]} classes)" if weight is not None else ""
+            warnings.warn(f"{where}: loaded the trunk ({len(state)} tensors); the file's classifier{classes} is left "
+                          f"out and the strategy's own head takes its place.", GraftWarning, stacklevel=2)
 
     def image_config(self) -> dict:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config({}, model=self.timm_model)
         c, h, w = cfg["input_size"]
-        return {"size": (h, w), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "channels": c}
+        fixed = self._fixed_size()
+        return {"size": fixed or (h, w), "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "channels": c}
+
+    def _fixed_size(self):
+        """(H, W) of a model that takes one input size only (ViTs without dynamic_img_size), else None. Read from
+        the patch embedding: model_kwargs such as img_size change it, the pretrained config does not follow."""
+        m = self.timm_model
+        pe = getattr(m, "patch_embed", None)
+        if getattr(m, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", False):
+            return None
+        size = getattr(pe, "img_size", None)
+        return tuple(size) if size else None
+
+    def limits(self) -> dict:
+        fixed = self._fixed_size()
+        return {"image_size": fixed} if fixed else {}
 
     def layer_groups(self) -> list[list[str]]:
         from timm.models import group_parameters
