@@ -258,14 +258,24 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1)
-@click.option("--file", "input_file", type=click.File("r"), help="Read inputs from a file, one per line ('-': stdin).")
+@click.option("--file", "input_file", metavar="FILE", help="Read inputs from a UTF-8 text file, one per line ('-': "
+              "stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .loop import load_run, predict as run_predict
 
-    items = list(inputs) + ([line.rstrip("\n") for line in input_file if line.strip()] if input_file else [])
+    from .files import read_text
+
+    lines = []
+    if input_file == "-":
+        lines = sys.stdin.read().splitlines()
+    elif input_file:
+        if not Path(input_file).is_file():
+            raise GraftError(f"--file {input_file}: no such file.")
+        lines = read_text(input_file, "utf-8", "--file", fix="Save it as UTF-8.").splitlines()
+    items = list(inputs) + [line for line in lines if line.strip()]
     if not items:
         raise GraftError("Nothing to predict: give inputs as arguments or with --file.")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)

@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from . import options as opts
 from .errors import GraftError, did_you_mean
+from .files import read_text
 from .options import option
 from .registry import KINDS, Registry, get_registry
 
@@ -119,12 +120,12 @@ def read_toml(path: str | Path) -> dict:
     if not p.is_file():
         raise GraftError(f"Config file {str(p)!r} does not exist." if not p.exists()
                          else f"Config path {str(p)!r} is not a file.")
+    # read_text: an editor's byte-order mark is dropped, and bytes that are not UTF-8 are named with their line
+    text = read_text(p, "utf-8", "Config file", fix="Config files are UTF-8 (TOML): save it as UTF-8.")
     try:
-        return tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise GraftError(f"{p}: not valid TOML: {e}. Fix the syntax at that line.") from None
-    except UnicodeDecodeError:
-        raise GraftError(f"{p}: not a UTF-8 text file.") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -29,12 +29,12 @@ def check_encoding(encoding: str) -> None:
                          f"\"latin-1\", \"cp1252\" or \"utf-16\".") from None
 
 
-def read_text(path: str | Path, encoding: str = "utf-8", where: str = "") -> str:
+def read_text(path: str | Path, encoding: str = "utf-8", where: str = "", fix: str = "") -> str:
     """The whole text of ``path``, decoded with its byte-order mark's encoding if it has one, else ``encoding``.
 
     Newlines are returned as they are in the file (``\\r\\n`` stays), so a CSV reader sees quoted line breaks.
     Raises GraftError, naming ``where`` (e.g. ``[data] plugin = "text"``), the file, the line and the column, when
-    the bytes do not decode or the file cannot be read.
+    the bytes do not decode (ending with ``fix``, by default: set the ``encoding`` option) or the file cannot be read.
     """
     path = Path(path)
     try:
@@ -52,6 +52,7 @@ def read_text(path: str | Path, encoding: str = "utf-8", where: str = "") -> str
         start = offset + e.start
         line = data.count(b"\n", 0, start) + 1
         column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        fix = fix or ("The file is in another encoding: set encoding = \"latin-1\" (or \"cp1252\", \"utf-16\", ...) "
+                      "in that table, or save the file as UTF-8.")
         raise GraftError(f"{where}: {path}, line {line}, column {column}: byte 0x{data[start]:02x} is not valid "
-                         f"{encoding}. The file is in another encoding: set encoding = \"latin-1\" (or \"cp1252\", "
-                         f"\"utf-16\", ...) in that table, or save the file as UTF-8.") from None
+                         f"{encoding}. {fix}") from None

@@ -297,8 +297,10 @@ def read_records(path: str, o: TextOptions, where: str) -> list[Record]:
             line = reader.line_num + 1
             for row in reader:
                 if any(cell.strip() for cell in row):  # blank lines are no records
-                    records.append(Record(row[ti] if ti < len(row) else None,
-                                          _label_value(row[li]) if li < len(row) else None, f"{p}, line {line}"))
+                    label = row[li] if li < len(row) else None
+                    # multilabel: an empty cell is the empty set of labels; elsewhere an empty cell is no label
+                    label = label.strip() if o.task == "multilabel" and label is not None else _label_value(label)
+                    records.append(Record(row[ti] if ti < len(row) else None, label, f"{p}, line {line}"))
                 line = reader.line_num + 1
         except csv.Error as e:
             raise GraftError(f"{where}: {p}, line {reader.line_num}: not valid CSV ({e}).") from None

@@ -290,3 +290,33 @@ def test_config_edges_that_run(tmp_path):
     assert code == 0, out
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 1
 
+
+
+def test_multilabel_empty_cell_is_no_label_applies_but_absent_key_is_missing(tmp_path, tiny_bert):
+    lines = ["text,label", "good film,", "bad movie,\"neg,sad\""] + [f"{t},{y}" for t, y in rows()]
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    data = text_source(tiny_bert, path=str(tmp_path / "x.csv"), task="multilabel", val_fraction=0.0,
+                       test_fraction=0.0)
+    assert data.label_names == ["neg", "pos", "sad"]
+    assert data.splits["train"][0][1] == [0.0, 0.0, 0.0] and data.splits["train"][1][1] == [1.0, 0.0, 1.0]
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "good film", "label": []}) + "\n"
+                                      + json.dumps({"text": "bad film"}) + "\n")
+    with pytest.raises(GraftError, match="x.jsonl, line 2 has no label"):
+        text_source(tiny_bert, path=str(tmp_path / "x.jsonl"), task="multilabel")
+
+
+def test_encoding_config_with_bom_and_predict_file_in_latin1(tmp_path, tiny_bert):
+    reviews(tmp_path / "r.jsonl")
+    conf = tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)},
+                       data={"plugin": "text", "path": str(tmp_path / "r.jsonl")}, train={"max_steps": 1})
+    cfg = write_config(tmp_path / "c.toml", conf)
+    cfg.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())  # Notepad's "UTF-8 with BOM"
+    code, out = cli_run("train", cfg, "--out", tmp_path / "run")
+    assert code == 0, out
+    (tmp_path / "in.txt").write_bytes("good film\ncaf\u00e9 film\n".encode("latin-1"))
+    assert_bad_input(*cli_run("predict", tmp_path / "run", "--file", tmp_path / "in.txt"), "in.txt", "line 2")
+    (tmp_path / "in.txt").write_bytes(b"\xef\xbb\xbfgood film\n\nbad movie\n")
+    code, out = cli_run("predict", tmp_path / "run", "--file", tmp_path / "in.txt")
+    assert code == 0 and out.count("\n") == 2, out
+    (tmp_path / "bad.toml").write_bytes("[train]\nlr = 1e-3 # caf\u00e9\n".encode("latin-1"))
+    assert_bad_input(*cli_run("train", tmp_path / "bad.toml"), "bad.toml", "line 2")
