@@ -23,7 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from graft.config import resolve  # noqa: E402
-from graft.loop import Run, train  # noqa: E402
+from graft.loop import train  # noqa: E402
+from graft.run import Run  # noqa: E402
 
 WINDOW = 10  # steps per timing window (graft's log_every)
 

@@ -41,7 +41,8 @@ def main():
 
     from transformers import BertTokenizerFast, DataCollatorForLanguageModeling
 
-    from graft.plugins.mlm import CorpusOptions, Corpus, mask_tokens, train_wordpiece
+    from graft.plugins.corpus import Corpus, CorpusOptions, train_wordpiece
+    from graft.plugins.mlm import mask_tokens
 
     docs = texts(8000)
     tok = BertTokenizerFast(tokenizer_object=train_wordpiece(docs, 8000).backend_tokenizer, mask_token="[MASK]",

@@ -1,14 +1,34 @@
 """graftkit: plugin-based transfer learning for PyTorch.
 
-The public API for plugin authors lives here. Importing ``graft`` never imports torch.
+The public API for plugin authors and scripts lives here; ``docs/plugins.md`` lists it. Importing ``graft`` never
+imports torch: the names that need it (``train``, ``load_run``, ``predict``, ``move``, ``clean_state_dict``,
+``exported_backbone``) are loaded on first use. Public modules beside these names: ``graft.data`` (splits, few-label
+subsets, images), ``graft.supervised`` (heads, freezing schedules, metrics), ``graft.testing`` (conformance checks).
 """
 
-from .errors import GraftError, GraftWarning
+from .config import create, load as load_config
+from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text
 from .hookspecs import hookimpl
-from .interfaces import UNLABELLED, Backbone, DataSource, Loss, Plugin, Strategy
+from .interfaces import UNLABELLED, Backbone, DataSource, Loss, Plugin, SoftTargetLoss, Strategy
 from .options import option
 
 __version__ = "0.1.0"
-__all__ = ["Backbone", "DataSource", "GraftError", "GraftWarning", "Loss", "Plugin", "Strategy", "UNLABELLED", "hookimpl",
-           "option", "read_text", "__version__"]
+
+#: names that import torch, loaded on first use: name -> module
+_LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "move": "batches",
+         "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint"}
+
+__all__ = ["Backbone", "DataSource", "GraftError", "GraftWarning", "Loss", "Plugin", "SoftTargetLoss", "Strategy",
+           "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option", "read_text", "warn",
+           "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'graft' has no attribute {name!r}")

@@ -9,6 +9,7 @@ checkpoint whole and pointed to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -250,3 +251,87 @@ def exported_backbone(path: Path) -> Path:
     if path.is_dir() and (path / "backbone").is_dir() and (path / "config.toml").is_file():
         return path / "backbone"
     return path
+
+
+# -- the training state a checkpoint holds --------------------------------------------------------------------
+@dataclasses.dataclass
+class TrainState:
+    """Where a run is and what it has seen; every field goes into each checkpoint (``state.json`` "position")."""
+
+    epoch: int = 0
+    micro: int = 0  # micro-batches done in the current epoch
+    step: int = 0  # optimizer steps done
+    best: float | None = None  # best validation metric so far
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    skipped_steps: int = 0  # non-finite losses skipped (on_nan = "skip")
+    samples: int = 0
+    train_time: float = 0.0
+    stopped_early: bool = False
+    last_eval_step: int = -1
+    # What fixes the data order: a resumed run must keep these, or it would skip to the wrong examples.
+    world_size: int = 1
+    batch_size: int = 1
+    grad_accum: int = 1
+
+    LAYOUT = ("world_size", "batch_size", "grad_accum")
+
+
+def save_training(directory: Path, state: TrainState, model, optimizer, scheduler, scaler, strategy, dist,
+                  keep: int) -> None:
+    """Checkpoint everything a resumed run needs: weights, optimizer, schedule, scaler, the strategy's own state,
+    every process's RNG state and ``state``. Collective: every process calls it. Non-finite weights are refused, so
+    the previous checkpoint stays the last good one."""
+    from . import distributed
+    from .device import rng_state
+
+    rngs = [rng_state()]
+    if dist.enabled:
+        import torch.distributed as td
+
+        rngs = [None] * dist.world_size
+        td.all_gather_object(rngs, rng_state())
+    # Every process checks (the weights are the same everywhere), so all of them stop together.
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise GraftError(f"Refusing to checkpoint non-finite weights ({bad[0]}...); the last good checkpoint in "
+                         f"{directory} is kept.")
+    if dist.is_main:
+        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "strategy": strategy.state_dict(), "rng": rngs,
+                 "position": dataclasses.asdict(state)}
+        save(directory, state.step, model.state_dict(), extra, keep=keep)
+    distributed.barrier(dist)
+
+
+def restore_training(run_dir: Path, state: TrainState, model, optimizer, scheduler, scaler, strategy, dist,
+                     echo) -> str:
+    """Load the newest loadable checkpoint of ``run_dir`` into the given objects and ``state``; returns its name.
+    Raises GraftError when there is none, or when it was made with another batch layout, model or optimizer."""
+    from .device import set_rng_state
+
+    found = load_latest(run_dir / "checkpoints", echo if dist.is_main else lambda m: None)
+    if found is None:
+        raise GraftError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}. Start a new run instead.")
+    path, model_state, saved = found
+    position = saved["position"]
+    changed = {k: (position.get(k, getattr(state, k)), getattr(state, k)) for k in TrainState.LAYOUT
+               if position.get(k, getattr(state, k)) != getattr(state, k)}
+    if changed:
+        raise GraftError(f"--resume {run_dir}: the run was made with " + ", ".join(
+            f"{k} = {a}" for k, (a, _) in changed.items()) + ", this config says " + ", ".join(
+            f"{k} = {b}" for k, (_, b) in changed.items()) + ". Resume with the same settings (--nproc too).")
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise GraftError(f"--resume {run_dir}: checkpoint {path.name} does not fit this config's model or optimizer "
+                         f"({str(e).splitlines()[0]}). Resume with the config the run was made with "
+                         f"({run_dir / 'config.toml'}).") from None
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    strategy.load_state_dict(saved["strategy"])
+    for k, v in position.items():
+        if hasattr(state, k):
+            setattr(state, k, v)
+    set_rng_state(saved["rng"][dist.rank] if dist.rank < len(saved["rng"]) else saved["rng"][0])
+    return path.name

@@ -233,7 +233,7 @@ def _show_metrics(results: dict) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_code):
     """Evaluate a finished run's best weights again, on its data or on other data (--data / --set)."""
-    from .loop import load_run
+    from .run import load_run
 
     run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides],
                    trust_remote_code=trust_remote_code)
@@ -264,7 +264,7 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
-    from .loop import load_run, predict as run_predict
+    from .run import load_run, predict as run_predict
 
     from .files import read_text
 

@@ -53,12 +53,16 @@ class TrainOptions:
     eval_at_start: bool = option(False, "Also evaluate before the first step (a baseline in metrics.jsonl).")
     log_every: int = option(10, "Write a metrics.jsonl line every N optimizer steps.")
     metric: str = option("", "Validation metric for best weights and early stopping; empty = the strategy's.")
-    metric_mode: Literal["auto", "max", "min"] = option("auto", "Whether the metric improves upward; auto "
-                                                                "means min for names containing loss/perplexity.")
+    metric_mode: Literal["auto", "max", "min"] = option("auto", "Whether the metric improves upward; auto asks the "
+                                                                "strategy (its declared metric directions).")
     patience: int = option(0, "Stop after this many evaluations without improvement; 0 disables.")
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (always at each epoch end).")
     keep_checkpoints: int = option(2, "How many recent checkpoints to keep.")
     on_nan: Literal["stop", "skip"] = option("stop", "On a non-finite loss: stop the run, or skip that step.")
+    find_unused_parameters: bool = option(
+        True, "Distributed runs: let DDP find parameters a step does not use (a pooler under mean pooling, frozen "
+              "layers, a teacher's unused head), as HF Trainer does by default. false saves a graph traversal per "
+              "step when every trainable parameter is used in every step.")
     compile: bool = option(False, "Run the model through torch.compile.")
     channels_last: bool = option(False, "Use channels_last memory format (CNNs on GPU).")
     num_workers: int = option(0, "DataLoader worker processes.")
@@ -98,6 +102,47 @@ class PluginSpec:
 
     def table(self) -> dict:
         return {"plugin": self.name, **dataclasses.asdict(self.options)}
+
+    def create(self, **kwargs):
+        """The plugin instance, named (strategies take ``backbone=``, ``loss=``, ``data=``)."""
+        obj = self.cls(self.options, **kwargs)
+        obj.name = self.name
+        return obj
+
+
+def plugin_spec(kind: str, table: dict, where: str, registry: Registry | None = None) -> PluginSpec:
+    """A ``[kind]`` table (``plugin = "NAME"`` and that plugin's options) checked against the registry and the
+    plugin's option dataclass. Raises GraftError naming ``where``, the table and the key."""
+    registry = registry or get_registry()
+    table = dict(table)
+    if "plugin" not in table:
+        known = ", ".join(e.name for e in registry.list(kind))
+        raise GraftError(f"{where}: [{kind}] needs plugin = \"NAME\". Available: {known or '(none)'}.")
+    name = table.pop("plugin")
+    if not isinstance(name, str):
+        raise GraftError(f"{where}: [{kind}] plugin must be a string, got {name!r}.")
+    try:
+        cls = registry.get(kind, name)
+    except GraftError as e:
+        raise GraftError(f"{where}: [{kind}] plugin = {name!r}: {e}") from None
+    return PluginSpec(kind, name, cls, opts.build(cls.Options, table, f"{where}: [{kind}]"))
+
+
+def create(kind: str, table: dict, *, where: str = "", registry: Registry | None = None, **kwargs):
+    """A plugin instance from a config table, options validated -- graftkit's ``timm.create_model``::
+
+        backbone = graft.create("backbone", {"plugin": "timm", "model": "resnet18"})
+        backbone.build()                      # backbones are returned unbuilt; data sources un-set-up
+        loss = graft.create("loss", {"plugin": "kd", "temperature": 2.0})
+
+    ``kind`` is backbone, strategy, loss or data (strategies also take ``backbone=``, ``loss=``, ``data=``).
+    Raises GraftError for an unknown kind, plugin or key, or a bad value, naming ``where`` (e.g. the config
+    table that held ``table``), with a did-you-mean where one fits.
+    """
+    from .registry import canonical_kind
+
+    kind = canonical_kind(kind)
+    return plugin_spec(kind, table, where or "graft.create", registry).create(**kwargs)
 
 
 @dataclasses.dataclass
@@ -169,19 +214,9 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
         table = dict(data.get(kind, {}))
         if not table and kind == "loss":
             continue  # the strategy's default loss applies, or it needs none
-        if "plugin" not in table:
-            known = ", ".join(e.name for e in registry.list(kind))
-            raise GraftError(f"{where}: [{kind}] needs plugin = \"NAME\". Available: {known or '(none)'}.")
-        name = table.pop("plugin")
-        if not isinstance(name, str):
-            raise GraftError(f"{where}: [{kind}] plugin must be a string, got {name!r}.")
-        try:
-            cls = registry.get(kind, name)
-        except GraftError as e:
-            raise GraftError(f"{where}: [{kind}] plugin = {name!r}: {e}") from None
-        plugins[kind] = PluginSpec(kind, name, cls, opts.build(cls.Options, table, f"{where}: [{kind}]"))
+        plugins[kind] = plugin_spec(kind, table, where, registry)
     if "loss" not in plugins:
-        default = getattr(plugins["strategy"].cls, "default_loss", None)
+        default = plugins["strategy"].cls.default_loss
         if default:
             cls = registry.get("loss", default)
             plugins["loss"] = PluginSpec("loss", default, cls, cls.Options())

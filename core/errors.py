@@ -16,3 +16,10 @@ def did_you_mean(word, choices):
     """' Did you mean "x"?' when a close match exists, else an empty string."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f' Did you mean "{close[0]}"?' if close else ""
+
+
+def warn(message: str) -> None:
+    """Tell the user something that does not stop the run: one ``Warning: ...`` line from the CLI."""
+    import warnings
+
+    warnings.warn(message, GraftWarning, stacklevel=3)

@@ -1,19 +1,22 @@
-"""The four plugin interfaces: Backbone, Strategy, Loss, DataSource.
+"""The plugin interfaces: Backbone, Strategy, Loss (and SoftTargetLoss), DataSource.
 
 Importing this module never imports torch: plugins subclass these at import time, and ``graft list`` /
 ``graft describe`` import plugins without paying for torch. Implementations import torch inside methods.
 
 Who owns what:
-- Backbone: a pretrained network -> one feature vector per example, plus its preprocessing, ordered layer
-  groups and native export. Knows nothing of tasks, heads or training.
+- Backbone: a pretrained network -> one feature vector per example, plus its preprocessing, input limits, ordered
+  layer groups and native export. Knows nothing of tasks, heads or training.
 - Strategy: the transfer method -- which modules exist, which parameters train at what LR scale, the loss of
-  one batch, evaluation statistics, its own checkpoint state. Never touches devices, precision, optimizers,
-  distributed processes or files beyond ``export``.
+  one batch, evaluation statistics and which way each metric improves, its own checkpoint state and exports. Never
+  touches devices, precision, optimizers or distributed processes; it writes files only in ``export`` (into the run
+  directory) and in caches of its own (distill's teacher cache).
 - Loss: a configurable function of outputs and targets.
-- DataSource: train/val/test splits and batch collation using the backbone's preprocessing.
-The loop (``graft.loop``) owns everything about running and never special-cases a strategy by name.
+- DataSource: train/val/test splits and batch collation using the backbone's preprocessing; a second view of the
+  same examples for another backbone (``view``).
+The loop (``graft.loop``) owns everything about running and never special-cases a strategy by name. Every plugin's
+``name`` is the name it was registered under: the registry sets it on the class, a run sets it on the instance it
+builds from a config table.
 """
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -55,6 +58,11 @@ class Backbone(Plugin):
 
     module: "nn.Module"
     num_features: int
+    #: Hugging Face backbones: the underlying ``transformers.PreTrainedModel`` (None for other families). Strategies
+    #: that need a task head of the same architecture (mlm's masked-LM head) build on it.
+    hf_model: Any = None
+    #: the local folder the pretrained weights came from (a ``save_pretrained`` folder), or None
+    source_dir: Any = None
 
     def build(self) -> "nn.Module":
         raise NotImplementedError
@@ -64,8 +72,15 @@ class Backbone(Plugin):
         raise NotImplementedError(f"backbone {self.name!r} takes no images")
 
     def tokenizer(self):
-        """A Hugging Face (fast) tokenizer, for text backbones."""
+        """A Hugging Face (fast) tokenizer, for text backbones; None when a random-init model has none yet."""
         raise NotImplementedError(f"backbone {self.name!r} takes no text")
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach a tokenizer made elsewhere (a data source trains one on its corpus for a random-init model).
+        Raises GraftError for backbones that cannot take one."""
+        from .errors import GraftError
+
+        raise GraftError(f"backbone {self.name!r} has no tokenizer and cannot take one.")
 
     def limits(self) -> dict:
         """What inputs the network can take, for data sources to check at setup instead of failing mid-step:
@@ -103,6 +118,16 @@ class Loss(Plugin):
         raise NotImplementedError
 
 
+class SoftTargetLoss(Loss):
+    """A distillation loss: ``loss(student_logits, {"teacher": teacher_logits, "labels": class ids or None,
+    "progress": float in [0, 1]})`` -> scalar, with ``at(progress) -> (alpha, temperature)`` giving its schedule
+    (soft-target weight and softening temperature at that point of the run). Logits are ``[batch, classes]``;
+    labels equal to ``UNLABELLED`` contribute soft targets only. The ``distill`` strategy takes any such loss."""
+
+    def at(self, progress: float) -> tuple[float, float]:
+        raise NotImplementedError
+
+
 class DataSource(Plugin):
     """Reads data into splits and collates batches with the backbone's preprocessing.
 
@@ -117,13 +142,49 @@ class DataSource(Plugin):
     seed: int = 0
     #: the training epoch about to run, set by ``set_epoch``
     epoch: int = 0
-    #: option names that say how examples are prepared for one backbone (image size, token length): a second
-    #: view of the data for another backbone (a distill teacher's) takes these from the teacher's run and
-    #: everything else (which examples, splits, labels, augmentation) from this run
+    #: option names that say how examples are prepared for one backbone (image size, token length): ``view`` takes
+    #: these from the other run, everything else (which examples, splits, labels, augmentation) from this one
     view_options: ClassVar[tuple[str, ...]] = ()
     #: option names that change only the training split (which training examples, their labels, augmentation),
-    #: never validation or test: a distill teacher whose run differs in these cannot have seen this run's test set
+    #: never validation or test: ``split_differences`` ignores them
     training_options: ClassVar[tuple[str, ...]] = ()
+
+    def view(self, backbone: Backbone, prepared_like=None) -> "DataSource":
+        """The same examples prepared for another ``backbone`` (a distill teacher's view): a new, set-up instance of
+        this source with this one's seed and options, except the ``view_options`` (how examples are prepared, e.g.
+        ``image_size``), taken from ``prepared_like`` -- the options of another run of this source -- when given.
+        Example i of every split is then the same example in both; augmentation draws match through
+        ``example_seed``. Raises GraftError when the new instance splits differently (a source whose splits
+        depend on the backbone)."""
+        import dataclasses
+
+        from .errors import GraftError
+
+        options = self.options
+        if prepared_like is not None:
+            options = dataclasses.replace(options, **{k: getattr(prepared_like, k) for k in self.view_options})
+        other = type(self)(options)
+        other.name, other.seed = self.name, self.seed
+        other.setup(backbone, self.seed)
+        for split in ("train", "val", "test"):
+            a, b = self.dataset(split), other.dataset(split)
+            if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
+                raise GraftError(f"The view of data source {self.name!r} for backbone {backbone.name!r} splits "
+                                 f"differently ({split}: {len(b) if b else 0} vs {len(a) if a else 0} examples): a "
+                                 f"data source must split the same way whatever the backbone.")
+        return other
+
+    def split_differences(self, options, seed: int) -> list[str]:
+        """Why a run of this source with ``options`` and ``seed`` could have put other examples in validation or
+        test than this one (one phrase per difference; empty when the splits match): another seed, or another value
+        of an option that is neither a view option nor a training option."""
+        import dataclasses
+
+        diffs = [f"seed {seed} there, {self.seed} here"] if seed != self.seed else []
+        return diffs + [f"[data] {f.name} = {getattr(options, f.name, None)!r} there, "
+                        f"{getattr(self.options, f.name)!r} here" for f in dataclasses.fields(self.options)
+                        if f.name not in self.view_options + self.training_options
+                        and getattr(options, f.name, None) != getattr(self.options, f.name)]
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the loop before each training epoch starts its loader (again on resume)."""
@@ -217,19 +278,36 @@ class Strategy(Plugin):
     - ``on_epoch_start(epoch, model)`` applies schedules (freezing); it is called again on resume, so it must
       depend only on ``epoch`` and the strategy's own state.
     - ``on_step_start(step, total_steps)`` precedes every optimizer step, for schedules of the strategy's own.
-    - Batches are what the DataSource's ``collate`` returns, plus ``batch["index"]``: the examples' positions
-      in their split (stable across epochs and runs), e.g. for caches, and ``batch["split"]``.
+    - Batches are what the DataSource's ``collate`` returns, plus ``batch["index"]`` (a long tensor ``[batch]``:
+      the examples' positions in their split, stable across epochs and runs, e.g. for caches) and
+      ``batch["split"]`` ("train", "val" or "test").
     - ``training_step(model, batch)`` returns ``{"loss": tensor, **other scalars to log}``. Call ``model(...)``
       (the wrapped module you were given) so that distributed gradient sync sees the forward pass.
     - ``eval_step(model, batch)`` returns a dict of tensors that are *summed* over batches and processes;
       ``compute_metrics(sums)`` turns the sums into floats.
     - ``state_dict()`` / ``load_state_dict()`` hold extra state (tensors and plain values) for checkpoints.
-    - ``export(model, directory)`` writes the finished model's artifacts (rank 0 only).
+    - ``export(model, directory)`` writes the finished model's artifacts into the run directory (main process
+      only).
     - ``predict(model, inputs)`` turns a batch of encoded raw inputs into JSON-able results.
     """
 
     #: metric used for "best" weights and early stopping unless the [train] table names another
     primary_metric: ClassVar[str] = "loss"
+    #: the loss plugin a config without a [loss] table gets (None: the strategy needs none, or builds its own)
+    default_loss: ClassVar[str | None] = None
+    #: which way each metric of ``compute_metrics`` improves: "max" or "min". The loop reads it for best weights
+    #: and early stopping; ``[train] metric_mode`` overrides it.
+    metric_modes: ClassVar[dict[str, str]] = {"loss": "min"}
+
+    def metric_mode(self, metric: str) -> str:
+        """The direction of ``metric``: "max" or "min". Raises GraftError when the strategy does not declare it."""
+        from .errors import GraftError
+
+        modes = {**Strategy.metric_modes, **type(self).metric_modes}
+        if metric not in modes:
+            raise GraftError(f"Strategy {self.name!r} does not say whether metric {metric!r} improves upward. Set "
+                             f"[train] metric_mode = \"max\" or \"min\".")
+        return modes[metric]
 
     def __init__(self, options=None, *, backbone: Backbone, loss: Loss | None, data: DataSource):
         super().__init__(options)

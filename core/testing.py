@@ -39,14 +39,13 @@ def registry_with(cls, kind: str = "strategy", name: str | None = None):
 def check_strategy(cls, workdir, options: dict | None = None, backbone: dict | None = None,
                    data: dict | None = None, loss: dict | None = None, steps: int = 6, name: str = "under_test"):
     """Run ``cls`` through train / eval / save / resume with a tiny model; raise AssertionError listing problems."""
-    import torch
     from safetensors.torch import load_file
 
-    from . import checkpoint as ckpt
     from .config import resolve
     from .errors import GraftError
     from .interfaces import Strategy
-    from .loop import Run, load_run, predict, train
+    from .loop import train
+    from .run import Run, load_run, predict
 
     workdir = Path(workdir)
     problems: list[str] = []
@@ -75,16 +74,7 @@ def check_strategy(cls, workdir, options: dict | None = None, backbone: dict | N
         raise
     except Exception as e:  # noqa: BLE001
         raise AssertionError(f"building the strategy failed: {type(e).__name__}: {e}") from e
-    params = {id(p) for p in run.model.parameters()}
-    groups = run.strategy.param_groups(run.model)
-    grouped = [id(p) for g in groups for p in g["params"]]
-    if len(grouped) != len(set(grouped)):
-        problems.append("param_groups lists a parameter twice")
-    if not set(grouped) <= params:
-        problems.append("param_groups holds parameters that are not in the model build() returned "
-                        "(the loop would train but never save them)")
-    if any("lr_scale" not in g for g in groups):
-        problems.append("a parameter group has no lr_scale")
+    problems += _group_problems(run)
 
     # train, evaluate, save
     full = workdir / "full"
@@ -92,29 +82,8 @@ def check_strategy(cls, workdir, options: dict | None = None, backbone: dict | N
         summary = train(resolved(), full, echo=lambda m: None)
     except Exception as e:  # noqa: BLE001
         raise AssertionError(f"training failed: {type(e).__name__}: {e}") from e
-    train_logs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    if not all(math.isfinite(r["loss"]) for r in train_logs if r["split"] == "train"):
-        problems.append("training produced a non-finite loss")
-    for split in ("val", "test"):
-        metrics = summary.get(split)
-        if not metrics:
-            problems.append(f"no {split} metrics: eval_step/compute_metrics returned nothing")
-        elif not any(isinstance(v, float) for v in metrics.values()):
-            problems.append(f"{split} metrics hold no numbers: {metrics}")
-    if summary.get("metric") and summary.get("val") and summary["metric"] not in summary["val"]:
-        problems.append(f"primary_metric {summary['metric']!r} is not among the metrics")
-    init = run.model.state_dict()
+    problems += _training_problems(run, summary, full)
     final = load_file(str(full / "last.safetensors"))
-    if all(torch.equal(init[k].cpu(), final[k]) for k in final if k in init):
-        problems.append("no weight changed during training (is anything trainable? does the loss reach them?)")
-
-    # the strategy's own checkpoint state must survive the trip through safetensors + JSON
-    try:
-        state = run.strategy.state_dict()
-        tensors: dict = {}
-        ckpt.unpack(json.loads(json.dumps(ckpt.pack(state, tensors))), tensors)
-    except Exception as e:  # noqa: BLE001
-        problems.append(f"state_dict() cannot be checkpointed ({e}); use tensors, numbers, strings, lists, dicts")
 
     # an interrupted run, resumed, must reproduce the uninterrupted one
     cut = workdir / "cut"
@@ -142,6 +111,54 @@ def check_strategy(cls, workdir, options: dict | None = None, backbone: dict | N
     if problems:
         raise AssertionError(f"{cls.__name__} has {len(problems)} problem(s):\n- " + "\n- ".join(problems))
     return summary
+
+
+def _group_problems(run) -> list[str]:
+    """What is wrong with the strategy's parameter groups."""
+    problems = []
+    params = {id(p) for p in run.model.parameters()}
+    groups = run.strategy.param_groups(run.model)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if len(grouped) != len(set(grouped)):
+        problems.append("param_groups lists a parameter twice")
+    if not set(grouped) <= params:
+        problems.append("param_groups holds parameters that are not in the model build() returned "
+                        "(the loop would train but never save them)")
+    if any("lr_scale" not in g for g in groups):
+        problems.append("a parameter group has no lr_scale")
+    return problems
+
+
+def _training_problems(run, summary: dict, full: Path) -> list[str]:
+    """What is wrong with a finished training run: losses, metrics, unchanged weights, uncheckpointable state."""
+    import torch
+    from safetensors.torch import load_file
+
+    from . import checkpoint as ckpt
+
+    problems = []
+    train_logs = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    if not all(math.isfinite(r["loss"]) for r in train_logs if r["split"] == "train"):
+        problems.append("training produced a non-finite loss")
+    for split in ("val", "test"):
+        metrics = summary.get(split)
+        if not metrics:
+            problems.append(f"no {split} metrics: eval_step/compute_metrics returned nothing")
+        elif not any(isinstance(v, float) for v in metrics.values()):
+            problems.append(f"{split} metrics hold no numbers: {metrics}")
+    if summary.get("metric") and summary.get("val") and summary["metric"] not in summary["val"]:
+        problems.append(f"primary_metric {summary['metric']!r} is not among the metrics")
+    init = run.model.state_dict()
+    final = load_file(str(full / "last.safetensors"))
+    if all(torch.equal(init[k].cpu(), final[k]) for k in final if k in init):
+        problems.append("no weight changed during training (is anything trainable? does the loss reach them?)")
+    # the strategy's own checkpoint state must survive the trip through safetensors + JSON
+    try:
+        tensors: dict = {}
+        ckpt.unpack(json.loads(json.dumps(ckpt.pack(run.strategy.state_dict(), tensors))), tensors)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"state_dict() cannot be checkpointed ({e}); use tensors, numbers, strings, lists, dicts")
+    return problems
 
 
 def _digit_image(workdir: Path) -> str:

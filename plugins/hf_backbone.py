@@ -62,7 +62,7 @@ class HFBackbone(Backbone):
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging as hf_logging
 
-        from graft.checkpoint import exported_backbone
+        from graft import exported_backbone
 
         hf_logging.disable_progress_bar()
 
@@ -143,7 +143,7 @@ class HFBackbone(Backbone):
                 return None  # random init without a tokenizer: a data source may train one
             from transformers import AutoTokenizer
 
-            from graft.checkpoint import exported_backbone
+            from graft import exported_backbone
 
             try:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(exported_backbone(Path(src))),

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from graft import Loss, hookimpl, option
+from graft import Loss, SoftTargetLoss, hookimpl, option
 
 
 @dataclass
@@ -74,7 +74,7 @@ class KDOptions:
             raise ValueError("alpha and alpha_end must be in [0, 1].")
 
 
-class KD(Loss):
+class KD(SoftTargetLoss):
     """Soft-target distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy."""
 
     Options = KDOptions

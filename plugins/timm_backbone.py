@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import Backbone, GraftError, GraftWarning, hookimpl, option
-from graft.errors import did_you_mean
+from graft import Backbone, GraftError, did_you_mean, hookimpl, option, warn
 
 
 @dataclass
@@ -28,7 +27,7 @@ class TimmOptions:
 def load_state_file(path: str, where: str) -> dict:
     """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...}.
     A graft run directory (or its exported backbone folder) stands for its ``model.safetensors``."""
-    from graft.checkpoint import exported_backbone
+    from graft import exported_backbone
 
     p = exported_backbone(Path(path).expanduser())
     if p.is_dir() and (p / "model.safetensors").is_file():
@@ -165,12 +164,10 @@ class TimmBackbone(Backbone):
                              f"Is it for another architecture?")
         model.load_state_dict(state, strict=False)
         if head:
-            import warnings
-
             weight = next((v for k, v in head.items() if v.ndim >= 1 and k.endswith("weight")), None)
             classes = f" ({weight.shape[0]} classes)" if weight is not None else ""
-            warnings.warn(f"{where}: loaded the trunk ({len(state)} tensors); the file's classifier{classes} is left "
-                          f"out and the strategy's own head takes its place.", GraftWarning, stacklevel=2)
+            warn(f"{where}: loaded the trunk ({len(state)} tensors); the file's classifier{classes} is left out and "
+                 f"the strategy's own head takes its place.")
 
     def image_config(self) -> dict:
         from timm.data import resolve_data_config
@@ -209,7 +206,7 @@ class TimmBackbone(Backbone):
         pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=0)`` or ``load_state_dict`` take it."""
         from safetensors.torch import save_file
 
-        from graft.checkpoint import clean_state_dict
+        from graft import clean_state_dict
 
         save_file(clean_state_dict(self.timm_model.state_dict()), str(Path(directory) / "model.safetensors"),
                   metadata={"format": "pt", "timm_model": self.options.model})

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_VIT, graft, reviews, tiny_config, write_config
 from graft import GraftError
 from graft.config import resolve
-from graft.loop import Run, train
+from graft.loop import train
+from graft.run import Run
 
 BACKBONES = {
     "timm-vit": TINY_VIT,

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from conftest import assert_same_records, assert_same_weights, read_metrics, tiny_config, weights
 from graft.config import resolve
-from graft.loop import Run, train
+from graft.loop import train
+from graft.run import Run
 
 RESNET = {"plugin": "timm", "model": "test_resnet"}
 

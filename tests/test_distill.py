@@ -8,7 +8,8 @@ import torch
 
 from conftest import TINY_VIT, graft, tiny_config, write_config
 from graft.config import resolve
-from graft.loop import Run, train
+from graft.loop import train
+from graft.run import Run
 from graft.plugins.losses import KD, kd_loss
 
 
@@ -101,7 +102,7 @@ def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
                                                    "num_attention_heads": 2, "intermediate_size": 64}}
     conf["train"]["log_every"] = 1
     out = tmp_path / "hf"
-    from graft.loop import Run, build_optimizer
+    from graft.optim import build_optimizer
 
     r = Run(resolve(conf, "s.toml"))
     optimized = {id(p) for g in build_optimizer(r.config.train, r.strategy.param_groups(r.model)).param_groups
@@ -170,7 +171,7 @@ def test_online_teacher_sees_the_students_augmented_view(tmp_path, teacher):
     conf = student_conf(teacher, tmp_path)
     conf["backbone"] = {"plugin": "timm", "model": "test_resnet"}
     conf["data"] = {"plugin": "imagefolder", "path": str(root), "image_size": 16, "augment": True}
-    from graft.loop import Run
+    from graft.run import Run
 
     r = Run(resolve(conf, "aug.toml"))
     s = r.strategy

@@ -10,7 +10,9 @@ import torch
 from conftest import (TINY_VIT, assert_same_records, assert_same_weights, graft, read_metrics, reviews, start_train,
                       tiny_config, wait_for_lines, weights, write_config)
 from graft.config import resolve
-from graft.loop import Run, build_optimizer, train
+from graft.loop import train
+from graft.optim import build_optimizer
+from graft.run import Run
 
 
 def build(**strategy):

@@ -16,7 +16,10 @@ from conftest import (start_train, wait_for_lines, assert_same_records, assert_s
 from graft import GraftError, Loss
 from graft import checkpoint as ckpt
 from graft.config import resolve
-from graft.loop import Run, lr_lambda, select_device, train
+from graft.device import select_device
+from graft.loop import train
+from graft.optim import lr_lambda
+from graft.run import Run
 from graft.registry import Entry, get_registry
 
 

@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_config
 from graft.config import resolve
-from graft.loop import Run, train
+from graft.loop import train
+from graft.run import Run
 from graft.plugins.mlm import mask_tokens
 
 MASK, VOCAB = 4, 1000
@@ -43,7 +44,7 @@ def test_special_and_padding_never_masked():
     ids, maskable = batch()
     for seed in range(5):
         torch.manual_seed(seed)
-        inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, probability=0.9)
+        inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, mlm_probability=0.9)
         assert (labels[~maskable] == -100).all()
         assert torch.equal(inputs[~maskable], ids[~maskable])
 
@@ -51,7 +52,7 @@ def test_special_and_padding_never_masked():
 def test_ratios_are_configurable():
     ids, maskable = batch()
     torch.manual_seed(2)
-    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, probability=0.3, mask_ratio=0.5, random_ratio=0.2)
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, mlm_probability=0.3, mask_ratio=0.5, random_ratio=0.2)
     chosen = labels != -100
     assert chosen.sum().item() / maskable.sum().item() == pytest.approx(0.3, abs=0.006)
     assert (inputs[chosen] == MASK).float().mean().item() == pytest.approx(0.5, abs=0.01)
@@ -153,7 +154,7 @@ def test_continued_pretraining_keeps_a_pretrained_tokenizer(tmp_path, corpus, ti
 
 
 def test_a_batch_without_masked_tokens_gives_zero_loss_not_nan(corpus):
-    r = Run(resolve(scratch_config(corpus, probability=1e-9), "m.toml"))
+    r = Run(resolve(scratch_config(corpus, mlm_probability=1e-9), "m.toml"))
     ds = r.data.dataset("train")
     batch = r.data.collate([ds[i] for i in range(2)])
     loss = r.strategy.training_step(r.model, batch)["loss"]

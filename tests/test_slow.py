@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from graft.config import resolve
-from graft.loop import Run
+from graft.run import Run
 
 pytestmark = pytest.mark.slow
 

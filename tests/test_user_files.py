@@ -106,7 +106,7 @@ def test_encoding_unknown_name_is_a_config_error(tmp_path, tiny_bert):
 
 
 def test_encoding_corpus_follows_the_encoding_option(tmp_path):
-    from graft.plugins.mlm import CorpusOptions, read_documents
+    from graft.plugins.corpus import CorpusOptions, read_documents
 
     (tmp_path / "c.txt").write_bytes("first line\nna\u00efve second line\n".encode("latin-1"))
     with pytest.raises(GraftError, match=r"c.txt, line 2, column 3.*encoding"):

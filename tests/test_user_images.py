@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import tiny_config, write_config
 from test_user_files import assert_bad_input, cli_run
-from graft.plugins.datasources import list_images, open_image
+from graft.data import open_image
+from graft.plugins.imagefolder import list_images
 
 
 def image_folder(root, per_class=6):

@@ -145,7 +145,8 @@ def unigram_tokenizer(texts):
 
 @pytest.mark.parametrize("family, marker", [("bpe", "\u0120"), ("unigram", "\u2581")])
 def test_whole_word_masking_with_byte_level_bpe_and_unigram(family, marker):
-    from graft.plugins.mlm import Corpus, CorpusOptions, mask_tokens
+    from graft.plugins.corpus import Corpus, CorpusOptions
+    from graft.plugins.mlm import mask_tokens
 
     texts = [f"the unbelievably wonderful cinematography of film {i} overwhelmed everybody" for i in range(60)]
     tok = (bpe_tokenizer if family == "bpe" else unigram_tokenizer)(texts)
@@ -157,7 +158,7 @@ def test_whole_word_masking_with_byte_level_bpe_and_unigram(family, marker):
     blocks = corpus._blocks(tok, texts)
     batch = corpus.collate(blocks)
     inputs, labels = mask_tokens(batch["inputs"]["input_ids"], batch["maskable"], tok.mask_token_id, len(tok),
-                                 probability=0.3, word_ids=batch["word_ids"], generator=torch.Generator().manual_seed(0))
+                                 mlm_probability=0.3, word_ids=batch["word_ids"], generator=torch.Generator().manual_seed(0))
     chosen = labels != -100
     special = torch.isin(batch["inputs"]["input_ids"], torch.tensor(corpus.special_ids))
     assert chosen.any() and not (chosen & special).any()  # special tokens never

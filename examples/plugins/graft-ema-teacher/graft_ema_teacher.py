@@ -37,6 +37,7 @@ class EMATeacher(Strategy):
     Options = EMATeacherOptions
     default_loss = "cross_entropy"
     primary_metric = "accuracy"
+    metric_modes = {"accuracy": "max", "ema_accuracy": "max"}
 
     def build(self):
         from torch import nn

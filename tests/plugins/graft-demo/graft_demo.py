@@ -16,6 +16,7 @@ class DemoProbe(Strategy):
     Options = ProbeOptions
     default_loss = "cross_entropy"
     primary_metric = "accuracy"
+    metric_modes = {"accuracy": "max"}
 
     def build(self):
         from torch import nn

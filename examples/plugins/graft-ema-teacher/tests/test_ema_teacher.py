@@ -20,7 +20,7 @@ def test_soft_ce_equals_cross_entropy_for_one_hot_targets():
 
 def test_ema_trails_the_student(tmp_path):
     from graft.config import resolve
-    from graft.loop import Run
+    from graft import Run
     from graft.testing import TINY_BACKBONE, TINY_DATA, registry_with
 
     reg = registry_with(EMATeacher, name="ema_teacher")

@@ -1,0 +1,94 @@
+"""Batches: the seeded, shardable, resumable sampler, example indices in every batch, moving to a device."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Seeded order per epoch, split across processes, able to start mid-epoch (for exact resume).
+
+    Process r of w takes positions r, r+w, r+2w... of the epoch's order, so w processes with batch B see the
+    same examples per step as one process with batch w*B. Training pads the order (wrapping around) to a
+    multiple of w so every process runs the same number of steps; evaluation does not pad, so nothing is
+    counted twice.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, dist, pad: bool):
+        self.n, self.shuffle, self.seed, self.dist, self.pad = n, shuffle, seed, dist, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        self.epoch, self.skip = epoch, skip
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        w = self.dist.world_size
+        if self.pad and self.n % w:
+            order += order[: w - self.n % w]
+        return order[self.dist.rank::w]
+
+    def __iter__(self):
+        return iter(self._order()[self.skip:])
+
+    def __len__(self):
+        return len(self._order()) - self.skip
+
+
+class _Indexed:
+    """Yields (index, example): every batch says which examples it holds (batch["index"]), e.g. for caches."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return i, self.ds[i]
+
+
+class _IndexedCollate:
+    def __init__(self, collate, split):
+        self.collate, self.split = collate, split
+
+    def __call__(self, items):
+        batch = self.collate([ex for _, ex in items])
+        batch["index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        batch["split"] = self.split
+        return batch
+
+
+def move(batch, device, non_blocking=True):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: move(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def batch_size_of(batch) -> int:
+    x = batch["targets"] if isinstance(batch, dict) and "targets" in batch else batch
+    while isinstance(x, (dict, list, tuple)):
+        x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+    return int(x.shape[0])
+
+
+def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int | None = None):
+    """A DataLoader over ``data.dataset(split)`` whose batches carry ``index`` and ``split``; None when empty."""
+    ds = data.dataset(split)
+    if ds is None or len(ds) == 0:
+        return None
+    sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=dist, pad=train)
+    # A private generator keeps the DataLoader from drawing on the global RNG, which resume restores.
+    return torch.utils.data.DataLoader(
+        _Indexed(ds), batch_size=batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size)),
+        sampler=sampler, collate_fn=_IndexedCollate(data.collate, split), num_workers=t.num_workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(t.seed),
+        persistent_workers=False)

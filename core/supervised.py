@@ -1,0 +1,231 @@
+"""Supervised transfer's building blocks: a head on a backbone, freezing schedules (linear probe, frozen groups,
+LP-FT, gradual unfreezing), layer-wise learning-rate decay, and classification / multi-label / regression metrics.
+
+``Supervised`` is a complete strategy (the built-in ``finetune`` registers it as it is); ``distill`` and
+third-party strategies subclass it and change the step. LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained
+Features and Underperform Out-of-Distribution" (ICLR 2022); gradual unfreezing: Howard & Ruder, ULMFiT (ACL 2018);
+layer-wise LR decay: Clark et al., ELECTRA (ICLR 2020) / BEiT.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import GraftError
+from .interfaces import UNLABELLED, Strategy
+from .options import option
+
+TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"}}
+
+
+@dataclass
+class SupervisedOptions:
+    head: Literal["linear", "mlp"] = option("linear", "linear, or mlp (one hidden layer with GELU and dropout).")
+    head_hidden: int = option(0, "Hidden width of the mlp head; 0 means the backbone's feature width.")
+    dropout: float = option(0.0, "Dropout before the head's output layer.")
+    freeze: Literal["none", "backbone", "groups"] = option(
+        "none", "none; backbone (linear probe: only the head trains); groups (the first freeze_groups layer groups).")
+    freeze_groups: int = option(0, "With freeze = \"groups\": how many layer groups, from the input side, stay frozen.")
+    freeze_patterns: list[str] = field(default_factory=list, metadata={
+        "help": "Glob patterns over parameter names (e.g. \"backbone.*.bn*\") frozen for the whole run."})
+    lp_epochs: int = option(0, "LP-FT: train only the head for this many epochs, then unfreeze per `freeze`.")
+    unfreeze_every: int = option(0, "Gradual unfreezing: start with the backbone frozen and unfreeze one more layer "
+                                    "group, from the output side, every N epochs.")
+    layer_decay: float = option(1.0, "Layer-wise LR decay: group i of G gets lr * layer_decay**(G-1-i); 1 = off.")
+    head_lr_scale: float = option(1.0, "Learning-rate multiplier of the head.")
+    backbone_lr_scale: float = option(1.0, "Learning-rate multiplier of the whole backbone (before layer decay).")
+
+    def validate(self):
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}.")
+        if min(self.freeze_groups, self.lp_epochs, self.unfreeze_every, self.head_hidden) < 0:
+            raise ValueError("freeze_groups, lp_epochs, unfreeze_every and head_hidden must not be negative.")
+
+
+def classifier(backbone_module, head):
+    """backbone -> head as one module; ``forward(inputs, hidden=True)`` also returns the backbone's hidden layers."""
+    from torch import nn
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = backbone_module, head
+
+        def forward(self, inputs, hidden=False):
+            if hidden:
+                features, layers = self.backbone(inputs, hidden=True)
+                return self.head(features), layers
+            return self.head(self.backbone(inputs))
+
+    return Classifier()
+
+
+class Supervised(Strategy):
+    """Fine-tune a backbone with a new head: classification, multi-label or regression."""
+
+    Options = SupervisedOptions
+    default_loss = "cross_entropy"
+    primary_metric = "accuracy"
+    metric_modes = {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max", "exact_match": "max",
+                    "mae": "min", "rmse": "min"}
+
+    def build(self):
+        from torch import nn
+
+        o = self.options
+        task = self.data.task
+        if task not in TASK_LOSSES:
+            raise GraftError(f"[strategy] plugin = \"{self.name}\" does not handle data task {task!r}.")
+        if self.loss is not None and self.loss.name in set().union(*TASK_LOSSES.values()) \
+                and self.loss.name not in TASK_LOSSES[task]:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} does not fit the {task} task of [data]; use "
+                             f"{' or '.join(repr(x) for x in sorted(TASK_LOSSES[task]))}.")
+        if task == "regression":
+            self.primary_metric = "rmse"
+        out = 1 if task == "regression" else self.data.num_outputs
+        width = self.backbone.num_features
+        if o.head == "linear":
+            head = nn.Sequential(nn.Dropout(o.dropout), nn.Linear(width, out))
+        else:
+            hidden = o.head_hidden or width
+            head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(o.dropout), nn.Linear(hidden, out))
+
+        self.model = classifier(self.backbone.module, head)
+        names = {n for n, _ in self.model.named_parameters()}
+        self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
+        self.groups = [g for g in self.groups if g]
+        grouped = {n for g in self.groups for n in g}
+        stray = [n for n in names if n.startswith("backbone.") and n not in grouped]
+        if stray:  # parameters the backbone left out of its groups train with the last group
+            self.groups[-1:] = [(self.groups[-1] if self.groups else []) + stray]
+        self.patterns_frozen = {n for n in names if any(fnmatch.fnmatch(n, p) for p in o.freeze_patterns)}
+        if o.freeze_patterns and not self.patterns_frozen:
+            raise GraftError(f"[strategy] freeze_patterns {o.freeze_patterns} match no parameter; names look like "
+                             f"{sorted(names)[0]!r}.")
+        return self.model
+
+    # -- which parameters train, at which learning rate -------------------------------------------------
+    def frozen_groups(self, epoch: int) -> int:
+        """How many backbone layer groups (from the input side) are frozen during ``epoch``."""
+        o, g = self.options, len(self.groups)
+        if epoch < o.lp_epochs:
+            return g
+        if o.unfreeze_every:
+            return max(0, g - (epoch - o.lp_epochs) // o.unfreeze_every)
+        if o.freeze == "backbone":
+            return g
+        if o.freeze == "groups":
+            return min(o.freeze_groups, g)
+        return 0
+
+    def on_epoch_start(self, epoch, model):
+        n = self.frozen_groups(epoch)
+        frozen = {name for group in self.groups[:n] for name in group} | self.patterns_frozen
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name not in frozen)
+
+    def param_groups(self, model):
+        o = self.options
+        params = dict(self.model.named_parameters())
+        g = len(self.groups)
+        groups = [{"params": [params[n] for n in names], "name": f"backbone.{i}",
+                   "lr_scale": o.backbone_lr_scale * o.layer_decay ** (g - 1 - i)}
+                  for i, names in enumerate(self.groups)]
+        groups.append({"params": list(self.model.head.parameters()), "name": "head", "lr_scale": o.head_lr_scale})
+        return groups
+
+    # -- steps and metrics -------------------------------------------------------------------------------
+    def training_step(self, model, batch):
+        return {"loss": self.loss(model(batch["inputs"]), batch["targets"])}
+
+    def eval_step(self, model, batch):
+        return self.eval_sums(model(batch["inputs"]).float(), batch["targets"])
+
+    def eval_sums(self, outputs, y, loss=None):
+        """Summable statistics of one batch's outputs against targets ``y`` (``loss``: the batch's mean loss,
+        when the strategy computes it differently)."""
+        import torch
+
+        loss = self.loss(outputs, y) if loss is None else loss
+        if self.data.task == "classification" and not bool((y != UNLABELLED).all()):
+            outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
+        n = torch.tensor(float(y.shape[0]), device=outputs.device)
+        sums = {"count": n, "loss_sum": loss.float() * n}
+        task = self.data.task
+        if task == "classification":
+            k = outputs.shape[1]
+            pred = outputs.argmax(1)
+            sums["confusion"] = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+        elif task == "multilabel":
+            pred = (outputs > 0).long()
+            y = y.long()
+            sums["tp"] = (pred * y).sum(0)
+            sums["fp"] = (pred * (1 - y)).sum(0)
+            sums["fn"] = ((1 - pred) * y).sum(0)
+            sums["exact"] = (pred == y).all(1).sum()
+        else:
+            err = outputs.reshape(y.shape) - y.float()
+            sums["abs_err"] = err.abs().sum()
+            sums["sq_err"] = (err ** 2).sum()
+        return sums
+
+    def compute_metrics(self, sums):
+        n = float(sums["count"])
+        m = {"loss": float(sums["loss_sum"]) / n}
+        task = self.data.task
+        if task == "classification":
+            cm = sums["confusion"].double()
+            tp = cm.diag()
+            precision = tp / cm.sum(0).clamp(min=1)
+            recall = tp / cm.sum(1).clamp(min=1)
+            f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+            m["accuracy"] = float(tp.sum() / cm.sum())
+            m["macro_f1"] = float(f1.mean())
+            names = list(self.data.label_names or range(len(tp)))
+            m["per_class"] = {str(names[i]): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                              "f1": float(f1[i]), "support": int(cm.sum(1)[i])}
+                              for i in range(len(tp))}
+            m["confusion_matrix"] = cm.long().tolist()
+        elif task == "multilabel":
+            tp, fp, fn = (sums[k].double() for k in ("tp", "fp", "fn"))
+            f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+            m["micro_f1"] = float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1))
+            m["macro_f1"] = float(f1.mean())
+            m["exact_match"] = float(sums["exact"]) / n
+        else:
+            m["mae"] = float(sums["abs_err"]) / n
+            m["rmse"] = (float(sums["sq_err"]) / n) ** 0.5
+        return m
+
+    def predict(self, model, inputs):
+        import torch
+
+        outputs = model(inputs).float()
+        names = list(self.data.label_names or [])
+        if self.data.task == "regression":
+            return [{"value": float(v)} for v in outputs.reshape(-1)]
+        if self.data.task == "multilabel":
+            probs = torch.sigmoid(outputs)
+            return [{"labels": [names[j] for j in range(len(names)) if p[j] > 0.5],
+                     "probabilities": {names[j]: float(p[j]) for j in range(len(names))}} for p in probs]
+        probs = torch.softmax(outputs, 1)
+        top = probs.topk(min(3, probs.shape[1]), dim=1)
+        return [{"label": names[int(i[0])], "probability": float(p[0]),
+                 "top": [{"label": names[int(j)], "probability": float(q)} for q, j in zip(p, i)]}
+                for p, i in zip(top.values, top.indices)]
+
+    def export(self, model, directory):
+        """backbone/ in its family's native format, and head.safetensors."""
+        from safetensors.torch import save_file
+
+        from .checkpoint import clean_state_dict
+
+        Path(directory, "backbone").mkdir(exist_ok=True)
+        self.backbone.export(str(Path(directory, "backbone")))
+        save_file(clean_state_dict(self.model.head.state_dict()),
+                  str(Path(directory, "head.safetensors")))

@@ -1,0 +1,94 @@
+"""The code base's shape (issue 13): plugins use only graft's public API, the loop stays readable, and every public
+name the plugin docs mention exists."""
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import graft
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLIC_MODULES = {"graft", "graft.data", "graft.supervised"}
+
+
+def import_problems(path: Path, in_package: bool) -> list[str]:
+    """Imports in ``path`` (at any depth, inside functions too) that reach past graft's public API: core internals
+    such as graft.loop, graft.registry, graft.options, any graft.plugins module, or -- by a relative import -- another
+    built-in plugin's module (only a plugin package's own modules may be imported relatively)."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            if not in_package or node.level > 1:
+                problems.append(f"relative import {'.' * node.level}{node.module or ''}")
+            continue
+        elif isinstance(node, ast.ImportFrom):
+            modules = [node.module or ""]
+            if node.module == "graft":
+                modules += [f"graft.{a.name}" for a in node.names if a.name not in graft.__all__]
+        else:
+            continue
+        problems += [m for m in modules if m.split(".")[0] == "graft" and m not in PUBLIC_MODULES]
+    return problems
+
+
+def test_plugins_use_only_the_public_api():
+    files = {p: p.parent != ROOT / "plugins" for p in (ROOT / "plugins").rglob("*.py")}
+    files.update({p: False for p in (ROOT / "examples" / "plugins").rglob("*.py")
+                  if not {"build", "tests"} & set(p.relative_to(ROOT).parts)})
+    assert len(files) >= 12
+    problems = [f"{p.relative_to(ROOT)}: {x}" for p, pkg in files.items() for x in import_problems(p, pkg)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from graft.loop import train\n\nfrom graft import registry\nfrom .finetune import X\n"
+                   "import graft.options\nfrom graft.plugins.mlm import mask_tokens\n")
+    assert sorted(import_problems(bad, in_package=False)) == sorted(
+        ["relative import .finetune", "graft.registry", "graft.options", "graft.plugins.mlm", "graft.loop"])
+
+
+def test_loop_is_short_and_no_core_function_is_long():
+    assert len((ROOT / "core" / "loop.py").read_text().splitlines()) < 350
+    long = []
+    for path in (ROOT / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_every_public_name_in_the_plugin_docs_imports_from_graft():
+    text = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    names = set(re.findall(r"`graft\.([A-Za-z_]\w*)", text))
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            m = re.match(r"\s*from graft import (.+)", line)
+            if m:
+                names |= {n.strip() for n in m.group(1).split(",")}
+    assert {"create", "load_run", "train", "Strategy", "DataSource", "SoftTargetLoss"} <= names
+    missing = []
+    for name in sorted(names):
+        if hasattr(graft, name):
+            continue
+        try:
+            importlib.import_module(f"graft.{name}")  # a public module: graft.data, graft.supervised, graft.testing
+        except ImportError:
+            missing.append(name)
+    assert not missing, missing
+    for name in graft.__all__:
+        getattr(graft, name)
+
+
+def test_create_builds_a_plugin_from_a_table_with_checked_options():
+    import pytest
+
+    loss = graft.create("loss", {"plugin": "kd", "temperature": 2.0})
+    assert loss.name == "kd" and loss.options.temperature == 2.0 and isinstance(loss, graft.SoftTargetLoss)
+    with pytest.raises(graft.GraftError, match='temprature.*Did you mean "temperature"'):
+        graft.create("loss", {"plugin": "kd", "temprature": 2.0})
+    with pytest.raises(graft.GraftError, match="Did you mean"):
+        graft.create("backbone", {"plugin": "tim"})
