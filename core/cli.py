@@ -18,7 +18,7 @@ from .errors import GraftError, GraftWarning
 
 #: optional libraries -> the graftkit extra that installs them
 EXTRAS = {"timm": "timm", "torchvision": "timm", "transformers": "hf", "tokenizers": "hf", "sklearn": "data",
-          "PIL": "data", "matplotlib": "plots", "torch": "all", "numpy": "all", "safetensors": "all"}
+          "PIL": "data", "matplotlib": "plots", "peft": "peft", "torch": "all", "numpy": "all", "safetensors": "all"}
 
 
 def _debug() -> bool:
@@ -293,6 +293,32 @@ def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
             click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
         else:
             click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--merge", is_flag=True, help="Merge the run's adapter into the backbone's weights.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/merged).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
+def export_cmd(run_dir, merge, out, trust_remote_code):
+    """Write a finished run's model in its family's native format: backbone/ (HF save_pretrained folder or timm
+    safetensors) and the strategy's head. An adapter run needs --merge: the adapter's update is folded into the
+    weights, so plain transformers / timm load the result (the adapter alone is in RUN_DIR/adapter)."""
+    import contextlib
+
+    from .run import load_run
+
+    run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
+    if run.adapter is None and merge:
+        raise GraftError(f"--merge: run {run_dir} has no [adapter]; its backbone/ export is already a plain model.")
+    if run.adapter is not None and not merge:
+        raise GraftError(f"Run {run_dir} trained an adapter ({run.adapter.name}); pass --merge to write merged "
+                         f"weights (the adapter alone, in its library's format, is {Path(run_dir) / 'adapter'}).")
+    target = Path(out or Path(run_dir) / "merged")
+    target.mkdir(parents=True, exist_ok=True)
+    with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
+        run.strategy.export(run.model, str(target))
+    click.echo(f"Wrote {target}")
 
 
 def main():

@@ -89,7 +89,7 @@ class TrainOptions:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
 
-PLUGIN_TABLES = tuple(KINDS)  # backbone, strategy, loss, data
+PLUGIN_TABLES = tuple(KINDS)  # backbone, strategy, loss, data, adapter
 TABLES = PLUGIN_TABLES + ("train",)
 
 
@@ -212,8 +212,8 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
     plugins = {}
     for kind in PLUGIN_TABLES:
         table = dict(data.get(kind, {}))
-        if not table and kind == "loss":
-            continue  # the strategy's default loss applies, or it needs none
+        if not table and kind in ("loss", "adapter"):
+            continue  # the strategy's default loss applies, or it needs none; an adapter is optional
         plugins[kind] = plugin_spec(kind, table, where, registry)
     if "loss" not in plugins:
         default = plugins["strategy"].cls.default_loss

@@ -65,3 +65,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak memory in bytes: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak resident set
+    size (``getrusage``; 0 where the platform has none)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux kilobytes
+    except (ImportError, OSError):
+        return 0

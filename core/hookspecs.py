@@ -30,3 +30,8 @@ def register_losses(register):
 @hookspec
 def register_datasources(register):
     """Register DataSource subclasses (the ``[data]`` table): ``register(MyData, name="mydata")``."""
+
+
+@hookspec
+def register_adapters(register):
+    """Register Adapter subclasses (the ``[adapter]`` table): ``register(MyAdapter, name="myadapter")``."""

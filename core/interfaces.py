@@ -63,6 +63,13 @@ class Backbone(Plugin):
     hf_model: Any = None
     #: the local folder the pretrained weights came from (a ``save_pretrained`` folder), or None
     source_dir: Any = None
+    #: ids of parameters an adapter froze for good (set by the run): freezing schedules must leave them frozen
+    adapter_frozen: frozenset = frozenset()
+
+    def native_model(self) -> "nn.Module":
+        """The family's own model inside ``self.module`` (a ``transformers`` model, a timm model): adapters go in
+        here, and are saved with its parameter names."""
+        return self.module
 
     def build(self) -> "nn.Module":
         raise NotImplementedError
@@ -265,6 +272,33 @@ class DataSource(Plugin):
         return len(self.label_names or ())
 
 
+class Adapter(Plugin):
+    """Parameter-efficient modules put into a backbone (LoRA, IA3, bias-only...): after ``apply`` only the adapter's
+    parameters of the backbone train; the strategy's own modules (heads) train as usual.
+
+    - ``apply(backbone)`` puts the modules into ``backbone.native_model()`` in place (after ``backbone.build()``,
+      before the strategy builds its model) and returns the set of ``id()`` of the backbone parameters that must
+      never train; the loop's run stores it as ``backbone.adapter_frozen`` for strategies' freezing schedules.
+    - ``save(directory, backbone)`` writes the adapter in its library's own format (peft: ``adapter_config.json``
+      + ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained`` on the base model) and
+      returns its size on disk in bytes.
+    - ``merged(backbone)`` is a context manager: inside it the native model holds merged weights with the family's
+      own module layout (so ``backbone.export`` writes a plain model); leaving it restores the adapter.
+    Raises GraftError (e.g. target modules the model does not have, with the names that could match).
+    """
+
+    def apply(self, backbone: Backbone) -> set[int]:
+        raise NotImplementedError
+
+    def save(self, directory: str, backbone: Backbone) -> int:
+        raise NotImplementedError
+
+    def merged(self, backbone: Backbone):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
 class Strategy(Plugin):
     """A transfer-learning method, run by the shared loop.
 
@@ -295,6 +329,8 @@ class Strategy(Plugin):
     primary_metric: ClassVar[str] = "loss"
     #: the loss plugin a config without a [loss] table gets (None: the strategy needs none, or builds its own)
     default_loss: ClassVar[str | None] = None
+    #: whether the strategy trains the backbone it is given, so that an [adapter] can stand in for its weights
+    supports_adapters: ClassVar[bool] = False
     #: which way each metric of ``compute_metrics`` improves: "max" or "min". The loop reads it for best weights
     #: and early stopping; ``[train] metric_mode`` overrides it.
     metric_modes: ClassVar[dict[str, str]] = {"loss": "min"}

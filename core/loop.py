@@ -23,7 +23,7 @@ from . import distributed
 from .batches import batch_size_of, move
 from .checkpoint import TrainState
 from .config import Config
-from .device import select_device
+from .device import peak_memory, select_device
 from .errors import GraftError
 from .optim import build_optimizer, lr_lambda
 from .run import Run, scalars
@@ -299,11 +299,19 @@ class Loop:
             **{k: v for k, v in results.items() if v is not None}, **self.strategy.report(self.base)}
         if run.data.report():
             summary["data"] = run.data.report()
+        params = [(p.numel(), p.requires_grad) for p in self.base.parameters()]
+        summary["parameters"] = {"total": sum(n for n, _ in params), "trainable": sum(n for n, t in params if t)}
+        summary["peak_memory_bytes"] = peak_memory(run.device)  # process RSS on CPU, allocated on CUDA
         if self.dist.is_main:
             if results["test"] is not None:
                 self.out.log({"step": s.step, "epoch": s.epoch, "split": "test", **scalars(results["test"])})
             self.out.write_json("labels.json", {"task": run.data.task, "label_names": list(run.data.label_names or [])})
-            self.strategy.export(self.base, str(self.run_dir))
+            if run.adapter is not None:
+                size = run.adapter.save(str(self.run_dir / "adapter"), run.backbone)
+                summary["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": "adapter"}
+            # backbone/ is written merged: a plain model in its family's format, the hand-off to a later run
+            with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
+                self.strategy.export(self.base, str(self.run_dir))
             self.out.write_json("summary.json", summary)
             if self.t.plot:
                 self.out.plots(run.data.label_names, results)

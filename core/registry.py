@@ -24,7 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import GraftError, did_you_mean
-from .interfaces import Backbone, DataSource, Loss, Strategy
+from .interfaces import Adapter, Backbone, DataSource, Loss, Strategy
 
 ENTRY_POINT_GROUP = "graft"
 
@@ -34,9 +34,10 @@ KINDS = {
     "strategy": ("register_strategies", Strategy),
     "loss": ("register_losses", Loss),
     "data": ("register_datasources", DataSource),
+    "adapter": ("register_adapters", Adapter),
 }
 KIND_ALIASES = {"backbones": "backbone", "strategies": "strategy", "losses": "loss", "datasource": "data",
-                "datasources": "data", "dataset": "data"}
+                "datasources": "data", "dataset": "data", "adapters": "adapter"}
 
 
 @dataclasses.dataclass

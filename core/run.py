@@ -35,6 +35,14 @@ class Run:
         specs = config.plugins
         self.backbone = specs["backbone"].create()
         self.backbone.build()
+        self.adapter = None
+        if "adapter" in specs:
+            if not specs["strategy"].cls.supports_adapters:
+                raise GraftError(f"[adapter] plugin = {specs['adapter'].name!r}: strategy "
+                                 f"{specs['strategy'].name!r} does not train its backbone, so an adapter has nothing "
+                                 f"to stand in for. Remove the [adapter] table, or use finetune, distill or mlm.")
+            self.adapter = specs["adapter"].create()
+            self.backbone.adapter_frozen = frozenset(self.adapter.apply(self.backbone))
         self.data = specs["data"].create()
         self.data.seed = t.seed
         if data_info is None:

@@ -71,6 +71,7 @@ class Supervised(Strategy):
     Options = SupervisedOptions
     default_loss = "cross_entropy"
     primary_metric = "accuracy"
+    supports_adapters = True
     metric_modes = {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max", "exact_match": "max",
                     "mae": "min", "rmse": "min"}
 
@@ -95,6 +96,9 @@ class Supervised(Strategy):
             hidden = o.head_hidden or width
             head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(o.dropout), nn.Linear(hidden, out))
 
+        if self.backbone.adapter_frozen and o.freeze == "backbone":
+            raise GraftError(f"[strategy] freeze = \"backbone\" would freeze the [adapter] too (only the head would "
+                             f"train). Drop the adapter for a linear probe, or use freeze = \"none\".")
         self.model = classifier(self.backbone.module, head)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
@@ -127,7 +131,7 @@ class Supervised(Strategy):
         n = self.frozen_groups(epoch)
         frozen = {name for group in self.groups[:n] for name in group} | self.patterns_frozen
         for name, p in self.model.named_parameters():
-            p.requires_grad_(name not in frozen)
+            p.requires_grad_(name not in frozen and id(p) not in self.backbone.adapter_frozen)
 
     def param_groups(self, model):
         o = self.options

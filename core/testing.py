@@ -170,3 +170,64 @@ def _digit_image(workdir: Path) -> str:
     img = (255 - load_digits().images[0] * 255 / 16).astype(np.uint8)
     Image.fromarray(img).resize((32, 32)).save(path)
     return str(path)
+
+
+def check_adapter(cls, workdir, options: dict | None = None, backbone: dict | None = None, data: dict | None = None,
+                  steps: int = 6, name: str = "under_test"):
+    """Run adapter ``cls`` through ``finetune`` with a tiny model: what ``apply`` freezes stays frozen and unchanged
+    while something of the backbone trains, ``save`` writes files, ``merged`` leaves the model exactly as it was,
+    an interrupted run resumes exactly and the finished run loads back. Raises one AssertionError listing problems;
+    returns the run's summary."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .config import resolve
+    from .loop import train
+    from .run import Run, load_run
+
+    workdir = Path(workdir)
+    reg = registry_with(cls, "adapter", name)
+    conf = {"backbone": copy.deepcopy(backbone or TINY_BACKBONE), "strategy": {"plugin": "finetune"},
+            "data": copy.deepcopy(data or TINY_DATA), "adapter": {"plugin": name, **(options or {})},
+            "train": {"seed": 0, "max_steps": steps, "batch_size": 16, "lr": 1e-2, "log_every": 1,
+                      "progress": False, "plot": False, "checkpoint_every": steps // 2}}
+
+    def resolved(**train_options):
+        c = copy.deepcopy(conf)
+        c["train"].update(train_options)
+        return resolve(c, f"{name}.toml", reg)
+
+    run = Run(resolved())
+    frozen = run.backbone.adapter_frozen
+    problems = []
+    backbone_params = dict(run.model.named_parameters())
+    if not frozen:
+        problems.append("apply() returned no frozen parameters: it trains every backbone parameter")
+    if any(id(p) in frozen and p.requires_grad for p in backbone_params.values()):
+        problems.append("apply() returned parameters as frozen that still require grad")
+    if not any(p.requires_grad and n.startswith("backbone.") for n, p in backbone_params.items()):
+        problems.append("apply() left no backbone parameter trainable")
+    before = {k: v.clone() for k, v in run.backbone.native_model().state_dict().items()}
+    with run.adapter.merged(run.backbone):
+        pass
+    after = run.backbone.native_model().state_dict()
+    if before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before):
+        problems.append("merged() did not leave the model exactly as it was")
+    full = workdir / "full"
+    summary = train(resolved(), full, echo=lambda m: None)
+    if not summary.get("adapter", {}).get("size_bytes"):
+        problems.append("save() wrote nothing (or returned no size)")
+    final = load_file(str(full / "last.safetensors"))
+    changed = [n for n, p in backbone_params.items() if id(p) in frozen and not torch.equal(p.detach(), final[n])]
+    if changed:
+        problems.append(f"frozen parameters changed in training, e.g. {changed[0]}")
+    cut = workdir / "cut"
+    train(resolved(max_steps=steps // 2), cut, echo=lambda m: None)
+    train(resolved(), cut, resume=True, echo=lambda m: None)
+    resumed = load_file(str(cut / "last.safetensors"))
+    if any(not torch.allclose(resumed[k], final[k], atol=1e-6) for k in final):
+        problems.append("resume does not reproduce the uninterrupted run")
+    load_run(full, for_prediction=True, registry=reg)
+    if problems:
+        raise AssertionError(f"{cls.__name__} has {len(problems)} problem(s):\n- " + "\n- ".join(problems))
+    return summary

@@ -82,6 +82,14 @@ def train_wordpiece(texts: list[str], vocab_size: int):
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    # The trainer's threads can order equally frequent pieces differently from one process to the next, so in a
+    # distributed run every process takes the first process's tokenizer: one vocabulary for all.
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        shared = [tok.to_str()]
+        td.broadcast_object_list(shared, src=0)
+        tok = Tokenizer.from_str(shared[0])
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
 

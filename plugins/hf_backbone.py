@@ -170,6 +170,9 @@ class HFBackbone(Backbone):
             mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
         return {"size": size, "mean": mean, "std": std, "channels": getattr(cfg, "num_channels", 3)}
 
+    def native_model(self):
+        return self.hf_model
+
     def limits(self) -> dict:
         """Usable positions of learned absolute position embeddings (RoBERTa-style ones start after the padding
         index, so they lose padding_idx + 1), the vocabulary size, and the fixed size of ViT-style image models."""

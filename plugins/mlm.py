@@ -69,6 +69,7 @@ class MLM(Strategy):
 
     Options = MLMOptions
     primary_metric = "perplexity"
+    supports_adapters = True
     metric_modes = {"loss": "min", "perplexity": "min", "masked_accuracy": "max"}
 
     def build(self):

@@ -187,6 +187,9 @@ class TimmBackbone(Backbone):
         size = getattr(pe, "img_size", None)
         return tuple(size) if size else None
 
+    def native_model(self):
+        return self.timm_model
+
     def limits(self) -> dict:
         fixed = self._fixed_size()
         return {"image_size": fixed} if fixed else {}

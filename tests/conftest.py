@@ -30,7 +30,8 @@ def tiny_config(**tables) -> dict:
                   "log_every": 1},
     }
     for table, values in tables.items():
-        if values is None or "plugin" in values and (table == "backbone" or values["plugin"] != conf[table]["plugin"]):
+        if values is None or "plugin" in values and (
+                table == "backbone" or values["plugin"] != conf.get(table, {}).get("plugin")):
             conf[table] = values  # another plugin (or backbone): its own options only
         else:
             conf[table] = {**conf.get(table, {}), **values}

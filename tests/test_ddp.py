@@ -68,3 +68,53 @@ def test_two_processes_with_a_trainable_set_that_changes(tmp_path, tiny_bert, fa
                        train={"epochs": epochs, "optimizer": "sgd", "lr": 0.05})
     one, two = one_vs_two(tmp_path, conf)
     assert_same_weights(one, two, atol=1e-5)
+
+
+def test_unused_parameters_keep_their_values_under_adamw_with_accumulation(tmp_path, tiny_bert):
+    """The pooler (unused under mean pooling) gets no gradient in either run, so AdamW's decoupled weight decay
+    must not touch it in two processes when it does not in one; accumulation (no_sync) and the re-wrap of gradual
+    unfreezing, whose second epoch makes the pooler trainable, included."""
+    import torch
+    from safetensors.torch import load_file
+
+    conf = tiny_config(**family_tables("hf", tmp_path, tiny_bert), strategy={"unfreeze_every": 1},
+                       train={"epochs": 3, "grad_accum": 2, "lr": 3e-3})  # AdamW, weight_decay 0.01
+    one, two = one_vs_two(tmp_path, conf)
+    assert_same_weights(one, two, atol=1e-4)  # AdamW divides by sqrt(v): float noise shows more than with SGD
+    pooler = load_file(str(tiny_bert / "model.safetensors"))["pooler.dense.weight"]
+    assert torch.equal(one["backbone.model.pooler.dense.weight"], pooler)
+    assert torch.equal(two["backbone.model.pooler.dense.weight"], pooler)
+
+
+def test_two_processes_with_a_lora_adapter(tmp_path, tiny_bert):
+    conf = tiny_config(**family_tables("hf", tmp_path, tiny_bert), adapter={"plugin": "lora", "r": 4},
+                       train={"max_steps": 4, "optimizer": "sgd", "lr": 0.1, "grad_accum": 2})
+    one, two = one_vs_two(tmp_path, conf)
+    assert_same_weights(one, two, atol=1e-5)
+    assert any("lora_" in k for k in two)
+
+
+def test_a_tokenizer_trained_on_the_corpus_is_the_same_in_every_process(tmp_path):
+    """The WordPiece trainer's threads can order pieces differently per process; a distributed from-scratch run
+    must still tokenize alike everywhere."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "vocab.py"
+    script.write_text(
+        "import hashlib, torch.distributed as td\n"
+        "from graft.plugins.corpus import train_wordpiece\n"
+        "td.init_process_group('gloo')\n"
+        "texts = [f'the film {i % 7} was good and the movie {i % 5} was bad {i % 11} times' for i in range(300)]\n"
+        "tok = train_wordpiece(texts, 90)\n"
+        "digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()\n"
+        "seen = [None, None]\n"
+        "td.all_gather_object(seen, digest)\n"
+        "assert seen[0] == seen[1], seen\n"
+        "td.destroy_process_group()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 or "terminate called without an active exception" in proc.stderr, proc.stderr
+    assert "AssertionError" not in proc.stderr, proc.stderr
