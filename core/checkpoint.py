@@ -10,6 +10,7 @@ checkpoint whole and pointed to.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -207,9 +208,11 @@ class RunLock:
         self.file = open(self.path, "a+")
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             self.file.close()
             self.file = None
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return self  # a filesystem without flock (some network mounts): run unprotected rather than refuse
             raise GraftError(f"Run directory {self.path.parent} is in use by another graft process (it holds "
                              f"{self.path}). Wait for it to finish, or choose another --out.") from None
         self.file.seek(0)

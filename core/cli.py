@@ -315,7 +315,10 @@ def export_cmd(run_dir, merge, out, trust_remote_code):
         raise GraftError(f"Run {run_dir} trained an adapter ({run.adapter.name}); pass --merge to write merged "
                          f"weights (the adapter alone, in its library's format, is {Path(run_dir) / 'adapter'}).")
     target = Path(out or Path(run_dir) / "merged")
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GraftError(f"Cannot write {target}: {e.strerror or e}. Choose another --out.") from None
     with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
         run.strategy.export(run.model, str(target))
     click.echo(f"Wrote {target}")

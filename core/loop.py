@@ -238,7 +238,7 @@ class Loop:
             if t.checkpoint_every and s.step % t.checkpoint_every == 0 or interrupted:
                 self.save_checkpoint()
             if s.stopped_early or interrupted:
-                return interrupted
+                break
         if s.micro >= self.micro_per_epoch:  # a whole epoch done
             if not t.eval_every:
                 s.stopped_early = self.evaluate_and_track()
@@ -248,7 +248,7 @@ class Loop:
                 if self.trainable() != self.grads_of:
                     self.wrap()
                 self.save_checkpoint()
-        return False
+        return interrupted
 
     def fit(self) -> dict:
         from tqdm.auto import tqdm

@@ -34,8 +34,9 @@ def build_optimizer(t: TrainOptions, groups: list[dict]) -> torch.optim.Optimize
         params = [p for p in g["params"] if id(p) not in seen]
         seen.update(id(p) for p in params)
         wd = g.get("weight_decay", t.weight_decay)
-        for suffix, ps, decay in (("", [p for p in params if p.ndim > 1], wd),
-                                  (".no_decay", [p for p in params if p.ndim <= 1], 0.0)):
+        decayed = [p for p in params if p.ndim > 1 and not getattr(p, "no_weight_decay", False)]
+        for suffix, ps, decay in (("", decayed, wd),
+                                  (".no_decay", [p for p in params if all(p is not q for q in decayed)], 0.0)):
             if ps:
                 param_groups.append({"params": ps, "weight_decay": decay, "lr": t.lr * g.get("lr_scale", 1.0),
                                      "lr_scale": g.get("lr_scale", 1.0), "name": g.get("name", "group") + suffix})

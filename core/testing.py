@@ -207,12 +207,7 @@ def check_adapter(cls, workdir, options: dict | None = None, backbone: dict | No
         problems.append("apply() returned parameters as frozen that still require grad")
     if not any(p.requires_grad and n.startswith("backbone.") for n, p in backbone_params.items()):
         problems.append("apply() left no backbone parameter trainable")
-    before = {k: v.clone() for k, v in run.backbone.native_model().state_dict().items()}
-    with run.adapter.merged(run.backbone):
-        pass
-    after = run.backbone.native_model().state_dict()
-    if before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before):
-        problems.append("merged() did not leave the model exactly as it was")
+    problems += _merge_problems(run)
     full = workdir / "full"
     summary = train(resolved(), full, echo=lambda m: None)
     if not summary.get("adapter", {}).get("size_bytes"):
@@ -231,3 +226,34 @@ def check_adapter(cls, workdir, options: dict | None = None, backbone: dict | No
     if problems:
         raise AssertionError(f"{cls.__name__} has {len(problems)} problem(s):\n- " + "\n- ".join(problems))
     return summary
+
+
+def _merge_problems(run) -> list[str]:
+    """merged() must compute what the adapted model computes, and leave it exactly as it was. The adapter's
+    parameters are moved off their initial values first (LoRA's B starts at zero: merging would change nothing)."""
+    import torch
+
+    native = run.backbone.native_model()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in native.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    ds = run.data.dataset("val") or run.data.dataset("train")
+    inputs = run.data.collate([ds[i] for i in range(min(4, len(ds)))])["inputs"]
+    before = {k: v.clone() for k, v in native.state_dict().items()}
+    run.model.eval()
+    with torch.no_grad():
+        adapted = run.backbone.module(inputs)
+        with run.adapter.merged(run.backbone):
+            merged = run.backbone.module(inputs)
+        again = run.backbone.module(inputs)
+    after = native.state_dict()
+    problems = []
+    if not torch.allclose(adapted, merged, atol=1e-4):
+        problems.append(f"inside merged() the model computes something else (max difference "
+                        f"{(adapted - merged).abs().max().item():.2e})")
+    if before.keys() != after.keys() or any(not torch.equal(before[k], after[k]) for k in before) or \
+            not torch.equal(adapted, again):
+        problems.append("merged() did not leave the model exactly as it was")
+    return problems

@@ -36,7 +36,7 @@ class BitFit(Adapter):
         biases = {n: p.detach().cpu().contiguous() for n, p in backbone.native_model().named_parameters()
                   if n.split(".")[-1] == "bias"}
         save_file(biases, str(out / "bitfit.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps({"adapter": "bitfit", "tensors": len(biases)}) + "\n")
+        (out / "bitfit_config.json").write_text(json.dumps({"adapter": "bitfit", "tensors": len(biases)}) + "\n")
         return sum(f.stat().st_size for f in out.iterdir() if f.is_file())
 
 

@@ -46,7 +46,7 @@ def read_documents(o: CorpusOptions, where: str) -> list[str]:
                    and not any(part.startswith(".") for part in f.relative_to(p).parts)) if p.is_dir() else [p]
     docs: list[str] = []
     for f in files:
-        text = read_text(f, o.encoding, where)
+        text = read_text(f, o.encoding, where).replace("\r\n", "\n")  # Windows files split like others
         if f.suffix == ".jsonl":
             for i, line in enumerate(text.splitlines(), 1):
                 if line.strip():

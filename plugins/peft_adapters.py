@@ -71,6 +71,9 @@ class PeftAdapter(Adapter):
         except (ValueError, TypeError) as e:
             raise GraftError(f"[adapter] plugin = {self.name!r}: peft cannot adapt {type(native).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
+        for name, p in native.named_parameters():
+            if "ia3_l" in name:
+                p.no_weight_decay = True  # IA3's scales start at 1: decay would pull them towards 0, not to 1
         # peft leaves only the adapter trainable; the backbone's own parameters stay frozen for good
         return {id(p) for p in backbone.module.parameters() if not p.requires_grad}
 
@@ -183,10 +186,10 @@ class IA3(PeftAdapter):
         if not targets:
             model_type = getattr(getattr(native, "config", None), "model_type", None)
             targets = default_targets(native, TARGETS)
-            if model_type in FEEDFORWARD:
-                feedforward = list(FEEDFORWARD[model_type])
-            elif targets == [_VIT_QKV]:
-                targets, feedforward = [_VIT_QKV, "fc2"], ["fc2"]
+            if targets == [_VIT_QKV]:
+                targets = [_VIT_QKV, "fc2"]
+            if not feedforward:
+                feedforward = list(FEEDFORWARD.get(model_type, ["fc2"] if "fc2" in targets else []))
         check_targets(native, targets, "target_modules")
         return IA3Config(target_modules=targets, feedforward_modules=feedforward)
 

@@ -85,7 +85,10 @@ def read_records(path: str, o: TextOptions, where: str) -> list[Record]:
         import csv
         import io
 
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # long articles are one field
+        # strict: an unclosed quote is an error at its line, not the rest of the file swallowed into one field
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if p.suffix.lower() == ".tsv" else ",",
+                            strict=True)
         try:
             header = [h.strip() for h in next(reader, [])]
             for col in (text_col, label_col):
@@ -168,8 +171,10 @@ class Text(DataSource):
                                  f"{count} such row{'s' if count > 1 else ''} in all). Fill them in, or set "
                                  f"missing_labels = \"drop\" (leave them out) or \"unlabelled\" (train on them "
                                  f"without a label).")
-            warn(f"{where}: {count} row{'s' if count > 1 else ''} without a label (first: {first.where}) "
-                 f"{'left out' if o.missing_labels == 'drop' else 'kept for training without a label'}.")
+            kept = len(missing[""]) if o.missing_labels == "unlabelled" else 0
+            warn(f"{where}: {count} row{'s' if count > 1 else ''} without a label (first: {first.where}): "
+                 + (f"{kept} kept for training without a label, {count - kept} left out (validation and test need "
+                    f"labels)." if kept else "left out."))
         unlabelled = missing[""] if o.missing_labels == "unlabelled" else []
         parts = {s: [r for r in recs if r.label is not None] for s, recs in parts.items()}
         main = parts[""]

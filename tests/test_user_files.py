@@ -320,3 +320,15 @@ def test_encoding_config_with_bom_and_predict_file_in_latin1(tmp_path, tiny_bert
     assert code == 0 and out.count("\n") == 2, out
     (tmp_path / "bad.toml").write_bytes("[train]\nlr = 1e-3 # caf\u00e9\n".encode("latin-1"))
     assert_bad_input(*cli_run("train", tmp_path / "bad.toml"), "bad.toml", "line 2")
+
+
+def test_csv_unclosed_quote_is_bad_input_and_crlf_paragraphs_split(tmp_path, tiny_bert):
+    lines = ["text,label"] + [f"{t},{y}" for t, y in rows(10)] + ['"good film,pos'] + [f"{t},{y}" for t, y in rows()]
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(GraftError, match="x.csv, line .*not valid CSV"):
+        text_source(tiny_bert, path=str(tmp_path / "x.csv"))
+    from graft.plugins.corpus import CorpusOptions, read_documents
+
+    (tmp_path / "p.txt").write_bytes(b"first paragraph\r\nstill first\r\n\r\nsecond one\r\n")
+    docs = read_documents(CorpusOptions(path=str(tmp_path / "p.txt"), documents="paragraphs"), "[data]")
+    assert docs == ["first paragraph\nstill first", "second one"]

@@ -183,11 +183,12 @@ class Distill(Supervised):
 
         from graft import move
 
-        val = self.data.dataset("test") or self.data.dataset("val") or self.data.dataset("train")
+        split = next(s for s in ("test", "val", "train") if self.data.dataset(s))
+        val = self.data.dataset(split)
         idx = list(range(min(64, len(val))))
         device = self._device()
         s_inputs = move(self.data.collate([val[i] for i in idx])["inputs"], device)
-        t_inputs = move(self._teacher_inputs("test" if self.data.dataset("test") else "val", idx), device)
+        t_inputs = move(self._teacher_inputs(split, idx), device)
         self.teacher.to(device)
 
         def throughput(module, inputs):
