@@ -135,7 +135,8 @@ def create(kind: str, table: dict, *, where: str = "", registry: Registry | None
         backbone.build()                      # backbones are returned unbuilt; data sources un-set-up
         loss = graft.create("loss", {"plugin": "kd", "temperature": 2.0})
 
-    ``kind`` is backbone, strategy, loss or data (strategies also take ``backbone=``, ``loss=``, ``data=``).
+    ``kind`` is backbone, strategy, loss, data or adapter (strategies also take ``backbone=``, ``loss=``,
+    ``data=``).
     Raises GraftError for an unknown kind, plugin or key, or a bad value, naming ``where`` (e.g. the config
     table that held ``table``), with a did-you-mean where one fits.
     """

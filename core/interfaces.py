@@ -1,4 +1,4 @@
-"""The plugin interfaces: Backbone, Strategy, Loss (and SoftTargetLoss), DataSource.
+"""The plugin interfaces: Backbone, Strategy, Loss (and SoftTargetLoss), DataSource, Adapter.
 
 Importing this module never imports torch: plugins subclass these at import time, and ``graft list`` /
 ``graft describe`` import plugins without paying for torch. Implementations import torch inside methods.
@@ -13,6 +13,7 @@ Who owns what:
 - Loss: a configurable function of outputs and targets.
 - DataSource: train/val/test splits and batch collation using the backbone's preprocessing; a second view of the
   same examples for another backbone (``view``).
+- Adapter: parameter-efficient modules put into a backbone (LoRA, IA3, ...), saved in their library's format.
 The loop (``graft.loop``) owns everything about running and never special-cases a strategy by name. Every plugin's
 ``name`` is the name it was registered under: the registry sets it on the class, a run sets it on the instance it
 builds from a config table.
