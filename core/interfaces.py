@@ -364,6 +364,15 @@ class Strategy(Plugin):
     def on_step_start(self, step: int, total_steps: int) -> None:
         """Called before each optimizer step (``step`` counts from 0); for schedules of the strategy's own."""
 
+    def step_targets(self, batch: dict) -> int | None:
+        """For token-level losses: the number of targets (e.g. masked or next tokens) in this micro-batch, or None
+        (the default: the loss is a mean per micro-batch). Called for every micro-batch of an optimizer step before
+        any forward pass; it may add to ``batch`` (e.g. the masks it drew). When it returns a number, the loop puts
+        the step's total over all micro-batches and processes in ``batch["step_targets"]`` (a float tensor) and
+        ``training_step`` must return its summed loss divided by it -- then batch 3 x accumulation 2 (or 2
+        processes) gives the same update as batch 6 (the normalisation transformers adopted in v4.46)."""
+        return None
+
     def training_step(self, model: "nn.Module", batch: dict) -> dict:
         raise NotImplementedError
 

@@ -159,21 +159,32 @@ class Loop:
         t, s, device = self.t, self.state, self.run.device
         group = min(t.grad_accum, self.micro_per_epoch - s.micro)
         loss_sum, n_samples, extra = torch.zeros((), device=device), 0, {}
-        for i in range(group):
-            batch = move(next(batches), device)
+        micro = [move(next(batches), device) for _ in range(group)]
+        # Token-level losses: each micro-batch's summed loss is divided by the targets of the whole step (all its
+        # micro-batches, all processes), so batch 3 x accumulation 2 updates like batch 6 (transformers >= 4.46).
+        counts = [self.strategy.step_targets(b) for b in micro]
+        per_target = counts[0] is not None
+        if per_target:
+            total = distributed.all_reduce_sum(torch.tensor(float(sum(counts)), device=device), self.dist)
+            for b in micro:
+                b["step_targets"] = total.clamp(min=1.0)
+        # DDP averages gradients over processes; a per-target loss is already a share of the global sum
+        scale = self.dist.world_size if per_target else 1.0 / group
+        for i, batch in enumerate(micro):
             n_samples += batch_size_of(batch)
             # no_sync must cover the forward pass too: DDP prepares the reduction there.
             with self.ddp.no_sync() if self.ddp is not None and i < group - 1 else contextlib.nullcontext():
                 with self.run.autocast():
                     out = self.strategy.training_step(self.model, batch)
                     loss = out["loss"]
-                self.scaler.scale(loss.float() / group).backward()
+                self.scaler.scale(loss.float() * scale).backward()
             loss_sum += loss.detach().float()
             for k, v in out.items():
                 if k != "loss":
                     extra[k] = extra.get(k, 0.0) + float(v) / group
         s.micro += group
-        flags = torch.stack([loss_sum / group, torch.tensor(float(stop_requested), device=device)])
+        local = loss_sum * self.dist.world_size if per_target else loss_sum / group  # mean over processes below
+        flags = torch.stack([local, torch.tensor(float(stop_requested), device=device)])
         step_loss, stop_asked = (distributed.all_reduce_sum(flags, self.dist) / self.dist.world_size).tolist()
         if math.isfinite(step_loss):
             if self.scaler.is_enabled():

@@ -67,10 +67,39 @@ def read_documents(o: CorpusOptions, where: str) -> list[str]:
     return docs
 
 
+def cached_wordpiece(texts: list[str], vocab_size: int):
+    """``train_wordpiece``, kept in ``$GRAFT_CACHE_DIR`` (default ``~/.cache/graftkit``) under a hash of the texts and
+    the size. The trainer breaks ties between equally frequent pieces differently from one call to the next, so
+    without this a resumed from-scratch run would continue with another vocabulary than its checkpoint's."""
+    import hashlib
+    import json
+    import os
+
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(json.dumps(["wordpiece-1", vocab_size, texts]).encode()).hexdigest()[:24]
+    root = Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit")
+    path = root / "tokenizers" / f"wordpiece-{key}.json"
+    if path.is_file():
+        return _wrap(Tokenizer.from_file(str(path)))
+    tok = train_wordpiece(texts, vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tok.backend_tokenizer.save(str(tmp))
+    os.replace(tmp, path)  # whole or absent, even with several processes writing the same tokenizer
+    return tok
+
+
+def _wrap(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
 def train_wordpiece(texts: list[str], vocab_size: int):
     """A BERT-style WordPiece tokenizer trained on ``texts``, wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -90,8 +119,7 @@ def train_wordpiece(texts: list[str], vocab_size: int):
         shared = [tok.to_str()]
         td.broadcast_object_list(shared, src=0)
         tok = Tokenizer.from_str(shared[0])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return _wrap(tok)
 
 
 class Corpus(DataSource):
@@ -116,7 +144,7 @@ class Corpus(DataSource):
             size = o.vocab_size or backbone.limits().get("vocab_size")
             if not size:
                 raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set vocab_size to train one.")
-            tok = train_wordpiece(split_docs["train"], size)
+            tok = cached_wordpiece(split_docs["train"], size)
             backbone.set_tokenizer(tok)
         self.check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
         if tok.mask_token_id is None:

@@ -135,10 +135,37 @@ class MLM(Strategy):
                                                      ignore_index=-100, reduction="sum")
         return logits, labels, loss_sum
 
+    def training_masks(self, batch):
+        """(inputs, labels) with each example's masks drawn from its own seed (``data.example_seed`` of its index:
+        seed, epoch, example), so an example is masked alike with any batch size, accumulation or number of
+        processes, and after a resume."""
+        import torch
+
+        ids, maskable, words = batch["inputs"]["input_ids"], batch["maskable"], batch["word_ids"]
+        o, rows = self.options, []
+        for r, index in enumerate(batch["index"].tolist()):
+            g = torch.Generator(device=ids.device).manual_seed(self.data.example_seed(index))
+            rows.append(mask_tokens(ids[r:r + 1], maskable[r:r + 1], self.mask_id, self.vocab_size,
+                                    o.mlm_probability, o.mask_ratio, o.random_ratio,
+                                    word_ids=words[r:r + 1] if o.whole_word else None, generator=g))
+        return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+
+    def step_targets(self, batch):
+        batch["mlm_inputs"], batch["mlm_labels"] = self.training_masks(batch)
+        return int((batch["mlm_labels"] != -100).sum())
+
     def training_step(self, model, batch):
-        _, labels, loss_sum = self._predict_masked(model, batch)
-        # Mean over masked tokens, and 0 (not NaN) for a batch where the draw masked none.
-        return {"loss": loss_sum / (labels != -100).sum().clamp(min=1)}
+        import torch
+
+        if "mlm_labels" not in batch:  # called outside the loop: masks of the usual random draw
+            _, labels, loss_sum = self._predict_masked(model, batch)
+            # Mean over masked tokens, and 0 (not NaN) for a batch where the draw masked none.
+            return {"loss": loss_sum / (labels != -100).sum().clamp(min=1)}
+        labels = batch["mlm_labels"]
+        logits = model(input_ids=batch["mlm_inputs"], attention_mask=batch["inputs"]["attention_mask"]).logits.float()
+        loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
+                                                     ignore_index=-100, reduction="sum")
+        return {"loss": loss_sum / batch["step_targets"]}
 
     def eval_step(self, model, batch):
         import torch

@@ -47,15 +47,19 @@ def test_two_processes_match_one_for_every_strategy_and_family(tmp_path, tiny_be
 
 
 def test_two_processes_masked_lm(tmp_path):
+    """Masks drawn per example and the loss normalised over the step's masked tokens in all processes: 2 processes
+    with batch 4 end where 1 process with batch 8 does."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"the film {i % 7} was good and the movie {i % 5} was bad\n" for i in range(300)))
     conf = {"backbone": {"plugin": "hf", "config": {"model_type": "bert", "vocab_size": 120, "hidden_size": 32,
                                                     "num_hidden_layers": 2, "num_attention_heads": 2,
-                                                    "intermediate_size": 64, "max_position_embeddings": 64}},
+                                                    "intermediate_size": 64, "max_position_embeddings": 64,
+                                                    **NO_DROPOUT}},
             "strategy": {"plugin": "mlm"}, "data": {"plugin": "corpus", "path": str(corpus), "block_size": 32},
-            "train": {"max_steps": 4, "batch_size": 4, "progress": False, "plot": False, "grad_accum": 2}}
-    two = graft("train", write_config(tmp_path / "m.toml", conf), "--nproc", "2", "--out", tmp_path / "two")
-    assert two.returncode == 0, two.stderr  # masks are drawn per process, so no 1-process comparison here
+            "train": {"max_steps": 4, "progress": False, "plot": False, "grad_accum": 2, "optimizer": "sgd",
+                      "lr": 0.5}}
+    one, two = one_vs_two(tmp_path, conf, batch=4)
+    assert_same_weights(one, two, atol=1e-5)
 
 
 @pytest.mark.parametrize("family, strategy", [("hf", {"unfreeze_every": 1}), ("timm", {"lp_epochs": 1})])
