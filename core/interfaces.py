@@ -388,6 +388,15 @@ class Strategy(Plugin):
 
         raise GraftError(f"strategy {self.name!r} does not predict.")
 
+    def generate(self, model: "nn.Module", prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
+                 top_p: float = 1.0, stream=None) -> str:
+        """Text continuing ``prompt``, for ``graft generate``; ``stream(text)`` receives it as it is made. Raises
+        GraftError for strategies that do not generate."""
+        from .errors import GraftError
+
+        raise GraftError(f"strategy {self.name!r} does not generate text; graft generate needs a run of a language "
+                         f"model strategy (clm).")
+
     def report(self, model: "nn.Module") -> dict:
         """Extra facts for summary.json at the end of a run (e.g. parameter counts)."""
         return {}

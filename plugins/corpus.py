@@ -147,8 +147,6 @@ class Corpus(DataSource):
             tok = cached_wordpiece(split_docs["train"], size)
             backbone.set_tokenizer(tok)
         self.check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
-        if tok.mask_token_id is None:
-            raise GraftError(f"{where}: the tokenizer has no mask token, so it cannot do masked-LM.")
         self.tokenizer = tok
         self.special_ids = sorted(set(tok.all_special_ids))
         self.blocks = {s: self._blocks(tok, d) for s, d in split_docs.items()}

@@ -130,8 +130,9 @@ class HFBackbone(Backbone):
         if options.trust_remote_code and not trust_remote_code:
             raise GraftError("The run's config sets trust_remote_code = true, so loading it would run code shipped "
                              "with its model. If you trust its source, pass --trust-remote-code.")
-        if options.weights and export_dir is not None:
-            return dataclasses.replace(options, weights=str(export_dir))
+        if export_dir is not None and (Path(export_dir) / "config.json").is_file():
+            # the run's own export: its weights, and the tokenizer a random-init run trained on its corpus
+            return dataclasses.replace(options, weights=str(export_dir), config={})
         return options
 
     def tokenizer(self):

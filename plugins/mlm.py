@@ -97,6 +97,9 @@ class MLM(Strategy):
             self._load_head(mlm, Path(source))
         mlm.tie_weights()
         self.mask_id = self.backbone.tokenizer().mask_token_id  # the corpus gave a random-init backbone its own
+        if self.mask_id is None:
+            raise GraftError("[strategy] plugin = \"mlm\": the tokenizer has no mask token, so it cannot do masked-LM "
+                             "(a decoder's tokenizer? train it with plugin = \"clm\").")
         self.vocab_size = base.config.vocab_size
         self.model = mlm
         return mlm

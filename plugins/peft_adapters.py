@@ -152,7 +152,11 @@ class Lora(PeftAdapter):
         o = self.options
         targets = list(o.target_modules) or default_targets(native, TARGETS)
         check_targets(native, targets, "target_modules")
+        # GPT-2's Conv1D stores its weight transposed; peft needs to be told
+        conv1d = any(kind == "Conv1D" and any(n == t or n.endswith("." + t) for t in targets)
+                     for n, kind in _leaf_layers(native).items())
         return LoraConfig(r=o.r, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout, target_modules=targets,
+                          fan_in_fan_out=conv1d,
                           use_dora=o.use_dora, use_rslora=o.use_rslora, bias=o.bias,
                           init_lora_weights=True if o.init_lora_weights == "default" else o.init_lora_weights)
 
