@@ -67,6 +67,16 @@ class Backbone(Plugin):
     #: ids of parameters an adapter froze for good (set by the run): freezing schedules must leave them frozen
     adapter_frozen: frozenset = frozenset()
 
+    def task_model(self, task: str) -> "nn.Module":
+        """This network with a pretraining head: ``task`` "masked-lm" or "causal-lm". The returned model shares
+        the backbone's own modules (training it trains the backbone), carries the pretrained head when the weights
+        had one, and leaves parameters it does not use (a pooler) frozen. Its forward takes ``input_ids`` and
+        ``attention_mask`` ``[batch, tokens]`` and returns ``.logits`` ``[batch, tokens, vocab]``. Raises
+        GraftError when the backbone has no such form."""
+        from .errors import GraftError
+
+        raise GraftError(f"backbone {self.name!r} has no {task} form; use an hf text backbone.")
+
     def native_model(self) -> "nn.Module":
         """The family's own model inside ``self.module`` (a ``transformers`` model, a timm model): adapters go in
         here, and are saved with its parameter names."""

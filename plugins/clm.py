@@ -10,52 +10,23 @@ held-out blocks. The language model is saved with ``save_pretrained`` under ``lm
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from graft import GraftError, Strategy, hookimpl, option
-
-
-@dataclass
-class CLMOptions:
-    tie_word_embeddings: bool = option(True, "Tie the output layer to the input embeddings, as GPT-2 and most "
-                                             "decoders do (when the model's config does).")
+from graft import GraftError, Strategy, hookimpl
 
 
 class CLM(Strategy):
     """Causal (next-token) language modelling of an hf decoder: continued pretraining or from scratch; perplexity."""
 
-    Options = CLMOptions
     primary_metric = "perplexity"
     supports_adapters = True
     metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max"}
 
     def build(self):
-        from transformers import AutoModelForCausalLM
-
-        if self.backbone.hf_model is None:
-            raise GraftError(f"[strategy] plugin = \"clm\" needs an hf backbone; {self.backbone.name!r} is not one.")
         if self.data.task != "mlm":  # the corpus source: unlabelled token blocks
             raise GraftError("[strategy] plugin = \"clm\" needs [data] plugin = \"corpus\" (unlabelled text).")
-        base = self.backbone.hf_model
-        try:
-            lm = AutoModelForCausalLM.from_config(base.config)
-        except ValueError as e:
-            raise GraftError(f"[strategy] clm: {type(base).__name__} has no causal-LM form ({str(e).splitlines()[0]})."
-                             f" Use a decoder (GPT-2, Llama, ...); encoders train with mlm.") from None
-        setattr(lm, lm.base_model_prefix, base)  # the backbone's (pretrained) decoder itself
-        source = self.backbone.source_dir
-        if source is not None and (Path(source) / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            own = lm.state_dict()
-            head = {k: v for k, v in load_file(str(Path(source) / "model.safetensors")).items()
-                    if k in own and not k.startswith(lm.base_model_prefix + ".") and v.shape == own[k].shape}
-            lm.load_state_dict(head, strict=False)
-        if self.options.tie_word_embeddings:
-            lm.tie_weights()
-        self.model = lm
-        return lm
+        self.model = self.backbone.task_model("causal-lm")
+        return self.model
 
     def param_groups(self, model):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0, "name": "all"}]

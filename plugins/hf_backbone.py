@@ -174,6 +174,38 @@ class HFBackbone(Backbone):
     def native_model(self):
         return self.hf_model
 
+    def task_model(self, task):
+        """``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` of this model's config around the backbone's own
+        network, with the pretrained head from ``source_dir`` when its checkpoint has one (BertForMaskedLM and
+        GPT-2 checkpoints do) and the output layer tied to the embeddings where the config says so."""
+        import transformers
+
+        auto = {"masked-lm": transformers.AutoModelForMaskedLM, "causal-lm": transformers.AutoModelForCausalLM}[task]
+        base = self.hf_model
+        if self.modality != "text":
+            return super().task_model(task)
+        try:
+            model = auto.from_config(base.config)
+        except ValueError as e:
+            raise GraftError(f"[backbone] {type(base).__name__} has no {task} form ({str(e).splitlines()[0]}).") \
+                from None
+        prefix = model.base_model_prefix
+        own_base = getattr(model, prefix)
+        for name, module in list(base.named_children()):  # e.g. BERT's pooler: no task head uses it
+            if getattr(own_base, name, None) is None:
+                module.requires_grad_(False)
+        setattr(model, prefix, base)
+        weights = Path(self.source_dir or "") / "model.safetensors"
+        if self.source_dir is not None and weights.is_file():
+            from safetensors.torch import load_file
+
+            own = model.state_dict()
+            head = {k: v for k, v in load_file(str(weights)).items()
+                    if k in own and not k.startswith(prefix + ".") and v.shape == own[k].shape}
+            model.load_state_dict(head, strict=False)
+        model.tie_weights()
+        return model
+
     def limits(self) -> dict:
         """Usable positions of learned absolute position embeddings (RoBERTa-style ones start after the padding
         index, so they lose padding_idx + 1), the vocabulary size, and the fixed size of ViT-style image models."""

@@ -73,51 +73,15 @@ class MLM(Strategy):
     metric_modes = {"loss": "min", "perplexity": "min", "masked_accuracy": "max"}
 
     def build(self):
-        from transformers import AutoModelForMaskedLM
-
-        if self.backbone.hf_model is None:
-            raise GraftError(f"[strategy] plugin = \"mlm\" needs an hf backbone; {self.backbone.name!r} is not one.")
         if self.data.task != "mlm":
             raise GraftError("[strategy] plugin = \"mlm\" needs [data] plugin = \"corpus\" (unlabelled text).")
-        base = self.backbone.hf_model
-        try:
-            mlm = AutoModelForMaskedLM.from_config(base.config)
-        except ValueError as e:
-            raise GraftError(f"[strategy] mlm: {type(base).__name__} has no masked-LM form ({e}).") from None
-        prefix = mlm.base_model_prefix
-        own_base = getattr(mlm, prefix)
-        # Share the backbone's (pretrained) network; keep only parameters the MLM model has (no pooler).
-        for name, module in list(base.named_children()):
-            if not hasattr(own_base, name) or getattr(own_base, name) is None:
-                for p in module.parameters():
-                    p.requires_grad_(False)
-        setattr(mlm, prefix, base)
-        source = self.backbone.source_dir
-        if source is not None:
-            self._load_head(mlm, Path(source))
-        mlm.tie_weights()
+        self.model = self.backbone.task_model("masked-lm")
         self.mask_id = self.backbone.tokenizer().mask_token_id  # the corpus gave a random-init backbone its own
         if self.mask_id is None:
             raise GraftError("[strategy] plugin = \"mlm\": the tokenizer has no mask token, so it cannot do masked-LM "
                              "(a decoder's tokenizer? train it with plugin = \"clm\").")
-        self.vocab_size = base.config.vocab_size
-        self.model = mlm
-        return mlm
-
-    @staticmethod
-    def _load_head(mlm, directory: Path):
-        """The pretrained MLM head, when the weights directory has one (BertForMaskedLM checkpoints do)."""
-        from safetensors.torch import load_file
-
-        f = directory / "model.safetensors"
-        if not f.is_file():
-            return
-        state = load_file(str(f))
-        own = mlm.state_dict()
-        head = {k: v for k, v in state.items() if k in own and not k.startswith(mlm.base_model_prefix + ".")
-                and v.shape == own[k].shape}
-        if head:
-            mlm.load_state_dict(head, strict=False)
+        self.vocab_size = self.model.config.vocab_size
+        return self.model
 
     def param_groups(self, model):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0, "name": "all"}]
@@ -128,11 +92,12 @@ class MLM(Strategy):
                            o.mlm_probability, o.mask_ratio, o.random_ratio,
                            word_ids=batch["word_ids"] if o.whole_word else None, generator=generator)
 
-    def _predict_masked(self, model, batch, generator=None):
-        """(logits, labels, summed cross-entropy over the masked tokens) for one freshly masked batch."""
+    def _predict_masked(self, model, batch, generator=None, masks=None):
+        """(logits, labels, summed cross-entropy over the masked tokens) for ``masks`` ((inputs, labels)), or for
+        masks freshly drawn from ``generator``."""
         import torch
 
-        inputs, labels = self._masked(batch, generator=generator)
+        inputs, labels = masks if masks is not None else self._masked(batch, generator=generator)
         logits = model(input_ids=inputs, attention_mask=batch["inputs"]["attention_mask"]).logits.float()
         loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
                                                      ignore_index=-100, reduction="sum")
@@ -158,16 +123,11 @@ class MLM(Strategy):
         return int((batch["mlm_labels"] != -100).sum())
 
     def training_step(self, model, batch):
-        import torch
-
         if "mlm_labels" not in batch:  # called outside the loop: masks of the usual random draw
             _, labels, loss_sum = self._predict_masked(model, batch)
             # Mean over masked tokens, and 0 (not NaN) for a batch where the draw masked none.
             return {"loss": loss_sum / (labels != -100).sum().clamp(min=1)}
-        labels = batch["mlm_labels"]
-        logits = model(input_ids=batch["mlm_inputs"], attention_mask=batch["inputs"]["attention_mask"]).logits.float()
-        loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1),
-                                                     ignore_index=-100, reduction="sum")
+        _, _, loss_sum = self._predict_masked(model, batch, masks=(batch["mlm_inputs"], batch["mlm_labels"]))
         return {"loss": loss_sum / batch["step_targets"]}
 
     def eval_step(self, model, batch):
