@@ -133,3 +133,31 @@ def reviews(path, n=120, seed=0):
     return path
 
 
+
+
+def interrupted_and_resumed(cfg, tmp_path, lines=40):
+    """Train ``cfg`` whole into tmp_path/full, and again into tmp_path/cut with SIGTERM after ``lines`` metric lines
+    and a --resume; returns what the interrupted process printed on stderr."""
+    import signal
+
+    graft("train", cfg, "--out", tmp_path / "full", check=True)
+    proc = start_train(cfg, tmp_path / "cut")
+    wait_for_lines(tmp_path / "cut", lines, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Interrupted at step" in err, err
+    graft("train", cfg, "--resume", tmp_path / "cut", check=True)
+    return err
+
+
+def one_step_weights(conf, tmp_path, *layouts):
+    """Final weights of ``conf(batch, accum)`` for each (batch, accum) in ``layouts``, each trained into its own
+    folder (an in-process run)."""
+    from graft.config import resolve
+    from graft.loop import train
+
+    out = []
+    for batch, accum in layouts:
+        train(resolve(conf(batch, accum), "c.toml"), tmp_path / f"b{batch}x{accum}", echo=lambda m: None)
+        out.append(weights(tmp_path / f"b{batch}x{accum}"))
+    return out

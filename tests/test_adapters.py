@@ -2,14 +2,13 @@
 backbone; the saved adapter in plain peft, merged export, exact resume, bad targets, third-party adapters."""
 
 import json
-import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (TINY_VIT, assert_same_records, assert_same_weights, graft, read_metrics, reviews, start_train,
-                      tiny_config, wait_for_lines, weights, write_config)
+from conftest import (TINY_VIT, assert_same_records, assert_same_weights, interrupted_and_resumed, read_metrics,
+                      reviews, tiny_config, weights, write_config)
 from test_user_files import assert_bad_input, cli_run
 from graft import Adapter, GraftError, load_run
 from graft.config import resolve
@@ -95,14 +94,7 @@ def test_saved_adapter_in_plain_peft_and_merged_export_give_the_run_logits(tmp_p
 def test_sigterm_then_resume_with_an_adapter_reproduces_the_run(tmp_path):
     tables = dict(adapter={"plugin": "lora", "r": 4, "lora_dropout": 0.1},  # dropout: the RNG must resume too
                   train={"epochs": 3, "batch_size": 16, "scheduler": "cosine"})
-    cfg = write_config(tmp_path / "c.toml", tiny_config(**tables))
-    graft("train", cfg, "--out", tmp_path / "full", check=True)
-    proc = start_train(cfg, tmp_path / "cut")
-    wait_for_lines(tmp_path / "cut", 40, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Interrupted at step" in err, err
-    graft("train", cfg, "--resume", tmp_path / "cut", check=True)
+    interrupted_and_resumed(write_config(tmp_path / "c.toml", tiny_config(**tables)), tmp_path)
     assert_same_records(read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut"))
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=1e-6)
     assert load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))

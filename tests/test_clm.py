@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import assert_same_weights, read_metrics, tiny_config, weights, write_config
+from conftest import assert_same_weights, one_step_weights, read_metrics, tiny_config, write_config
 from test_user_files import assert_bad_input, cli_run
 from graft.config import resolve
 from graft.loop import train
@@ -51,15 +51,13 @@ def test_generate_on_a_run_that_is_not_a_language_model(tmp_path):
 
 def test_clm_accumulation_matches_the_large_batch(corpus, tmp_path):
     def conf(batch, accum):
-        return resolve(gpt2_config(corpus, max_steps=1, batch_size=batch, grad_accum=accum, optimizer="sgd",
-                                   lr=0.5, eval_at_start=False), "c.toml")
+        return gpt2_config(corpus, max_steps=1, batch_size=batch, grad_accum=accum, optimizer="sgd", lr=0.5,
+                           eval_at_start=False)
 
-    train(conf(6, 1), tmp_path / "big", echo=lambda m: None)
-    train(conf(3, 2), tmp_path / "acc", echo=lambda m: None)
-    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-6)
-    train(conf(3, 1), tmp_path / "half", echo=lambda m: None)
+    big, acc, half = one_step_weights(conf, tmp_path, (6, 1), (3, 2), (3, 1))
+    assert_same_weights(big, acc, atol=1e-6)
     with pytest.raises(AssertionError):  # the comparison can fail: half the batch is another update
-        assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "half"), atol=1e-6)
+        assert_same_weights(big, half, atol=1e-6)
 
 
 def test_clm_with_a_lora_adapter(corpus, tmp_path):

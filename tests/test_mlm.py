@@ -165,24 +165,22 @@ def test_accumulation_normalises_masked_tokens_over_the_whole_step(corpus, tmp_p
     """Batch 6 and batch 3 x accumulation 2 give the same weights after one SGD step, although the two micro-batches
     hold different numbers of masked tokens: the loss is summed over the step's masked tokens and divided by their
     total (a mean per micro-batch would weight the tokens of the smaller one more)."""
-    from conftest import assert_same_weights, weights
+    from conftest import assert_same_weights, one_step_weights
 
     def conf(batch, accum):
         c = scratch_config(corpus)
         c["backbone"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         c["train"].update(max_steps=1, batch_size=batch, grad_accum=accum, optimizer="sgd", lr=0.5,
                           eval_at_start=False, eval_every=0)
-        return resolve(c, "m.toml")
+        return c
 
-    r = Run(conf(3, 2))
+    r = Run(resolve(conf(3, 2), "m.toml"))
     order = r.loader("train", train=True)
     order.sampler.set_epoch(0)
     first, second = list(iter(order))[:2]
     counts = [r.strategy.step_targets(b) for b in (first, second)]
     assert counts[0] != counts[1], counts  # the case the normalisation is for
-    train(conf(6, 1), tmp_path / "big", echo=lambda m: None)
-    train(conf(3, 2), tmp_path / "acc", echo=lambda m: None)
-    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "acc"), atol=1e-6)
-    train(conf(3, 1), tmp_path / "half", echo=lambda m: None)
+    big, acc, half = one_step_weights(conf, tmp_path, (6, 1), (3, 2), (3, 1))
+    assert_same_weights(big, acc, atol=1e-6)
     with pytest.raises(AssertionError):  # the comparison can fail: half the batch is another update
-        assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "half"), atol=1e-6)
+        assert_same_weights(big, half, atol=1e-6)
