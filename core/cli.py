@@ -302,17 +302,19 @@ def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 = greedy; above 0 samples, softer as it grows.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0), help="Nucleus sampling.")
+@click.option("--raw", is_flag=True, help="Give the prompt as it is, not wrapped in the run's instruction template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def generate(run_dir, prompt, max_new_tokens, temperature, top_p, as_json, trust_remote_code):
-    """Continue PROMPT with a finished language-model run (strategy clm), streaming the text."""
+def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, trust_remote_code):
+    """Continue PROMPT with a finished language-model run (strategy clm), streaming the text. A run tuned on
+    instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself)."""
     from .run import load_run
 
     if not prompt.strip():
         raise GraftError("The prompt is empty: give the text to continue, e.g. graft generate RUN \"Once upon a time\".")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
-    text = run.strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream)
+    text = run.strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream, raw=raw)
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "text": text}))
     else:

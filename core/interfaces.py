@@ -67,6 +67,16 @@ class Backbone(Plugin):
     #: ids of parameters an adapter froze for good (set by the run): freezing schedules must leave them frozen
     adapter_frozen: frozenset = frozenset()
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Keep only each block's inputs in the forward pass and recompute the rest during backward (Chen et al.
+        2016, "Training Deep Nets with Sublinear Memory Cost"): activation memory falls from all layers' to about
+        one block's, for roughly one more forward pass per step. The gradients are the same. Raises GraftError when
+        the network has no such mode."""
+        from .errors import GraftError
+
+        raise GraftError(f"[train] gradient_checkpointing = true: backbone {self.name!r} has no gradient "
+                         f"checkpointing. Set it to false.")
+
     def task_model(self, task: str) -> "nn.Module":
         """This network with a pretraining head: ``task`` "masked-lm" or "causal-lm". The returned model shares
         the backbone's own modules (training it trains the backbone), carries the pretrained head when the weights
@@ -103,7 +113,8 @@ class Backbone(Plugin):
     def limits(self) -> dict:
         """What inputs the network can take, for data sources to check at setup instead of failing mid-step:
         ``"max_tokens"`` (int) usable positions of a text model, ``"vocab_size"`` (int) rows of its token embedding
-        table, ``"image_size"`` ((H, W)) the one input size of a fixed-size image model. An absent key is no limit."""
+        table, ``"image_size"`` ((H, W)) the one input size of a fixed-size image model, ``"decoder"`` (bool) a
+        decoder-only text model (a corpus then trains it a byte-level BPE tokenizer). An absent key is no limit."""
         return {}
 
     def layer_groups(self) -> list[list[str]]:
@@ -399,9 +410,10 @@ class Strategy(Plugin):
         raise GraftError(f"strategy {self.name!r} does not predict.")
 
     def generate(self, model: "nn.Module", prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
-                 top_p: float = 1.0, stream=None) -> str:
-        """Text continuing ``prompt``, for ``graft generate``; ``stream(text)`` receives it as it is made. Raises
-        GraftError for strategies that do not generate."""
+                 top_p: float = 1.0, stream=None, raw: bool = False) -> str:
+        """Text continuing ``prompt``, for ``graft generate``; ``stream(text)`` receives it as it is made; ``raw``
+        passes the prompt as it is, without the template of the run's instruction data. Raises GraftError for
+        strategies that do not generate."""
         from .errors import GraftError
 
         raise GraftError(f"strategy {self.name!r} does not generate text; graft generate needs a run of a language "

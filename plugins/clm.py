@@ -1,70 +1,194 @@
 """The ``clm`` strategy: causal language modelling (next-token prediction) of a Hugging Face decoder backbone.
 
-Continued pretraining of a pretrained decoder (GPT-2, Llama, ...) on the ``corpus`` source's packed blocks, or
-pretraining from scratch (a random-init ``hf`` backbone; the corpus trains a tokenizer). The loss is the summed
-cross-entropy of every next token divided by the targets of the whole optimizer step (all micro-batches and
-processes), so accumulation and process count do not change the update. Perplexity = exp(mean token loss) on the
-held-out blocks. The language model is saved with ``save_pretrained`` under ``lm/`` (``AutoModelForCausalLM`` and
-``graft generate`` load it); ``backbone/`` is the decoder alone, the hand-off to other runs.
+Three uses, one loss:
+
+- continued pretraining of a pretrained decoder (GPT-2, Llama, ...) on the ``corpus`` source's packed blocks, or
+  pretraining from scratch (a random-init ``hf`` backbone; the corpus trains it a byte-level BPE tokenizer);
+- instruction tuning (SFT) on the ``instructions`` source: the loss on response tokens only;
+- token-level distillation (``teacher`` = a finished clm run with the same tokenizer, and ``[loss] plugin = "kd"``):
+  alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy at every target token (Hinton et al. 2015
+  applied per token, as in Kim & Rush 2016's word-level KD and MiniLLM/GKD's forward-KL baseline).
+
+The loss is summed over the target tokens and divided by the target tokens of the whole optimizer step (all
+micro-batches and processes), so accumulation and process count do not change the update. Perplexity =
+exp(mean token loss) on held-out data. The language model is saved with ``save_pretrained`` under ``lm/``
+(``AutoModelForCausalLM`` and ``graft generate`` load it); ``backbone/`` is the decoder alone, the hand-off to other
+runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from graft import GraftError, Strategy, hookimpl
+from graft import UNLABELLED, GraftError, SoftTargetLoss, Strategy, hookimpl, option
+
+
+@dataclass
+class CLMOptions:
+    teacher: str = option("", "Token-level distillation: a finished clm run (the teacher) whose tokenizer is this "
+                              "model's; its softened next-token distributions teach through [loss] plugin = \"kd\" "
+                              "(alpha, temperature).", path=True)
+    rouge_examples: int = option(0, "Instruction data: at each evaluation, generate greedy responses to the first N "
+                                    "examples of the split and report ROUGE-L F1 (Lin 2004; Google's rouge-score, "
+                                    "stemmed) against the references as rougeL. Needs pip install 'graftkit[lm]'.")
+    max_new_tokens: int = option(32, "Tokens generated per response for rouge_examples.")
+
+    def validate(self):
+        if self.rouge_examples < 0 or self.max_new_tokens < 1:
+            raise ValueError("rouge_examples must be >= 0 and max_new_tokens >= 1.")
 
 
 class CLM(Strategy):
-    """Causal (next-token) language modelling of an hf decoder: continued pretraining or from scratch; perplexity."""
+    """Causal (next-token) language modelling of an hf decoder: pretraining, instruction tuning, distillation."""
 
+    Options = CLMOptions
     primary_metric = "perplexity"
     supports_adapters = True
-    metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max"}
+    metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max", "rougeL": "max"}
 
     def build(self):
-        if self.data.task != "mlm":  # the corpus source: unlabelled token blocks
-            raise GraftError("[strategy] plugin = \"clm\" needs [data] plugin = \"corpus\" (unlabelled text).")
+        o = self.options
+        if self.data.task not in ("mlm", "sft"):  # corpus: unlabelled token blocks; instructions: responses
+            raise GraftError("[strategy] plugin = \"clm\" needs [data] plugin = \"corpus\" (unlabelled text) or "
+                             "\"instructions\" (prompt/response pairs, chats).")
+        if o.rouge_examples and self.data.task != "sft":
+            raise GraftError("[strategy] rouge_examples compares generated responses with reference ones: it needs "
+                             "[data] plugin = \"instructions\".")
+        if o.rouge_examples:
+            self._scorer()  # a missing package is bad input now, not an error at the first evaluation
         self.model = self.backbone.task_model("causal-lm")
+        self.teacher, self.progress = None, 0.0
+        if o.teacher:
+            self.teacher = self._load_teacher(o.teacher)
+        elif self.loss is not None:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} with [strategy] plugin = \"clm\": clm's loss is "
+                             f"next-token cross-entropy; a [loss] table is used only for distillation, with "
+                             f"[strategy] teacher = \"runs/<clm run>\". Remove [loss], or set teacher.")
         return self.model
+
+    def _load_teacher(self, path):
+        from graft import load_run
+
+        if not isinstance(self.loss, SoftTargetLoss):
+            raise GraftError("[strategy] teacher is set, so clm distils: it needs a soft-target loss, e.g. [loss] "
+                             "plugin = \"kd\" with alpha = 0.5 and temperature = 1.0.")
+        run = load_run(Path(path), for_prediction=True, device="cpu")
+        if not isinstance(run.strategy, CLM):
+            raise GraftError(f"[strategy] teacher = {path!r} is a {run.strategy.name!r} run; token-level "
+                             f"distillation needs a clm run (a causal language model).")
+        mine, theirs = self.backbone.tokenizer(), run.backbone.tokenizer()
+        if mine is None or theirs is None or mine.get_vocab() != theirs.get_vocab():
+            sizes = f"{len(theirs) if theirs else 0} tokens vs {len(mine) if mine else 0} here"
+            raise GraftError(f"[strategy] teacher = {path!r} has another vocabulary than the student ({sizes}): "
+                             f"token-level distillation compares distributions over the same tokens. Give the "
+                             f"student the teacher's tokenizer: [backbone] tokenizer = \"{path}\".")
+        self.vocab = len(mine)
+        return run.model.eval().requires_grad_(False)
 
     def param_groups(self, model):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0, "name": "all"}]
 
-    def _loss_sum(self, model, batch):
-        """(summed next-token cross-entropy, logits [B, T-1, V], targets [B, T-1])."""
-        import torch
+    def on_step_start(self, step, total_steps):
+        self.progress = step / max(1, total_steps - 1)
 
-        ids = batch["inputs"]["input_ids"]
-        logits = model(input_ids=ids, attention_mask=batch["inputs"]["attention_mask"]).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 reduction="sum")
-        return loss, logits, targets
+    def _targets(self, batch):
+        """[B, T-1] next-token targets: the corpus's ids, or the instructions' labels (UNLABELLED = context)."""
+        return batch["targets"][:, 1:]
+
+    def _logits(self, model, batch, keep):
+        """Logits at the target positions ``keep`` ([B, T-1] bool): [N, V] (float32)."""
+        inputs = batch["inputs"]
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        return logits[keep].float()
 
     def step_targets(self, batch):
-        ids = batch["inputs"]["input_ids"]
-        return int(ids.shape[0] * (ids.shape[1] - 1))
+        return int((self._targets(batch) != UNLABELLED).sum())
 
     def training_step(self, model, batch):
-        loss, _, targets = self._loss_sum(model, batch)
-        return {"loss": loss / batch.get("step_targets", targets.numel())}
+        import torch.nn.functional as F
+
+        targets = self._targets(batch)
+        keep = targets != UNLABELLED
+        logits, targets = self._logits(model, batch, keep), targets[keep]
+        n = batch.get("step_targets", targets.numel())
+        if self.teacher is None:
+            return {"loss": F.cross_entropy(logits, targets, reduction="sum") / max(1, n)}
+        import torch
+
+        device = logits.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        with torch.no_grad():
+            teacher = self._logits(self.teacher, batch, keep)
+        v = min(self.vocab, logits.shape[-1], teacher.shape[-1])  # embedding tables may be padded past the tokenizer
+        if targets.numel() == 0:
+            return {"loss": logits.sum() * 0.0}
+        mean = self.loss(logits[:, :v], {"teacher": teacher[:, :v], "labels": targets, "progress": self.progress})
+        return {"loss": mean * targets.numel() / max(1, n)}
 
     def eval_step(self, model, batch):
-        loss, logits, targets = self._loss_sum(model, batch)
-        return {"loss_sum": loss, "tokens": loss.new_tensor(float(targets.numel())),
-                "correct": (logits.argmax(-1) == targets).sum().float()}
+        import torch.nn.functional as F
+
+        targets = self._targets(batch)
+        keep = targets != UNLABELLED
+        logits, flat = self._logits(model, batch, keep), targets[keep]
+        sums = {"loss_sum": F.cross_entropy(logits, flat, reduction="sum"),
+                "tokens": logits.new_tensor(float(flat.numel())),
+                "correct": (logits.argmax(-1) == flat).sum().float()}
+        if self.options.rouge_examples:
+            sums["rouge_sum"], sums["rouge_count"] = self._rouge(model, batch, keep)
+        return sums
 
     def compute_metrics(self, sums):
         import math
 
         loss = float(sums["loss_sum"]) / max(1.0, float(sums["tokens"]))
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "next_token_accuracy": float(sums["correct"]) / max(1.0, float(sums["tokens"]))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "next_token_accuracy": float(sums["correct"]) / max(1.0, float(sums["tokens"]))}
+        if "rouge_sum" in sums:
+            out["rougeL"] = float(sums["rouge_sum"]) / max(1.0, float(sums["rouge_count"]))
+        return out
 
-    def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None):
+    # -- generation ------------------------------------------------------------------------------------------
+    def _scorer(self):
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            raise GraftError("[strategy] rouge_examples needs the rouge-score package: pip install "
+                             "'graftkit[lm]'.") from None
+        return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def _rouge(self, model, batch, keep):
+        """(sum of ROUGE-L F1, count) over the batch's examples among the split's first ``rouge_examples``: the
+        greedy response to each prompt (the tokens before its first target) against the reference response."""
+        import torch
+
+        tok, scorer = self.backbone.tokenizer(), self._scorer()
+        ids, total, count = batch["inputs"]["input_ids"], 0.0, 0
+        for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
+            where = keep[row].nonzero().flatten()
+            if where.numel() == 0:
+                continue
+            start = int(where[0]) + 1  # target j is token j + 1 of the input
+            prompt = ids[row, :start].unsqueeze(0)
+            reference = tok.decode(ids[row, 1:][keep[row]], skip_special_tokens=True).strip()
+            with torch.no_grad():
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=self.options.max_new_tokens, pad_token_id=self._pad_id(tok))
+            text = tok.decode(out[0, start:], skip_special_tokens=True).strip()
+            total += scorer.score(reference, text)["rougeL"].fmeasure
+            count += 1
+        return ids.new_tensor(total, dtype=torch.float32), ids.new_tensor(float(count), dtype=torch.float32)
+
+    @staticmethod
+    def _pad_id(tok):
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None, raw=False):
         """Text continuing ``prompt`` through transformers' ``generate`` (greedy at temperature 0, else sampling
-        with nucleus ``top_p``); ``stream(text)`` receives it piece by piece as it is made."""
+        with nucleus ``top_p``); ``stream(text)`` receives it piece by piece as it is made. A run tuned on
+        instructions wraps the prompt in its template as the user's message, unless ``raw``."""
         import torch
         from transformers import TextStreamer
 
@@ -76,13 +200,15 @@ class CLM(Strategy):
                     stream(text)
 
             streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
-        enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        text, special = prompt, True
+        if not raw and hasattr(self.data, "prompt_text"):
+            text, special = self.data.prompt_text(tok, prompt)
+        enc = tok(text, return_tensors="pt", add_special_tokens=special).to(next(model.parameters()).device)
         sample = temperature > 0
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                                 streamer=streamer)
+                                 pad_token_id=self._pad_id(tok), streamer=streamer)
         return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def export(self, model, directory):

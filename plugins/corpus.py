@@ -1,6 +1,7 @@
 """The ``corpus`` data source: unlabelled text for language modelling, tokenized and cut into fixed-length blocks.
 
-A backbone without a tokenizer (random init) gets a WordPiece tokenizer trained on the corpus's training split.
+A backbone without a tokenizer (random init) gets one trained on the corpus's training split: byte-level BPE for a
+decoder-only model (GPT-2, Llama), WordPiece for an encoder (BERT).
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ class CorpusOptions:
     block_size: int = option(128, "Tokens per training block (documents are concatenated, then cut).")
     val_fraction: float = option(0.05, "Fraction of documents held out for perplexity.")
     max_documents: int = option(0, "Use only the first N documents; 0 = all.")
-    vocab_size: int = option(0, "For a backbone without a tokenizer: size of the WordPiece vocabulary trained on "
-                                "the corpus; 0 = the model's vocab_size.")
+    vocab_size: int = option(0, "For a backbone without a tokenizer: size of the vocabulary trained on the corpus; "
+                                "0 = the model's vocab_size.")
+    tokenizer_type: Literal["auto", "wordpiece", "bpe"] = option(
+        "auto", "For a backbone without a tokenizer: the kind trained on the corpus. auto = byte-level BPE (GPT-2's: "
+                "any text, no unknown tokens) for a decoder-only model, WordPiece (BERT's) otherwise.")
 
     def validate(self):
         if not self.path:
@@ -67,22 +71,23 @@ def read_documents(o: CorpusOptions, where: str) -> list[str]:
     return docs
 
 
-def cached_wordpiece(texts: list[str], vocab_size: int):
-    """``train_wordpiece``, kept in ``$GRAFT_CACHE_DIR`` (default ``~/.cache/graftkit``) under a hash of the texts and
-    the size. The trainer breaks ties between equally frequent pieces differently from one call to the next, so
-    without this a resumed from-scratch run would continue with another vocabulary than its checkpoint's."""
+def cached_tokenizer(texts: list[str], vocab_size: int, kind: str = "wordpiece"):
+    """``train_wordpiece`` or ``train_bpe``, kept in ``$GRAFT_CACHE_DIR`` (default ``~/.cache/graftkit``) under a
+    hash of the texts and the size. The trainers break ties between equally frequent pieces differently from one
+    call to the next, so without this a resumed from-scratch run would continue with another vocabulary than its
+    checkpoint's."""
     import hashlib
     import json
     import os
 
     from tokenizers import Tokenizer
 
-    key = hashlib.sha256(json.dumps(["wordpiece-1", vocab_size, texts]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([f"{kind}-1", vocab_size, texts]).encode()).hexdigest()[:24]
     root = Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit")
-    path = root / "tokenizers" / f"wordpiece-{key}.json"
+    path = root / "tokenizers" / f"{kind}-{key}.json"
     if path.is_file():
-        return _wrap(Tokenizer.from_file(str(path)))
-    tok = train_wordpiece(texts, vocab_size)
+        return _wrap(Tokenizer.from_file(str(path)), kind)
+    tok = (train_wordpiece if kind == "wordpiece" else train_bpe)(texts, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tok.backend_tokenizer.save(str(tmp))
@@ -90,11 +95,46 @@ def cached_wordpiece(texts: list[str], vocab_size: int):
     return tok
 
 
-def _wrap(tok):
+def _wrap(tok, kind: str = "wordpiece"):
     from transformers import PreTrainedTokenizerFast
 
+    if kind == "bpe":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
+                                       pad_token=EOT)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
+
+
+EOT = "<|endoftext|>"
+
+
+def _same_everywhere(tok):
+    """The first process's tokenizer in a distributed run: the trainers' threads can order equally frequent pieces
+    differently from one process to the next, and all processes must share one vocabulary."""
+    import torch.distributed as td
+    from tokenizers import Tokenizer
+
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        shared = [tok.to_str()]
+        td.broadcast_object_list(shared, src=0)
+        tok = Tokenizer.from_str(shared[0])
+    return tok
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A GPT-2-style byte-level BPE tokenizer trained on ``texts`` (Radford et al. 2019; the ``tokenizers``
+    library): every byte is in the vocabulary, so no text is unknown; ``<|endoftext|>`` separates documents and
+    pads. Wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return _wrap(_same_everywhere(tok), "bpe")
 
 
 def train_wordpiece(texts: list[str], vocab_size: int):
@@ -111,19 +151,11 @@ def train_wordpiece(texts: list[str], vocab_size: int):
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    # The trainer's threads can order equally frequent pieces differently from one process to the next, so in a
-    # distributed run every process takes the first process's tokenizer: one vocabulary for all.
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
-        shared = [tok.to_str()]
-        td.broadcast_object_list(shared, src=0)
-        tok = Tokenizer.from_str(shared[0])
-    return _wrap(tok)
+    return _wrap(_same_everywhere(tok))
 
 
 class Corpus(DataSource):
-    """Unlabelled text for masked-language modelling: tokenized, cut into fixed-length blocks, held-out split."""
+    """Unlabelled text for language modelling (mlm, clm): tokenized, cut into fixed-length blocks, held-out split."""
 
     Options = CorpusOptions
     task = "mlm"
@@ -144,7 +176,15 @@ class Corpus(DataSource):
             size = o.vocab_size or backbone.limits().get("vocab_size")
             if not size:
                 raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set vocab_size to train one.")
-            tok = cached_wordpiece(split_docs["train"], size)
+            kind = o.tokenizer_type
+            if kind == "auto":
+                kind = "bpe" if backbone.limits().get("decoder") else "wordpiece"
+            if kind == "bpe" and size < 257:
+                raise GraftError(f"{where}: a byte-level BPE tokenizer holds the 256 bytes and <|endoftext|>, so it "
+                                 f"needs a vocabulary of at least 257; the model has {size}. Set the backbone's "
+                                 f"vocab_size (or [data] vocab_size) to 257 or more, or tokenizer_type = "
+                                 f"\"wordpiece\".")
+            tok = cached_tokenizer(split_docs["train"], size, kind)
             backbone.set_tokenizer(tok)
         self.check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
         self.tokenizer = tok
@@ -156,9 +196,14 @@ class Corpus(DataSource):
         import numpy as np
 
         enc = tok(docs, add_special_tokens=True)
+        # A tokenizer that marks no document boundary itself (GPT-2's, Llama's) gets its end-of-sequence token
+        # after each document, so a block never runs one text into the next unmarked.
+        eot = [tok.eos_token_id] if tok.eos_token_id is not None and len(tok("a")["input_ids"]) == len(
+            tok("a", add_special_tokens=False)["input_ids"]) else []
         ids, words, offset = [], [], 0
         for i, row in enumerate(enc["input_ids"]):
             w = enc.word_ids(i) if getattr(enc, "is_fast", True) else [None] * len(row)
+            row, w = row + eot, w + [None] * len(eot)
             ids += row
             words += [-1 if x is None else x + offset for x in w]
             offset += (max((x for x in w if x is not None), default=-1) + 1)

@@ -86,6 +86,11 @@ class HFBackbone(Backbone):
             self.source_dir = path
         else:
             cfg = dict(o.config)
+            # The family's default special ids (GPT-2's 50256) mean nothing in a small random-init vocabulary; the
+            # tokenizer sets them (``set_tokenizer``).
+            for key in ("bos_token_id", "eos_token_id"):
+                if "vocab_size" in cfg and key not in cfg:
+                    cfg[key] = None
             try:
                 config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
                 model = AutoModel.from_config(config, **kwargs)
@@ -152,11 +157,23 @@ class HFBackbone(Backbone):
             except (OSError, ValueError) as e:
                 raise GraftError(f"[backbone] tokenizer: cannot load a tokenizer from {src!r} ({e}). Pass "
                                  f"tokenizer = \"DIR\" with tokenizer.json or vocab.txt.") from None
+            if self.source_dir is None:
+                self._follow(self._tokenizer)  # a random-init model takes its given tokenizer's special ids
         return self._tokenizer
 
     def set_tokenizer(self, tokenizer):
-        """Attach a tokenizer made elsewhere (e.g. trained on a corpus for a random-init model)."""
+        """Attach a tokenizer made elsewhere (e.g. trained on a corpus for a random-init model). The model's special
+        token ids follow it (a random-init GPT-2 config says 50256), so generation stops at its end of text."""
         self._tokenizer = tokenizer
+        self._follow(tokenizer)
+
+    def _follow(self, tokenizer):
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(self.hf_model.config, key, value)
+                if getattr(self.hf_model, "generation_config", None) is not None:
+                    setattr(self.hf_model.generation_config, key, value)
 
     def image_config(self) -> dict:
         if self.modality != "image":
@@ -173,6 +190,20 @@ class HFBackbone(Backbone):
 
     def native_model(self):
         return self.hf_model
+
+    def enable_gradient_checkpointing(self):
+        """transformers' ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before 5.x) with
+        torch's non-reentrant checkpoint: the one that works with frozen embeddings and adapters, without
+        ``enable_input_require_grads``."""
+        model = self.hf_model
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise GraftError(f"[train] gradient_checkpointing = true: {type(model).__name__} "
+                             f"({model.config.model_type}) has no gradient checkpointing in transformers. Set it to "
+                             f"false.")
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def task_model(self, task):
         """``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` of this model's config around the backbone's own
@@ -208,7 +239,8 @@ class HFBackbone(Backbone):
 
     def limits(self) -> dict:
         """Usable positions of learned absolute position embeddings (RoBERTa-style ones start after the padding
-        index, so they lose padding_idx + 1), the vocabulary size, and the fixed size of ViT-style image models."""
+        index, so they lose padding_idx + 1), the vocabulary size, whether a text model is decoder-only, and the
+        fixed size of ViT-style image models."""
         import torch
 
         out = {}
@@ -225,10 +257,19 @@ class HFBackbone(Backbone):
             vocab = getattr(self.hf_model.config, "vocab_size", None)
             if isinstance(vocab, int):
                 out["vocab_size"] = vocab
+            out["decoder"] = self.is_decoder()
         elif isinstance(getattr(getattr(self.hf_model, "embeddings", None), "position_embeddings", None),
                         torch.nn.Parameter):  # ViT-style: one learned embedding per patch of one image size
             out["image_size"] = self.image_config()["size"]
         return out
+
+    def is_decoder(self) -> bool:
+        """Decoder-only (GPT-2, Llama): its family has a causal-LM head and no masked-LM one."""
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+        kind = self.hf_model.config.model_type
+        return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     def layer_groups(self) -> list[list[str]]:
         """embeddings, then each encoder layer in order, then whatever follows (final norm, pooler)."""

@@ -22,7 +22,7 @@ def corpus(tmp_path):
 
 
 def gpt2_config(corpus, **train_options):
-    return {"backbone": {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 120, "n_embd": 32,
+    return {"backbone": {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 32,
                                                     "n_layer": 2, "n_head": 2, "n_positions": 64, **NO_DROPOUT}},
             "strategy": {"plugin": "clm"},
             "data": {"plugin": "corpus", "path": str(corpus), "block_size": 32, "val_fraction": 0.1},
@@ -68,3 +68,67 @@ def test_clm_with_a_lora_adapter(corpus, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     code, out = cli_run("generate", tmp_path / "run", "the film", "--max-new-tokens", "3", "--json")
     assert code == 0, out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A finished clm run (tiny GPT-2 from scratch, its own byte-level BPE tokenizer)."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    path = tmp / "c.txt"
+    path.write_text("".join(f"the film number {i % 9} was good and the movie {i % 4} was very bad\n"
+                            for i in range(400)))
+    train(resolve(gpt2_config(path, max_steps=20, eval_at_start=False), "t.toml"), tmp / "run", echo=lambda m: None)
+    return tmp / "run", path
+
+
+def kd_config(teacher_run, corpus, alpha, **backbone):
+    conf = gpt2_config(corpus, max_steps=3, eval_at_start=False, log_every=1, lr=1e-3)
+    conf["backbone"] = backbone or {"plugin": "hf", "weights": str(teacher_run)}
+    conf["strategy"]["teacher"] = str(teacher_run)
+    conf["loss"] = {"plugin": "kd", "alpha": alpha, "temperature": 2.0}
+    return conf
+
+
+def test_decoder_distillation_compares_next_token_distributions(teacher, tmp_path):
+    """A student that starts as the teacher has nothing to learn from the soft targets (KL 0) but the hard loss
+    is the usual next-token cross-entropy; a smaller student with the teacher's tokenizer trains."""
+    run, corpus = teacher
+    losses = {}
+    for alpha in (1.0, 0.0):
+        train(resolve(kd_config(run, corpus, alpha), "k.toml"), tmp_path / f"a{alpha}", echo=lambda m: None)
+        losses[alpha] = [r["loss"] for r in read_metrics(tmp_path / f"a{alpha}") if r["split"] == "train"][0]
+    assert losses[1.0] < 1e-5 < 0.3 < losses[0.0], losses
+    small = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 16, "n_layer": 1,
+                                        "n_head": 2, "n_positions": 64}, "tokenizer": str(run)}
+    conf = kd_config(run, corpus, 0.5, **small)
+    conf["train"].update(max_steps=30, eval_every=30, eval_at_start=True)
+    train(resolve(conf, "k.toml"), tmp_path / "student", echo=lambda m: None)
+    val = [r for r in read_metrics(tmp_path / "student") if r["split"] == "val"]
+    assert val[-1]["perplexity"] < val[0]["perplexity"] / 2, val
+
+
+def test_decoder_distillation_refuses_another_vocabulary(teacher, tmp_path):
+    run, corpus = teacher
+    own = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 280, "n_embd": 16, "n_layer": 1,
+                                      "n_head": 2, "n_positions": 64}}  # trains its own 90-token tokenizer
+    cfg = write_config(tmp_path / "k.toml", kd_config(run, corpus, 0.5, **own))
+    assert_bad_input(*cli_run("train", cfg, "--out", tmp_path / "r"), "another vocabulary", "tokenizer = ")
+
+
+def test_decoder_distillation_bad_tables(teacher, tmp_path):
+    run, corpus = teacher
+    no_kd = kd_config(run, corpus, 0.5)
+    del no_kd["loss"]
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "a.toml", no_kd), "--out", tmp_path / "a"),
+                     "soft-target loss", "plugin = \"kd\"")
+    no_teacher = kd_config(run, corpus, 0.5)
+    del no_teacher["strategy"]["teacher"]
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "b.toml", no_teacher), "--out", tmp_path / "b"),
+                     "[loss] plugin = 'kd'", "teacher")
+    finetune = tmp_path / "ft"
+    assert cli_run("train", write_config(tmp_path / "f.toml", tiny_config(train={"max_steps": 1})), "--out",
+                   finetune)[0] == 0
+    wrong = kd_config(finetune, corpus, 0.5)
+    wrong["backbone"] = {"plugin": "hf", "weights": str(run)}
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", wrong), "--out", tmp_path / "c"),
+                     "is a 'finetune' run", "clm run")

@@ -55,8 +55,10 @@ class Distill(Supervised):
 
         o = self.options
         if self.data.task != "classification":
+            hint = (" To distil a language model, use [strategy] plugin = \"clm\" with teacher = \"runs/<clm run>\" "
+                    "and [loss] plugin = \"kd\"." if self.data.task in ("mlm", "sft") else "")
             raise GraftError("[strategy] plugin = \"distill\" distils classifiers; the [data] task is "
-                             f"{self.data.task!r}.")
+                             f"{self.data.task!r}.{hint}")
         if not isinstance(self.loss, SoftTargetLoss):
             raise GraftError("[strategy] plugin = \"distill\" needs a soft-target loss: [loss] plugin = \"kd\" (or a "
                              "graft.SoftTargetLoss of a plugin's).")

@@ -1,0 +1,166 @@
+"""Instruction tuning (issue 15): the instructions source (prompt/response pairs and chats, plain and chat
+templates, the loss on response tokens only, truncation), SFT accumulation equivalence with micro-batches of
+different numbers of target tokens, ROUGE-L at evaluation, and graft generate in the run's template."""
+
+import json
+
+import pytest
+
+from conftest import assert_same_weights, one_step_weights, read_metrics
+from test_clm import NO_DROPOUT
+from test_user_files import assert_bad_input, build, cli_run
+from graft.config import resolve
+from graft.loop import train
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """A tiny GPT-2 pretrained for a few steps from scratch (byte-level BPE trained on its corpus): a local model
+    folder with a tokenizer, as a real pretrained decoder would be."""
+    tmp = tmp_path_factory.mktemp("decoder")
+    corpus = tmp / "c.txt"
+    corpus.write_text("".join(f"say number {i % 9} and the film number {i % 9} was good\n" for i in range(300)))
+    conf = {"backbone": {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 32,
+                                                    "n_layer": 2, "n_head": 2, "n_positions": 96, **NO_DROPOUT}},
+            "strategy": {"plugin": "clm"},
+            "data": {"plugin": "corpus", "path": str(corpus), "block_size": 32},
+            "train": {"max_steps": 2, "batch_size": 8, "progress": False, "plot": False}}
+    train(resolve(conf, "c.toml"), tmp / "pre", echo=lambda m: None)
+    return tmp / "pre"
+
+
+def write_pairs(path, n=40, long_prompt=False):
+    rows = [{"prompt": ("tell me " * 60 if long_prompt and i % 2 else "") + f"say number {i % 9}",
+             "response": f"the film number {i % 9}" + " was good" * (i % 3)} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sft_config(decoder, path, **train_options):
+    return {"backbone": {"plugin": "hf", "weights": str(decoder)},
+            "strategy": {"plugin": "clm"},
+            "data": {"plugin": "instructions", "path": str(path), "max_length": 64},
+            "train": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "eval_every": 30, "eval_at_start": True,
+                      "progress": False, "plot": False, **train_options}}
+
+
+def test_byte_level_bpe_for_a_decoder_from_scratch(decoder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(decoder / "lm")
+    assert type(tok.backend_tokenizer.model).__name__ == "BPE"
+    text = "Zürich — naïve 東京 🙂"  # never in the corpus: every byte is a token, nothing is unknown
+    assert tok.decode(tok(text)["input_ids"]) == text
+    config = json.loads((decoder / "lm" / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_targets_are_the_response_tokens_only(decoder, tmp_path):
+    path = write_pairs(tmp_path / "i.jsonl")
+    _, data = build(sft_config(decoder, path))
+    tok = data.tokenizer
+    for ids, labels in data.dataset("train"):
+        target = [int(t) for t in labels if t != -100]
+        assert tok.decode(target).startswith("the film number") and tok.decode(target).endswith("<|endoftext|>\n\n")
+        first = next(i for i, t in enumerate(labels) if t != -100)
+        prompt = tok.decode(ids[:first].tolist())
+        assert prompt.startswith("### User:\nsay number") and prompt.endswith("### Assistant:\n")
+        assert ids[first:].tolist() == target  # everything after the prompt is learned, nothing before
+
+
+def test_chat_template_and_multi_turn_messages(decoder, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(decoder / "lm")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(tmp_path / "tok")
+    chat = [{"role": "user", "content": "say number 1"}, {"role": "assistant", "content": "the film number 1"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "number 1 was good"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"messages": chat}) for _ in range(4)))
+    conf = sft_config(decoder, tmp_path / "c.jsonl")
+    conf["backbone"] = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 320, "n_embd": 16,
+                                                   "n_layer": 1, "n_head": 2, "n_positions": 256},
+                        "tokenizer": str(tmp_path / "tok")}
+    conf["data"].update(system="be brief", val_fraction=0.0, max_length=256)
+    _, data = build(conf)
+    ids, labels = data.dataset("train")[0]
+    learned = tok.decode([int(t) for t in labels if t != -100])
+    assert learned == "the film number 1<|im_end|>\nnumber 1 was good<|im_end|>\n"  # both assistant turns
+    assert tok.decode(ids.tolist()).startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nsay number 1")
+    conf["data"]["template"] = "plain"
+    assert tok.decode(build(conf)[1].dataset("train")[0][0].tolist()).startswith("### System:\nbe brief\n\n### User:\n")
+
+
+def test_long_prompts_are_cut_and_responses_kept(decoder, tmp_path):
+    path = write_pairs(tmp_path / "i.jsonl", long_prompt=True)
+    _, data = build(sft_config(decoder, path))
+    tok = data.tokenizer
+    assert data.report()["truncated_examples"] > 10 and data.report()["dropped_examples"] == 0
+    for ids, labels in data.dataset("train"):
+        assert len(ids) <= 64
+        assert tok.decode([int(t) for t in labels if t != -100]).startswith("the film number")
+
+
+def test_sft_lowers_the_response_loss_reports_rouge_and_generates_in_its_template(decoder, tmp_path):
+    path = write_pairs(tmp_path / "i.jsonl", n=80)
+    conf = sft_config(decoder, path, max_steps=80, eval_every=80)
+    conf["strategy"].update(rouge_examples=4, max_new_tokens=8)
+    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
+    assert val[-1]["loss"] < val[0]["loss"] / 2, val
+    assert val[-1]["rougeL"] > val[0]["rougeL"] and val[-1]["rougeL"] >= 0.5, val
+    code, out = cli_run("generate", tmp_path / "run", "say number 4", "--max-new-tokens", "6", "--json")
+    assert code == 0, out
+    assert json.loads(out.splitlines()[-1])["text"].startswith("the film number")
+
+
+def test_sft_accumulation_matches_the_large_batch(decoder, tmp_path):
+    """Responses of 4 to 8 tokens: the micro-batches hold different numbers of targets, and each token weighs the
+    same in batch 6 as in batch 3 x accumulation 2 (a mean per micro-batch would not)."""
+    path = write_pairs(tmp_path / "i.jsonl", n=12)
+
+    def conf(batch, accum):
+        c = sft_config(decoder, path, max_steps=1, batch_size=batch, grad_accum=accum, optimizer="sgd", lr=0.5,
+                       eval_at_start=False)
+        c["data"]["val_fraction"] = 0.0
+        return c
+
+    _, data = build(conf(6, 1))
+    counts = [int((data.dataset("train")[i][1] != -100).sum()) for i in range(6)]
+    assert len(set(counts)) > 1, counts
+    big, acc, half = one_step_weights(conf, tmp_path, (6, 1), (3, 2), (3, 1))
+    assert_same_weights(big, acc, atol=1e-6)
+    with pytest.raises(AssertionError):
+        assert_same_weights(big, half, atol=1e-6)
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("not json", "not valid JSON"),
+    ('{"question": "a", "answer": "b"}', "found fields ['answer', 'question']"),
+    ('{"messages": [{"role": "bot", "content": "x"}]}', "'messages' must be a list"),
+    ('{"prompt": "a", "response": "  "}', "no assistant message with text"),
+])
+def test_bad_instruction_files(decoder, tmp_path, line, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    cfg = tmp_path / "c.toml"
+    from conftest import write_config
+
+    write_config(cfg, sft_config(decoder, path, max_steps=1))
+    assert_bad_input(*cli_run("train", cfg, "--out", tmp_path / "run"), needle, f"{path}:2")
+
+
+def test_instructions_need_a_tokenizer_and_a_chat_template_when_asked(decoder, tmp_path):
+    path = write_pairs(tmp_path / "i.jsonl")
+    conf = sft_config(decoder, path)
+    conf["data"]["template"] = "chat"
+    with pytest.raises(Exception, match="no chat template"):
+        build(conf)
+    conf["backbone"] = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 50, "n_embd": 16,
+                                                   "n_layer": 1, "n_head": 2}}
+    with pytest.raises(Exception, match="has no tokenizer"):
+        build(conf)
