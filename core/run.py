@@ -35,6 +35,8 @@ class Run:
         specs = config.plugins
         self.backbone = specs["backbone"].create()
         self.backbone.build()
+        if t.gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()
         self.adapter = None
         if "adapter" in specs:
             if not specs["strategy"].cls.supports_adapters:

@@ -187,6 +187,15 @@ class TimmBackbone(Backbone):
         size = getattr(pe, "img_size", None)
         return tuple(size) if size else None
 
+    def enable_gradient_checkpointing(self):
+        """timm's ``set_grad_checkpointing``: its blocks run through ``torch.utils.checkpoint``."""
+        model = self.timm_model
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as e:
+            raise GraftError(f"[train] gradient_checkpointing = true: timm model {self.options.model!r} has no "
+                             f"gradient checkpointing ({e or type(e).__name__}). Set it to false.") from None
+
     def native_model(self):
         return self.timm_model
 
