@@ -6,6 +6,13 @@ imports torch: the names that need it (``train``, ``load_run``, ``predict``, ``m
 subsets, images), ``graft.supervised`` (heads, freezing schedules, metrics), ``graft.testing`` (conformance checks).
 """
 
+import os as _os
+
+# OpenMP reads its wait policy once, when torch loads it. Its default spin-waiting made CPU training steps several
+# times slower whenever another program shared the cores (benchmarks/cpu_threads.py); sleeping idle threads cost
+# little on a quiet machine. A policy the user set wins; setting it after torch is loaded changes nothing.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .config import create, load as load_config
 from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text

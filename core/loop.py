@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 import warnings
@@ -99,6 +100,9 @@ class Loop:
         if resume:
             name = ckpt.restore_training(run_dir, self.state, *self._checkpointed(), self.dist, echo)
             self.echo_main(f"Resuming {run_dir} from {name} (epoch {self.state.epoch}, step {self.state.step}).")
+        if run.device.type == "cpu":  # the figure that decides CPU speed, and the settings that change it
+            self.echo_main(f"CPU: {torch.get_num_threads()} threads per process (OMP_NUM_THREADS), OMP_WAIT_POLICY="
+                           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}.")
         self.out.start(self.state.step if resume else None)
         if run.data.report():
             self.out.write_json("data.json", run.data.report())
