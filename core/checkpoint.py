@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``checkpoints/step-00000120/`` holding ``model.safetensors``, ``state.safetensors``
 (optimizer, scaler, RNG and strategy tensors) and ``state.json`` (the rest, with references to those tensors).
-Nothing is ever unpickled. The directory is written under a temporary name, fsynced and renamed, and only then
+Nothing is unpickled -- except in a sharded (FSDP) run's checkpoint, whose model and optimizer shards are in
+``dcp/``, torch.distributed.checkpoint's format, which keeps its index as a pickle; graft reads those only when
+resuming a run directory. The directory is written under a temporary name, fsynced and renamed, and only then
 does ``checkpoints/latest`` (itself replaced atomically) point at it: a kill at any moment leaves the previous
 checkpoint whole and pointed to.
 """
@@ -14,6 +16,7 @@ import errno
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -126,19 +129,32 @@ def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None):
 
 def save(directory: Path, step: int, model_state: dict, state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step-<step>`` under ``directory`` and point ``latest`` at it."""
+    tmp = _fresh_tmp(directory, step)
+    save_file(clean_state_dict(model_state), str(tmp / "model.safetensors"))
+    return _publish(directory, tmp, step, state, keep)
+
+
+def _fresh_tmp(directory: Path, step: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:08d}"
     tmp = directory / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(clean_state_dict(model_state), str(tmp / "model.safetensors"))
+    return tmp
+
+
+def _publish(directory: Path, tmp: Path, step: int, state: dict, keep: int) -> Path:
+    """Add ``state`` to the checkpoint being written in ``tmp``, make it durable, rename it ``step-<step>``, point
+    ``latest`` at it and remove the oldest beyond ``keep``."""
+    final = directory / f"step-{step:08d}"
     tensors: dict = {}
     skeleton = pack(state, tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(skeleton))
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+        _fsync_dir(d)
     if final.exists():
         # Re-saving a step (the end of a run right after a periodic save): at every moment `latest` must name a
         # whole checkpoint, so the new one goes live under another name before the old one is removed.
@@ -227,9 +243,11 @@ class RunLock:
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    """(model state dict, state) of a checkpoint directory."""
+    """(model state dict, state) of a checkpoint directory; the model state is None for a sharded checkpoint (its
+    model and optimizer are in ``dcp/``, torch.distributed.checkpoint's format)."""
     try:
-        model_state = load_file(str(path / "model.safetensors"))
+        sharded = (path / "dcp" / ".metadata").is_file()
+        model_state = None if sharded else load_file(str(path / "model.safetensors"))
         tensors = load_file(str(path / "state.safetensors"))
         skeleton = json.loads((path / "state.json").read_text())
     except Exception as e:  # noqa: BLE001 - safetensors' own error is no OSError/ValueError
@@ -280,10 +298,12 @@ class TrainState:
 
 
 def save_training(directory: Path, state: TrainState, model, optimizer, scheduler, scaler, strategy, dist,
-                  keep: int) -> None:
+                  keep: int, sharded: bool = False) -> None:
     """Checkpoint everything a resumed run needs: weights, optimizer, schedule, scaler, the strategy's own state,
     every process's RNG state and ``state``. Collective: every process calls it. Non-finite weights are refused, so
-    the previous checkpoint stays the last good one."""
+    the previous checkpoint stays the last good one. ``sharded`` (FSDP): each process writes its own shards of the
+    model and optimizer with ``torch.distributed.checkpoint`` into the same temporary directory, which process 0
+    publishes only after all of them finished."""
     from . import distributed
     from .device import rng_state
 
@@ -293,21 +313,50 @@ def save_training(directory: Path, state: TrainState, model, optimizer, schedule
 
         rngs = [None] * dist.world_size
         td.all_gather_object(rngs, rng_state())
-    # Every process checks (the weights are the same everywhere), so all of them stop together.
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise GraftError(f"Refusing to checkpoint non-finite weights ({bad[0]}...); the last good checkpoint in "
-                         f"{directory} is kept.")
-    if dist.is_main:
-        extra = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "strategy": strategy.state_dict(), "rng": rngs,
-                 "position": dataclasses.asdict(state)}
-        save(directory, state.step, model.state_dict(), extra, keep=keep)
+    # Every process checks its (shard of the) weights and all of them learn the verdict, so they stop together.
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731 - a DTensor's own shard
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(local(p)).all()]
+    flag = distributed.all_reduce_sum(torch.tensor([float(len(bad))]), dist)
+    if flag.item():
+        raise GraftError(f"Refusing to checkpoint non-finite weights ({bad[0] if bad else 'in another process'}...); "
+                         f"the last good checkpoint in {directory} is kept.")
+    extra = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "strategy": strategy.state_dict(),
+             "rng": rngs, "position": dataclasses.asdict(state)}
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        tmp = directory / f".tmp-step-{state.step:08d}"
+        if dist.is_main:
+            _fresh_tmp(directory, state.step)
+        distributed.barrier(dist)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / "dcp"))
+        distributed.barrier(dist)  # every shard is on disk before the checkpoint goes live
+        if dist.is_main:
+            _publish(directory, tmp, state.step, extra, keep)
+    elif dist.is_main:
+        save(directory, state.step, model.state_dict(), {"optimizer": optimizer.state_dict(), **extra}, keep=keep)
     distributed.barrier(dist)
 
 
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """Model and optimizer from a torch.distributed.checkpoint directory, resharded to this run's processes (any
+    number, one included). DCP keeps its metadata as a pickle: graft reads only checkpoints of a run directory given
+    to --resume, which its own runs wrote."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    both = {"model": model_state, "optimizer": optim_state}
+    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(both, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+
+
 def restore_training(run_dir: Path, state: TrainState, model, optimizer, scheduler, scaler, strategy, dist,
-                     echo) -> str:
+                     echo, sharded: bool = False) -> str:
     """Load the newest loadable checkpoint of ``run_dir`` into the given objects and ``state``; returns its name.
     Raises GraftError when there is none, or when it was made with another batch layout, model or optimizer."""
     from .device import set_rng_state
@@ -319,13 +368,26 @@ def restore_training(run_dir: Path, state: TrainState, model, optimizer, schedul
     position = saved["position"]
     changed = {k: (position.get(k, getattr(state, k)), getattr(state, k)) for k in TrainState.LAYOUT
                if position.get(k, getattr(state, k)) != getattr(state, k)}
+    # w processes with batch B see, step by step, the examples 1 process with batch w * B does: another process
+    # count with the same global batch continues the same data order.
+    glob = lambda ws, bs: ws * bs  # noqa: E731
+    if changed and glob(*[position.get(k, getattr(state, k)) for k in ("world_size", "batch_size")]) == glob(
+            state.world_size, state.batch_size) and "grad_accum" not in changed:
+        changed = {}
     if changed:
         raise GraftError(f"--resume {run_dir}: the run was made with " + ", ".join(
             f"{k} = {a}" for k, (a, _) in changed.items()) + ", this config says " + ", ".join(
-            f"{k} = {b}" for k, (_, b) in changed.items()) + ". Resume with the same settings (--nproc too).")
+            f"{k} = {b}" for k, (_, b) in changed.items()) + ". Resume with the same grad_accum and the same global batch "
+            "(processes x batch_size: e.g. --nproc 1 with twice the batch_size of 2 processes).")
     try:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(saved["optimizer"])
+        if model_state is None:
+            _load_sharded(path, model, optimizer)
+        elif sharded:
+            raise GraftError(f"--resume {run_dir}: checkpoint {path.name} was written by a run with parallel = "
+                             f"\"ddp\" (or one process); resume it with the same parallel setting.")
+        else:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise GraftError(f"--resume {run_dir}: checkpoint {path.name} does not fit this config's model or optimizer "
                          f"({str(e).splitlines()[0]}). Resume with the config the run was made with "
@@ -336,5 +398,5 @@ def restore_training(run_dir: Path, state: TrainState, model, optimizer, schedul
     for k, v in position.items():
         if hasattr(state, k):
             setattr(state, k, v)
-    set_rng_state(saved["rng"][dist.rank] if dist.rank < len(saved["rng"]) else saved["rng"][0])
+    set_rng_state(saved["rng"][dist.rank % len(saved["rng"])])
     return path.name

@@ -63,6 +63,10 @@ class TrainOptions:
         True, "Distributed runs: let DDP find parameters a step does not use (a pooler under mean pooling, frozen "
               "layers, a teacher's unused head), as HF Trainer does by default. false saves a graph traversal per "
               "step when every trainable parameter is used in every step.")
+    parallel: Literal["ddp", "fsdp"] = option(
+        "ddp", "Several processes: ddp keeps a whole model in each (DistributedDataParallel); fsdp shards parameters, "
+               "gradients and optimizer state across them (FSDP2 fully_shard per layer group; sharded checkpoints "
+               "through torch.distributed.checkpoint). One process: no difference.")
     compile: bool = option(False, "Run the model through torch.compile.")
     gradient_checkpointing: bool = option(False, "Recompute the backbone's activations during backward instead of "
                                                  "keeping them: less memory, about a third more time per step.")
@@ -72,6 +76,9 @@ class TrainOptions:
     plot: bool = option(True, "Write curves.png at the end (needs matplotlib).")
 
     def validate(self):
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            raise ValueError("parallel = \"fsdp\" takes precision = \"bf16\" or \"fp32\" (fp16's gradient scaler "
+                             "is DDP's); bf16 needs no scaler.")
         for key in ("epochs", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}.")

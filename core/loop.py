@@ -27,7 +27,7 @@ from .config import Config
 from .device import peak_memory, select_device
 from .errors import GraftError
 from .optim import build_optimizer, lr_lambda
-from .run import Run, scalars
+from .run import Run, rebuilt_alone, scalars
 from .rundir import RunDir
 
 
@@ -91,6 +91,10 @@ class Loop:
             raise GraftError(f"[data] plugin {run.data.name!r} has an empty training split.")
         self.micro_per_epoch = len(self.loader)
         self.total_steps = t.max_steps or t.epochs * math.ceil(self.micro_per_epoch / t.grad_accum)
+        self.sharded = distributed.fsdp(t, self.dist)
+        if self.sharded:  # before the optimizer: sharding replaces the parameters with DTensors
+            units = distributed.shard(self.base, run.backbone, t.precision)
+            self.echo_main(f"FSDP: {self.dist.world_size} processes; {len(units)} backbone units + the model.")
         self.optimizer = build_optimizer(t, strategy.param_groups(self.base))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_steps))
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=t.precision == "fp16")
@@ -98,7 +102,7 @@ class Loop:
         self.mode = t.metric_mode if t.metric_mode != "auto" else strategy.metric_mode(self.metric)
         self.state = TrainState(world_size=self.dist.world_size, batch_size=t.batch_size, grad_accum=t.grad_accum)
         if resume:
-            name = ckpt.restore_training(run_dir, self.state, *self._checkpointed(), self.dist, echo)
+            name = ckpt.restore_training(run_dir, self.state, *self._checkpointed(), self.dist, echo, self.sharded)
             self.echo_main(f"Resuming {run_dir} from {name} (epoch {self.state.epoch}, step {self.state.step}).")
         if run.device.type == "cpu":  # the figure that decides CPU speed, and the settings that change it
             self.echo_main(f"CPU: {torch.get_num_threads()} threads per process (OMP_NUM_THREADS), OMP_WAIT_POLICY="
@@ -122,7 +126,7 @@ class Loop:
         """DDP (and torch.compile) around the model. DDP registers gradient hooks only for parameters that need
         grad when it is built, so this runs again when the trainable set changes."""
         model, self.ddp = self.base, None
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             device = self.run.device
             model = self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -132,11 +136,13 @@ class Loop:
 
     def save_checkpoint(self) -> None:
         ckpt.save_training(self.run_dir / "checkpoints", self.state, *self._checkpointed(), self.dist,
-                           self.t.keep_checkpoints)
+                           self.t.keep_checkpoints, self.sharded)
 
     def save_weights(self, name: str) -> None:
+        """Collective. A sharded model is gathered whole into process 0 first."""
+        state = distributed.full_state_dict(self.base) if self.sharded else self.base.state_dict()
         if self.dist.is_main:
-            ckpt.atomic_save_file(ckpt.clean_state_dict(self.base.state_dict()), self.run_dir / name)
+            ckpt.atomic_save_file(ckpt.clean_state_dict(state), self.run_dir / name)
 
     def evaluate_and_track(self) -> bool:
         """Validation; keeps the best weights; True when early stopping says stop."""
@@ -176,6 +182,8 @@ class Loop:
         scale = self.dist.world_size if per_target else 1.0 / group
         for i, batch in enumerate(micro):
             n_samples += batch_size_of(batch)
+            if self.sharded:  # FSDP reduce-scatters the accumulated gradients once, after the last micro-batch
+                self.base.set_requires_gradient_sync(i == group - 1)
             # no_sync must cover the forward pass too: DDP prepares the reduction there.
             with self.ddp.no_sync() if self.ddp is not None and i < group - 1 else contextlib.nullcontext():
                 with self.run.autocast():
@@ -300,6 +308,8 @@ class Loop:
         self.save_weights("last.safetensors")
         if s.best is None:
             self.save_weights("model.safetensors")
+        elif self.sharded:
+            distributed.load_full_state_dict(self.base, ckpt.load_weights(self.run_dir / "model.safetensors"))
         else:
             self.base.load_state_dict(ckpt.load_weights(self.run_dir / "model.safetensors"))
         results = {split: run.evaluate(self.base, split) for split in ("val", "test")}
@@ -318,6 +328,8 @@ class Loop:
         summary["parameters"] = {"total": sum(n for n, _ in params), "trainable": sum(n for n, t in params if t)}
         summary["peak_memory_bytes"] = peak_memory(run.device)  # process RSS on CPU, allocated on CUDA
         if self.dist.is_main:
+            if self.sharded:  # exports need a whole model: a one-process rebuild holding the best weights
+                run = rebuilt_alone(run, self.run_dir / "model.safetensors")
             if results["test"] is not None:
                 self.out.log({"step": s.step, "epoch": s.epoch, "split": "test", **scalars(results["test"])})
             self.out.write_json("labels.json", {"task": run.data.task, "label_names": list(run.data.label_names or [])})
@@ -326,7 +338,7 @@ class Loop:
                 summary["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": "adapter"}
             # backbone/ is written merged: a plain model in its family's format, the hand-off to a later run
             with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
-                self.strategy.export(self.base, str(self.run_dir))
+                run.strategy.export(run.model, str(self.run_dir))
             self.out.write_json("summary.json", summary)
             if self.t.plot:
                 self.out.plots(run.data.label_names, results)

@@ -72,7 +72,11 @@ class Run:
     def evaluate(self, model, split: str) -> dict | None:
         """Metrics of ``split``. Pass the unwrapped model: processes may hold different numbers of batches,
         and DDP's forward would wait for the others."""
-        loader = self.loader(split, train=False)
+        # A sharded model's forward is collective: every process must run the same batches, so each evaluates the
+        # whole split (and needs no gathering after).
+        sharded = distributed.fsdp(self.config.train, self.dist)
+        loader = make_loader(self.data, split, False, self.config.train, distributed.Dist() if sharded else self.dist,
+                             self.device, None)
         if loader is None:
             return None
         was_training = model.training
@@ -86,7 +90,7 @@ class Run:
                 v = v.detach().float() if v.is_floating_point() else v.detach().double()
                 sums[k] = sums[k] + v if k in sums else v
         model.train(was_training)
-        if self.dist.enabled:
+        if self.dist.enabled and not sharded:
             # Gathered as dicts, not reduced key by key: a process may have had fewer batches, or none.
             import torch.distributed as td
 
@@ -108,6 +112,18 @@ def _is_scalar(v) -> bool:
 def scalars(metrics: dict) -> dict:
     """The numbers of a metrics dict (reports such as per-class tables and confusion matrices left out)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def rebuilt_alone(run: Run, weights: Path) -> Run:
+    """``run``'s model built again in this process alone on the CPU, holding ``weights`` (a safetensors file): the
+    exports of a sharded run need a whole model. No data is read; the tokenizer (one trained on a corpus, say) is
+    handed over."""
+    info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
+    plain = Run(run.config, dist=distributed.Dist(), device=torch.device("cpu"), data_info=info, reseed=False)
+    if run.backbone.modality == "text" and run.backbone.tokenizer() is not None:
+        plain.backbone.set_tokenizer(run.backbone.tokenizer())
+    plain.model.load_state_dict(ckpt.load_weights(weights))
+    return plain
 
 
 def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
