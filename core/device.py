@@ -80,3 +80,15 @@ def peak_memory(device: torch.device) -> int:
         return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux kilobytes
     except (ImportError, OSError):
         return 0
+
+
+def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process holds for training state: its parameters, a gradient for each trainable one, and the
+    optimizer's state -- only the local shard of each under FSDP. Unlike peak memory it leaves out activations and
+    everything the process allocated once (a whole model built before sharding, the gathered export)."""
+    def size(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = sum(size(p) * (2 if p.requires_grad else 1) for p in model.parameters())
+    return params + sum(size(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))

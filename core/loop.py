@@ -24,7 +24,7 @@ from . import distributed
 from .batches import batch_size_of, move
 from .checkpoint import TrainState
 from .config import Config
-from .device import peak_memory, select_device
+from .device import peak_memory, select_device, training_state_bytes
 from .errors import GraftError
 from .optim import build_optimizer, lr_lambda
 from .run import Run, rebuilt_alone, scalars
@@ -327,6 +327,7 @@ class Loop:
         params = [(p.numel(), p.requires_grad) for p in self.base.parameters()]
         summary["parameters"] = {"total": sum(n for n, _ in params), "trainable": sum(n for n, t in params if t)}
         summary["peak_memory_bytes"] = peak_memory(run.device)  # process RSS on CPU, allocated on CUDA
+        summary["training_state_bytes"] = training_state_bytes(self.base, self.optimizer)
         if self.dist.is_main:
             if self.sharded:  # exports need a whole model: a one-process rebuild holding the best weights
                 run = rebuilt_alone(run, self.run_dir / "model.safetensors")
