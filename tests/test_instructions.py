@@ -164,3 +164,25 @@ def test_instructions_need_a_tokenizer_and_a_chat_template_when_asked(decoder, t
                                                    "n_layer": 1, "n_head": 2}}
     with pytest.raises(Exception, match="has no tokenizer"):
         build(conf)
+
+
+def test_sft_two_processes_match_one(decoder, tmp_path):
+    """Each process holds other responses (other numbers of targets): the step divides by the targets of both,
+    so 2 processes with batch 4 end where 1 process with batch 8 does."""
+    from conftest import assert_same_weights, write_config
+    from test_ddp import one_vs_two
+
+    conf = sft_config(decoder, write_pairs(tmp_path / "i.jsonl", n=40), max_steps=4, optimizer="sgd", lr=0.5,
+                      eval_at_start=False, grad_accum=2)
+    one, two = one_vs_two(tmp_path, conf, batch=4)
+    assert_same_weights(one, two, atol=1e-5)
+
+
+def test_sft_interrupted_and_resumed_reproduces_the_run(decoder, tmp_path):
+    from conftest import assert_same_records, assert_same_weights, interrupted_and_resumed, weights, write_config
+
+    conf = sft_config(decoder, write_pairs(tmp_path / "i.jsonl", n=80), max_steps=30, eval_every=10,
+                      eval_at_start=False, log_every=1)
+    interrupted_and_resumed(write_config(tmp_path / "c.toml", conf), tmp_path, lines=12)
+    assert_same_records(read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut"))
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=1e-6)
