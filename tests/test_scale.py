@@ -192,3 +192,16 @@ def test_sigkill_during_sharded_checkpoints_leaves_a_loadable_one(tmp_path):
                  "train.checkpoint_every=0")  # two more steps from the surviving checkpoint, then finish
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+
+
+def test_fsdp_with_gradual_unfreezing_matches_one_process(tmp_path, tiny_bert):
+    """Layers thaw one per epoch: the sharded parameters start taking gradients mid-run, as in DDP."""
+    from conftest import assert_same_weights
+    from test_ddp import family_tables, one_vs_two
+
+    tables = family_tables("hf", tmp_path, tiny_bert)
+    data = {**tables["data"], "val_fraction": 0.1, "test_fraction": 0.1}
+    conf = tiny_config(backbone=tables["backbone"], data=data, strategy={"unfreeze_every": 1},
+                       train={"epochs": 3, "optimizer": "sgd", "lr": 0.05, "parallel": "fsdp"})
+    one, two = one_vs_two(tmp_path, conf)
+    assert_same_weights(one, two, atol=1e-5)
