@@ -321,6 +321,39 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, 
         click.echo()
 
 
+@cli.command()
+@click.argument("pipeline_file", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Folder of the stages' run directories (default: "
+              "[pipeline] out, else runs/<file name>).")
+@click.option("--from", "start", metavar="NAME", help="Run stage NAME again and every stage after it.")
+@click.option("--only", metavar="NAME", help="Run stage NAME alone (again); the stages it uses must be finished.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
+              help="Change every stage's config, e.g. --set train.seed=1 (a stage's own set wins). Repeatable.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved stages and what would run; run nothing.")
+def pipeline(pipeline_file, out, start, only, overrides, dry_run):
+    """Run the [[stage]] tables of PIPELINE_FILE in order: each a graft config that may use an earlier stage's run
+    ("@NAME"). Finished stages with unchanged configs are skipped, an interrupted one resumes; then a report
+    (pipeline.json, pipeline.png and a table) compares the stages."""
+    from . import pipeline as pl
+
+    if start and only:
+        raise GraftError("--from and --only exclude each other: give one.")
+    stages = pl.load(pipeline_file, out, _registry(), list(overrides))
+    if dry_run:
+        for s in stages:
+            uses = f" (uses {', '.join(s.uses)})" if s.uses else ""
+            click.echo(f"# stage {s.name}: {s.status} -> {s.run_dir}{uses}\n{s.config.to_toml()}")
+        return
+    rep = pl.run(stages, start, only, echo=click.echo)
+    if rep is None:
+        sys.exit(0)
+    root = stages[0].run_dir.parent
+    (root / "pipeline.json").write_text(json.dumps(rep, indent=2))
+    pl.plot(rep, root / "pipeline.png")
+    click.echo(_table(pl.table(rep), ["STAGE", "STRATEGY", "METRIC", "VAL", "TEST", "PARAMS", "SIZE", "SAMPLES/S"]))
+    click.echo(f"Report: {root / 'pipeline.json'}")
+
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--merge", is_flag=True, help="Merge the run's adapter into the backbone's weights.")

@@ -63,3 +63,37 @@ def test_duplicate_name_names_both_sources(site, tmp_path):
     assert proc.returncode == 2
     assert "registered twice" in proc.stderr and "losses" in proc.stderr and "clash" in proc.stderr
     assert "graft_clash" in proc.stderr and "GRAFT_DISABLE_PLUGINS" in proc.stderr
+
+
+def test_a_pipeline_with_a_third_party_strategy_stage(site, tmp_path):
+    """Stage 1 fine-tunes; stage 2 trains a linear probe with the pip-installed demo_probe strategy on its backbone."""
+    vit = ('model = "vit_tiny_patch16_224"\nmodel_kwargs = { img_size = 8, patch_size = 4, embed_dim = 32, depth = 2, '
+           'num_heads = 2 }')
+    common = ('[stage.data]\nplugin = "digits"\nimage_size = 8\n[stage.train]\nmax_steps = 3\nbatch_size = 16\n'
+              'progress = false\nplot = false\n')
+    path = tmp_path / "p.toml"
+    path.write_text(f"""[pipeline]
+out = "{tmp_path / 'runs'}"
+
+[[stage]]
+name = "tune"
+[stage.backbone]
+plugin = "timm"
+{vit}
+[stage.strategy]
+plugin = "finetune"
+{common}
+[[stage]]
+name = "probe"
+[stage.backbone]
+plugin = "timm"
+{vit}
+weights = "@tune"
+[stage.strategy]
+plugin = "demo_probe"
+{common}""")
+    proc = graft("pipeline", path, env={"PYTHONPATH": str(site), "GRAFT_DISABLE_PLUGINS": "clash"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    rep = json.loads((tmp_path / "runs" / "pipeline.json").read_text())
+    assert [(r["stage"], r["strategy"]) for r in rep["stages"]] == [("tune", "finetune"), ("probe", "demo_probe")]
+    assert str(tmp_path / "runs" / "tune") in (tmp_path / "runs" / "probe" / "config.toml").read_text()
