@@ -143,6 +143,11 @@ def run(stages: list[Stage], start: str | None = None, only: str | None = None, 
     if missing:
         raise GraftError(f"Stage(s) {', '.join(map(repr, missing))} not finished, and a stage to run uses them. Run "
                          f"the pipeline without --from / --only first.")
+    foreign = [s.run_dir for s in chosen if s.run_dir.exists() and any(s.run_dir.iterdir())
+               and not (s.run_dir / STATE_FILE).is_file()]
+    if foreign:
+        raise GraftError(f"{foreign[0]} exists and was not written by a pipeline; a stage would replace it. Choose "
+                         f"another out (--out or [pipeline] out), or move that folder away.")
     forced = (start or only) is not None
     for stage in chosen:
         if stage.status == "done" and not forced:

@@ -168,3 +168,12 @@ def test_dry_run_from_and_only(tmp_path):
     code, out = cli_run("pipeline", path, "--only", "distill")
     assert code == 0 and "[distill] training" in out and "[finetune]" not in out, out
     assert (tmp_path / "runs" / "adapt" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_the_pipeline_did_not_write_is_never_replaced(tmp_path):
+    path = pipeline_file(tmp_path)
+    mine = tmp_path / "runs" / "finetune"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own run")
+    assert_bad_input(*cli_run("pipeline", path), str(mine), "not written by a pipeline")
+    assert (mine / "notes.txt").read_text() == "my own run" and not (tmp_path / "runs" / "adapt").exists()
