@@ -45,15 +45,15 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _substitute(value, dirs: dict[str, Path], later: set[str], at: str, uses: list[str], key: str = ""):
-    """``value`` with every "@NAME..." string replaced by stage NAME's run directory."""
+def _substitute(value, dirs: dict[str, Path], later: set[str], own: str, at: str, uses: list[str], key: str = ""):
+    """``value`` with every "@NAME..." string replaced by stage NAME's run directory (``own``: this stage's name)."""
     if isinstance(value, dict):
-        return {k: _substitute(v, dirs, later, at, uses, f"{key}.{k}" if key else k) for k, v in value.items()}
+        return {k: _substitute(v, dirs, later, own, at, uses, f"{key}.{k}" if key else k) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, dirs, later, at, uses, key) for v in value]
+        return [_substitute(v, dirs, later, own, at, uses, key) for v in value]
     if isinstance(value, str) and value.startswith("@"):
         name, _, rest = value[1:].partition("/")
-        if name == at.rsplit("(", 1)[-1].strip("')"):
+        if name == own:
             raise GraftError(f"{at}: {key} = {value!r} refers to the stage itself; name an earlier stage.")
         if name in later:
             raise GraftError(f"{at}: {key} = {value!r} refers to stage {name!r}, which comes later in the pipeline. "
@@ -106,7 +106,7 @@ def load(path: str | Path, out: str | Path | None = None, registry=None, overrid
             raise GraftError(f"{at}: set must be a list of \"TABLE.KEY=VALUE\" strings.")
         merged = cfg.apply_overrides(_merge(base, inline), list(overrides) + list(own))  # the stage's own win
         uses: list[str] = []
-        merged = _substitute(merged, dirs, set(names[i + 1:]), at, uses)
+        merged = _substitute(merged, dirs, set(names[i + 1:]), name, at, uses)
         config = cfg.resolve(merged, at, registry)
         dirs[name] = (root / name).absolute()
         stages.append(Stage(name, config, dirs[name], sorted(set(uses))))

@@ -55,8 +55,8 @@ class CLM(Strategy):
         if o.rouge_examples and self.data.task != "sft":
             raise GraftError("[strategy] rouge_examples compares generated responses with reference ones: it needs "
                              "[data] plugin = \"instructions\".")
-        if o.rouge_examples:
-            self._scorer()  # a missing package is bad input now, not an error at the first evaluation
+        # built once here: a missing package is bad input now, not an error at the first evaluation
+        self.scorer = self._scorer() if o.rouge_examples else None
         self.model = self.backbone.task_model("causal-lm")
         self.teacher, self.progress = None, 0.0
         if o.teacher:
@@ -164,7 +164,7 @@ class CLM(Strategy):
         greedy response to each prompt (the tokens before its first target) against the reference response."""
         import torch
 
-        tok, scorer = self.backbone.tokenizer(), self._scorer()
+        tok, scorer = self.backbone.tokenizer(), self.scorer
         ids, total, count = batch["inputs"]["input_ids"], 0.0, 0
         for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
             where = keep[row].nonzero().flatten()
