@@ -342,7 +342,8 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
     if dry_run:
         for s in stages:
             uses = f" (uses {', '.join(s.uses)})" if s.uses else ""
-            click.echo(f"# stage {s.name}: {s.status} -> {s.run_dir}{uses}\n{s.config.to_toml()}")
+            body = s.config.to_toml() if s.config is not None else json.dumps(s.compress)
+            click.echo(f"# stage {s.name}: {s.status} -> {s.run_dir}{uses}\n{body}")
         return
     rep = pl.run(stages, start, only, echo=click.echo)
     if rep is None:
@@ -356,17 +357,35 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
 
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--merge", is_flag=True, help="Merge the run's adapter into the backbone's weights.")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/merged).")
+@click.option("--format", "fmt", type=click.Choice(["native", "onnx", "torchscript"]), default="native",
+              show_default=True, help="native: the family's own format; onnx / torchscript: the whole classifier, "
+              "checked against PyTorch.")
+@click.option("--merge", is_flag=True, help="native: merge the run's adapter into the backbone's weights (onnx and "
+              "torchscript always merge).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/merged for native, "
+              "RUN_DIR/onnx or RUN_DIR/torchscript).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def export_cmd(run_dir, merge, out, trust_remote_code):
-    """Write a finished run's model in its family's native format: backbone/ (HF save_pretrained folder or timm
-    safetensors) and the strategy's head. An adapter run needs --merge: the adapter's update is folded into the
-    weights, so plain transformers / timm load the result (the adapter alone is in RUN_DIR/adapter)."""
+def export_cmd(run_dir, fmt, merge, out, trust_remote_code):
+    """Write a finished run's model for serving. native: backbone/ (HF save_pretrained folder or timm safetensors)
+    and the strategy's head; an adapter run needs --merge, which folds the adapter's update into the weights so plain
+    transformers / timm load the result (the adapter alone is in RUN_DIR/adapter). onnx / torchscript: the whole
+    classifier (dynamic batch and sequence axes) with its preprocessing, config and labels beside it, checked
+    against the PyTorch model on real examples (max abs difference printed and kept in export.json); graft eval and
+    predict take an ONNX export like a run."""
     import contextlib
 
     from .run import load_run
 
+    if fmt != "native":
+        from .export import export
+
+        run = load_run(run_dir, device="cpu", overrides=["train.precision=fp32"],
+                       trust_remote_code=trust_remote_code)
+        info = export(run, Path(run_dir), fmt, Path(out or Path(run_dir) / fmt))
+        click.echo(f"Wrote {Path(out or Path(run_dir) / fmt) / info['file']} ({info['size_bytes'] / 2**20:.1f} MiB); "
+                   f"max abs difference from PyTorch on {info['checked_examples']} examples: "
+                   f"{info['max_abs_difference']:.2e}")
+        return
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     if run.adapter is None and merge:
         raise GraftError(f"--merge: run {run_dir} has no [adapter]; its backbone/ export is already a plain model.")
@@ -381,6 +400,36 @@ def export_cmd(run_dir, merge, out, trust_remote_code):
     with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
         run.strategy.export(run.model, str(target))
     click.echo(f"Wrote {target}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--quantize", type=click.Choice(["dynamic-int8", "static-int8"]), help="int8 ONNX with onnxruntime: "
+              "dynamic (linear layers, embeddings; text models) or static (calibrated on the training split; CNNs).")
+@click.option("--prune", metavar="magnitude:FRACTION", help="Global magnitude pruning of linear and convolution "
+              "weights, made permanent, e.g. magnitude:0.5.")
+@click.option("--finetune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Recovery fine-tune after pruning through the normal loop (pruned weights stay zero).")
+@click.option("--finetune-lr", type=click.FloatRange(min=0.0, min_open=True), help="Its learning rate (default: "
+              "the run's).")
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="static-int8: training examples that calibrate the activation ranges.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/compressed-...).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
+def compress(run_dir, quantize, prune, finetune_steps, finetune_lr, calibration_samples, out, trust_remote_code):
+    """Prune and/or quantize a finished classifier run into a run-like folder that graft eval / predict take. Its
+    summary.json holds test metrics, size on disk and warm CPU latency (batch 1, p50 / p95) beside the source run's,
+    measured here with the same data and threads."""
+    from .compress import compress as run_compress, rows
+
+    summary = run_compress(run_dir, out, quantize, prune, finetune_steps, finetune_lr, calibration_samples,
+                           trust_remote_code, echo=click.echo)
+    metric = summary["metric"]
+    click.echo(_table(rows(summary), ["MODEL", f"{metric.upper()} ({summary['compressed']['split']})", "SIZE",
+                                      "LATENCY P50 / P95"]))
+    c = summary["change"]
+    click.echo(f"{metric} {c[metric]:+.4f}, size x{c['size_ratio']:.2f}, latency x{c['latency_p50_ratio']:.2f}. "
+               f"Wrote {Path(summary['compressed_dir'])}")
 
 
 def main():

@@ -130,6 +130,35 @@ class Backbone(Plugin):
         execution unless ``trust_remote_code`` is given."""
         return options
 
+    def save_preprocessing(self, directory: str) -> None:
+        """Write what encoding raw inputs for this network takes into the (existing) ``directory``:
+        ``preprocessing.json`` (modality, ``limits()``, and ``image_config()`` for image models) and, for text
+        models, the tokenizer's own files (its ``save_pretrained``). An exported network (ONNX) is served from these
+        without the network itself (``graft eval`` / ``predict`` on an export). Raises GraftError when a text model
+        has no tokenizer."""
+        import json
+        from pathlib import Path
+
+        from .errors import GraftError
+
+        info = {"backbone": self.name, "modality": self.modality, "limits": self.limits()}
+        if self.modality == "image":
+            info["image_config"] = self.image_config()
+        else:
+            tokenizer = self.tokenizer()
+            if tokenizer is None:
+                raise GraftError(f"backbone {self.name!r} has no tokenizer to save beside its export.")
+            tokenizer.save_pretrained(directory)
+        Path(directory, "preprocessing.json").write_text(json.dumps(info, indent=2))
+
+    @classmethod
+    def load_tokenizer(cls, directory: str):
+        """The tokenizer ``save_preprocessing`` wrote into ``directory``. Raises GraftError for backbones that take
+        no text."""
+        from .errors import GraftError
+
+        raise GraftError(f"backbone {cls.name!r} takes no text, so {directory} holds no tokenizer of its.")
+
     def export(self, directory: str) -> None:
         """Save the network in its family's native format into the (existing) ``directory``, so that the
         family's own loader -- or this backbone's ``weights`` option -- reads it back."""

@@ -31,9 +31,9 @@ from .run import Run, rebuilt_alone, scalars
 from .rundir import RunDir
 
 
-def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print) -> dict:
-    """Train ``config`` into ``run_dir``; with ``resume`` continue from its latest checkpoint. Returns the summary
-    (``{"interrupted": True, "step": N}`` when a signal stopped it). Raises GraftError for bad input."""
+def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print, prepare=None) -> dict:
+    """Train ``config`` into ``run_dir`` (``resume``: from its last checkpoint; ``prepare(run)`` alters the built model
+    first). Returns the summary, {"interrupted": True, "step": N} if a signal stopped it; GraftError for bad input."""
     dist = distributed.from_env()
     device = select_device(config.train.device, dist.local_rank)
     distributed.init(dist, device)
@@ -48,6 +48,8 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print)
                     raise GraftError(f"Cannot write the run directory {run_dir}: {e.strerror or e}. Choose another "
                                      f"--out (a folder you can write to).") from None
             run = Run(config, dist, device)
+            if prepare is not None:
+                prepare(run)
             return Loop(run, run_dir, resume, echo).fit()
     finally:
         distributed.shutdown(dist)

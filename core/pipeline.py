@@ -7,6 +7,9 @@ tables inline (``[stage.backbone]``, ``[stage.train]``, ...), which win key by k
 ``"@NAME"`` (or ``"@NAME/sub/path"``) anywhere in a stage stands for the run directory of the earlier stage NAME --
 a run directory is what a backbone's ``weights``, a distill ``teacher`` or a clm ``teacher`` take.
 
+A stage with ``compress = "@NAME"`` compresses that earlier stage's run instead of training (``graft compress``):
+its other keys are ``quantize``, ``prune``, ``finetune_steps``, ``finetune_lr`` and ``calibration_samples``.
+
 Every stage is resolved and checked before anything runs. A stage whose run finished with the same resolved config
 and the same upstream stages is skipped; one that was interrupted resumes from its checkpoint; one whose config or
 upstream changed runs again, and so does everything that uses it.
@@ -27,15 +30,20 @@ from .errors import GraftError, did_you_mean
 STATE_FILE = ".graft-stage.json"  # in each stage's run directory: the fingerprint it was started with
 
 
+COMPRESS_KEYS = {"compress": str, "quantize": str, "prune": str, "finetune_steps": int, "finetune_lr": float,
+                 "calibration_samples": int}
+
+
 @dataclass(eq=False)
 class Stage:
     name: str
-    config: cfg.Config
+    config: cfg.Config | None  # None for a compression stage
     run_dir: Path
     uses: list[str]  # names of the earlier stages it refers to
     fingerprint: str = ""
     status: str = ""  # done | resume | run
     summary: dict = field(default_factory=dict)
+    compress: dict | None = None  # graft compress's options, "compress" the source run directory
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -96,6 +104,12 @@ def load(path: str | Path, out: str | Path | None = None, registry=None, overrid
                              f"'.' or '@').")
         if name in dirs:
             raise GraftError(f"{at}: a stage named {name!r} comes earlier; names must differ.")
+        if "compress" in table:
+            uses: list[str] = []
+            options = _substitute(_compress_options(table, at), dirs, set(names[i + 1:]), name, at, uses)
+            dirs[name] = (root / name).absolute()
+            stages.append(Stage(name, None, dirs[name], sorted(set(uses)), compress=options))
+            continue
         base = {}
         if "config" in table:
             base = cfg.read_toml((path.parent / table["config"]) if not Path(table["config"]).is_absolute()
@@ -112,9 +126,25 @@ def load(path: str | Path, out: str | Path | None = None, registry=None, overrid
         stages.append(Stage(name, config, dirs[name], sorted(set(uses))))
     for s in stages:
         upstream = [next(t.fingerprint for t in stages if t.name == u) for u in s.uses]
-        s.fingerprint = hashlib.sha256(json.dumps([s.config.to_toml(), upstream]).encode()).hexdigest()[:16]
+        own = s.config.to_toml() if s.config is not None else s.compress
+        s.fingerprint = hashlib.sha256(json.dumps([own, upstream]).encode()).hexdigest()[:16]
         s.status = _status(s)
     return stages
+
+
+def _compress_options(table: dict, at: str) -> dict:
+    options = {k: v for k, v in table.items() if k != "name"}
+    for key, value in options.items():
+        if key not in COMPRESS_KEYS:
+            raise GraftError(f"{at}: a compress stage takes {', '.join(COMPRESS_KEYS)}; not {key!r}."
+                             f"{did_you_mean(key, list(COMPRESS_KEYS))}")
+        kind = COMPRESS_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise GraftError(f"{at}: {key} = {value!r} should be a {kind.__name__}.")
+    if not str(options["compress"]).startswith("@"):
+        raise GraftError(f"{at}: compress = {options['compress']!r}: name an earlier stage, e.g. compress = "
+                         f"\"@student\".")
+    return options
 
 
 def _status(stage: Stage) -> str:
@@ -122,7 +152,8 @@ def _status(stage: Stage) -> str:
     same = state.is_file() and json.loads(state.read_text()).get("fingerprint") == stage.fingerprint
     if same and (stage.run_dir / "summary.json").is_file():
         return "done"
-    if same and (stage.run_dir / "checkpoints" / "latest").is_file():
+    checkpoints = stage.run_dir / ("finetune" if stage.compress else "") / "checkpoints" / "latest"
+    if same and checkpoints.is_file():
         return "resume"
     return "run"
 
@@ -159,6 +190,10 @@ def run(stages: list[Stage], start: str | None = None, only: str | None = None, 
         stage.run_dir.mkdir(parents=True, exist_ok=True)
         (stage.run_dir / STATE_FILE).write_text(json.dumps({"fingerprint": stage.fingerprint,
                                                             "uses": stage.uses}))
+        if stage.compress is not None:
+            _compress(stage, echo)
+            stage.status = "done"
+            continue
         echo(f"[{stage.name}] {'resuming' if resume else 'training'} {stage.config.plugins['strategy'].name} -> "
              f"{stage.run_dir}")
         summary = train(stage.config, stage.run_dir, resume=resume, echo=echo)
@@ -167,6 +202,15 @@ def run(stages: list[Stage], start: str | None = None, only: str | None = None, 
             return None
         stage.status = "done"
     return report(stages)
+
+
+def _compress(stage: Stage, echo) -> None:
+    from .compress import compress
+
+    o = stage.compress
+    echo(f"[{stage.name}] compressing {o['compress']} -> {stage.run_dir}")
+    compress(o["compress"], stage.run_dir, o.get("quantize"), o.get("prune"), o.get("finetune_steps", 0),
+             o.get("finetune_lr"), o.get("calibration_samples", 256), echo=echo)
 
 
 def report(stages: list[Stage]) -> dict:
@@ -185,7 +229,7 @@ def report(stages: list[Stage]) -> dict:
             "backbone": summary.get("backbone"), "metric": summary.get("metric"), "best": summary.get("best"),
             "val": _scalars(summary.get("val")), "test": _scalars(summary.get("test")),
             "parameters": summary.get("parameters", {}), "train_samples_per_s": summary.get("train_samples_per_s"),
-            "weights_bytes": weights.stat().st_size if weights.is_file() else None})
+            "weights_bytes": summary.get("size_bytes") or (weights.stat().st_size if weights.is_file() else None)})
     return {"stages": rows, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 

@@ -133,8 +133,13 @@ def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, de
     from . import config as cfg
 
     run_dir = Path(run_dir)
+    if (run_dir / "config.toml").is_file() and (run_dir / "model.onnx").is_file():  # an ONNX export or compression
+        from .export import load_exported
+
+        return load_exported(run_dir, overrides, for_prediction, registry)
     if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors).")
+        raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors, or "
+                         f"model.onnx for an export).")
     conf = cfg.load(run_dir / "config.toml", overrides, registry)
     spec = conf.plugins["backbone"]
     export = run_dir / "backbone"

@@ -161,6 +161,15 @@ class HFBackbone(Backbone):
                 self._follow(self._tokenizer)  # a random-init model takes its given tokenizer's special ids
         return self._tokenizer
 
+    @classmethod
+    def load_tokenizer(cls, directory):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise GraftError(f"Cannot load the tokenizer saved in {directory} ({e}); export the run again.") from None
+
     def set_tokenizer(self, tokenizer):
         """Attach a tokenizer made elsewhere (e.g. trained on a corpus for a random-init model). The model's special
         token ids follow it (a random-init GPT-2 config says 50256), so generation stops at its end of text."""
