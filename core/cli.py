@@ -414,16 +414,21 @@ def export_cmd(run_dir, fmt, merge, out, trust_remote_code):
               "the run's).")
 @click.option("--calibration-samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="static-int8: training examples that calibrate the activation ranges.")
+@click.option("--calibration-method", type=click.Choice(["percentile", "minmax", "entropy"]), default="percentile",
+              show_default=True, help="static-int8: how the ranges are set from those examples.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Intra-op threads of the latency measurement (PyTorch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/compressed-...).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def compress(run_dir, quantize, prune, finetune_steps, finetune_lr, calibration_samples, out, trust_remote_code):
+def compress(run_dir, quantize, prune, finetune_steps, finetune_lr, calibration_samples, calibration_method, threads,
+             out, trust_remote_code):
     """Prune and/or quantize a finished classifier run into a run-like folder that graft eval / predict take. Its
     summary.json holds test metrics, size on disk and warm CPU latency (batch 1, p50 / p95) beside the source run's,
     measured here with the same data and threads."""
     from .compress import compress as run_compress, rows
 
     summary = run_compress(run_dir, out, quantize, prune, finetune_steps, finetune_lr, calibration_samples,
-                           trust_remote_code, echo=click.echo)
+                           calibration_method, threads, trust_remote_code, echo=click.echo)
     metric = summary["metric"]
     click.echo(_table(rows(summary), ["MODEL", f"{metric.upper()} ({summary['compressed']['split']})", "SIZE",
                                       "LATENCY P50 / P95"]))

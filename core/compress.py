@@ -5,8 +5,8 @@ weights, activation ranges calibrated on the training split: CNNs).
 
 Each compression writes a run-like directory: the source's config.toml and labels.json, the preprocessing, the
 compressed model (model.onnx when quantized, else model.safetensors and a native backbone/ export) and summary.json
-with test metrics, size on disk and warm CPU latency at batch 1 (p50, p95) beside the source run's, all measured
-in this process with the same serving metrics, data and thread count. ``graft eval`` / ``predict`` take it like a run.
+with test metrics, size on disk and warm CPU latency at batch 1 (p50, p95; one thread unless asked) beside the
+source run's, all measured in this process with the same serving metrics, data and thread count. ``graft eval`` / ``predict`` take it like a run.
 
 torch's own int8 tensors (torch.ao.quantization) are deprecated in torch 2.14, so quantized models are ONNX
 models. Unstructured pruning leaves dense tensors of the same size: it shrinks files only when compressed
@@ -16,6 +16,7 @@ models. Unstructured pruning leaves dense tensors of the same size: it shrinks f
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -90,7 +91,7 @@ def sparsity(model: torch.nn.Module) -> dict:
     return {"prunable_weights": total, "zero_weights": zeros, "sparsity": zeros / max(total, 1)}
 
 
-def score(run: Run, model, strategy, inputs) -> dict:
+def score(run: Run, model, strategy, inputs, threads: int = 1) -> dict:
     """Test (else val) metrics of ``model`` under the serving ``strategy``, and its warm batch-1 latency."""
     own = run.strategy
     run.strategy = strategy
@@ -99,7 +100,7 @@ def score(run: Run, model, strategy, inputs) -> dict:
         metrics = run.evaluate(model, split)
     finally:
         run.strategy = own
-    return {"split": split, "metrics": scalars(metrics or {}), "latency": ex.latency(model, inputs)}
+    return {"split": split, "metrics": scalars(metrics or {}), "latency": ex.latency(model, inputs, threads)}
 
 
 def recover(run_dir: Path, out: Path, masks: dict, steps: int, lr: float | None, echo) -> Path:
@@ -128,34 +129,46 @@ def recover(run_dir: Path, out: Path, masks: dict, steps: int, lr: float | None,
 
 class _Calibration:
     """onnxruntime's CalibrationDataReader over the first ``count`` examples of the training split, in order (the
-    splits are seeded shuffles, so a sample of every class)."""
+    splits are seeded shuffles, so a sample of every class). Every batch has the same shape -- onnxruntime's
+    histogram calibrators stack them --: equal batch sizes (``count`` rounded down to a multiple of 16 when above
+    it) and, for text, every batch padded to the longest (attention mask 0 there)."""
 
-    def __init__(self, run: Run, names: list[str], count: int):
-        self.batches, seen = [], 0
-        loader = run.loader("train", train=False, batch_size=min(16, count))
-        for batch in loader or []:
-            n = min(count - seen, ex.flatten(batch["inputs"])[1][0].shape[0])
-            inputs = ex.take(batch["inputs"], slice(0, n))
-            self.batches.append({k: v.numpy() if k != ex.IMAGE_INPUT else v.float().numpy()
-                                 for k, v in zip(names, ex.flatten(inputs)[1])})
-            seen += n
+    def __init__(self, run: Run, names: list[str], count: int, graph_inputs: set[str]):
+        size = min(16, count)
+        count = count - count % size
+        batches, seen = [], 0
+        for batch in run.loader("train", train=False, batch_size=size) or []:
+            if ex.flatten(batch["inputs"])[1][0].shape[0] < size:
+                break
+            batches.append(ex.flatten(batch["inputs"])[1])
+            seen += size
             if seen >= count:
                 break
-        if not self.batches:
-            raise GraftError("static-int8 calibrates on the training split, which is empty.")
+        if not batches:
+            raise GraftError(f"static-int8 calibrates on the training split, which has fewer than {size} examples.")
+        if run.backbone.modality == "text":
+            longest = max(t[0].shape[1] for t in batches)
+            pad = getattr(run.backbone.tokenizer(), "pad_token_id", None) or 0
+            batches = [[torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=pad if n == "input_ids" else 0)
+                        for n, t in zip(names, b)] for b in batches]
+        self.batches = [{n: t.float().numpy() if n == ex.IMAGE_INPUT else t.numpy() for n, t in zip(names, b)
+                         if n in graph_inputs} for b in batches]
         self.examples = seen
         self.it = iter(self.batches)
 
     def get_next(self):
         return next(self.it, None)
 
-    def rewind(self):
-        self.it = iter(self.batches)
+
+CALIBRATION = ("percentile", "minmax", "entropy")
 
 
-def quantize(fp32: Path, target: Path, mode: str, run: Run, names: list[str], calibration: int) -> dict:
+def quantize(fp32: Path, target: Path, mode: str, run: Run, names: list[str], calibration: int,
+             method: str = "percentile") -> dict:
     """int8 ``target`` from the fp32 ONNX file with onnxruntime.quantization, after its pre-processing (shape
-    inference, graph optimisation: BatchNorm folded into convolutions). Returns what was done."""
+    inference, graph optimisation: BatchNorm folded into convolutions). Static ranges come from ``method``:
+    percentile (99.999th of the absolute activations, outliers ignored), minmax or entropy (KL). Returns what was
+    done."""
     import contextlib
     import logging
 
@@ -173,14 +186,19 @@ def quantize(fp32: Path, target: Path, mode: str, run: Run, names: list[str], ca
         if mode == "dynamic-int8":
             q.quantize_dynamic(str(pre), str(target), weight_type=q.QuantType.QInt8)
             return {"method": "onnxruntime quantize_dynamic", "weights": "int8", "activations": "uint8, dynamic"}
-        reader = _Calibration(run, names, calibration)
+        import onnx
+
+        graph = {i.name for i in onnx.load(str(pre), load_external_data=False).graph.input}  # unused ones dropped
+        reader = _Calibration(run, names, calibration, graph)
         reader_cls = type("Reader", (q.CalibrationDataReader,), {"get_next": lambda s: reader.get_next()})
+        calibrate = {"percentile": q.CalibrationMethod.Percentile, "minmax": q.CalibrationMethod.MinMax,
+                     "entropy": q.CalibrationMethod.Entropy}[method]
         q.quantize_static(str(pre), str(target), reader_cls(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                          calibrate_method=q.CalibrationMethod.MinMax)
+                          calibrate_method=calibrate)
     finally:
         root.setLevel(level)
-    return {"method": "onnxruntime quantize_static (QDQ, MinMax)", "weights": "int8 per channel",
+    return {"method": f"onnxruntime quantize_static (QDQ, {method})", "weights": "int8 per channel",
             "activations": "uint8", "calibration_examples": reader.examples, "calibration_split": "train"}
 
 
@@ -191,7 +209,8 @@ def zipped_size(path: Path) -> int:
 
 def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: str | None = None,
              prune: str | None = None, finetune_steps: int = 0, finetune_lr: float | None = None,
-             calibration: int = 256, trust_remote_code: bool = False, echo=print) -> dict:
+             calibration: int = 256, calibration_method: str = "percentile", threads: int = 1,
+             trust_remote_code: bool = False, echo=print) -> dict:
     """Compress finished run ``run_dir`` into ``out`` (default RUN_DIR/compressed-...); returns the summary.
     Raises GraftError for bad input: no weights, no classifier, options that do not fit, an unexportable layer."""
     run_dir = Path(run_dir)
@@ -200,9 +219,12 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
         raise GraftError("Nothing to do: give --quantize dynamic-int8|static-int8 and/or --prune magnitude:FRACTION.")
     if quantize_mode is not None and quantize_mode not in QUANTIZE:
         raise GraftError(f"--quantize {quantize_mode!r}: use {' or '.join(QUANTIZE)}.")
+    if calibration_method not in CALIBRATION:
+        raise GraftError(f"calibration method {calibration_method!r}: use {', '.join(CALIBRATION)}.")
     if finetune_steps and amount is None:
         raise GraftError("--finetune-steps recovers from pruning; give --prune too.")
-    name = "-".join(x for x in (f"pruned{amount:g}" if amount else "", quantize_mode or "") if x)
+    name = "-".join(x for x in (f"pruned{amount:g}" if amount else "", f"ft{finetune_steps}" if finetune_steps else "",
+                                quantize_mode or "") if x)
     out = Path(out or run_dir / f"compressed-{name}")
     foreign = out.exists() and any(not p.name.startswith(".") for p in out.iterdir())  # a pipeline's state file
     if foreign and not (out / "compress.json").is_file():
@@ -210,12 +232,15 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
     run = load_run(run_dir, overrides=["train.precision=fp32"], device="cpu", trust_remote_code=trust_remote_code)
     serving = ex.serving_strategy(run.strategy, "graft compress: ")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compress.json").write_text(json.dumps({"source": str(run_dir.resolve()), "quantize": quantize_mode,
-                                                   "prune": prune, "finetune_steps": finetune_steps}))
+    request = json.dumps({"source": str(run_dir.resolve()), "prune": prune, "finetune_steps": finetune_steps,
+                          "finetune_lr": finetune_lr})
+    if (out / "compress.json").is_file() and (out / "compress.json").read_text() != request:
+        shutil.rmtree(out / "finetune", ignore_errors=True)  # another request's recovery run: never resumed
+    (out / "compress.json").write_text(request)
     model = run.model.eval()
     one = ex.take(ex.sample_inputs(run), slice(0, 1))
-    echo(f"Scoring the source run {run_dir} (PyTorch, CPU, {torch.get_num_threads()} threads)...")
-    source = score(run, model, serving, one)
+    echo(f"Scoring the source run {run_dir} (PyTorch, CPU; latency with {threads} thread(s))...")
+    source = score(run, model, serving, one, threads)
     source.update(format="pytorch", size_bytes=(run_dir / "model.safetensors").stat().st_size)
     summary = {"source": {"run": str(run_dir.resolve()), **source}, "compression": {"quantize": quantize_mode,
                                                                                     "prune": prune}}
@@ -227,12 +252,13 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
         summary["compression"].update(**sparsity(model), finetune_steps=finetune_steps)
     if quantize_mode is None:  # pruned only: a PyTorch run directory
         _save_pruned(run, run_dir, out)
-        result = score(run, model, serving, one)
+        result = score(run, model, serving, one, threads)
         result.update(format="pytorch (pruned)", size_bytes=(out / "model.safetensors").stat().st_size,
                       zipped_bytes=zipped_size(out / "model.safetensors"))
         summary["source"]["zipped_bytes"] = zipped_size(run_dir / "model.safetensors")
     else:
-        result = _quantized(run, model, serving, one, out, quantize_mode, calibration, summary)
+        result = _quantized(run, model, serving, (one, threads), out, quantize_mode, (calibration, calibration_method),
+                            summary)
     return _finish(run, run_dir, out, summary, result, serving, echo)
 
 
@@ -242,20 +268,20 @@ def _save_pruned(run: Run, run_dir: Path, out: Path) -> None:
     run.strategy.export(run.model, str(out))
 
 
-def _quantized(run, model, serving, one, out, mode, calibration, summary) -> dict:
+def _quantized(run, model, serving, probe, out, mode, calibration, summary) -> dict:
     with tempfile.TemporaryDirectory(prefix="graft-onnx-") as tmp:
         fp32 = Path(tmp) / "model.onnx"
         names = ex.to_onnx(model, ex.sample_inputs(run), fp32, run.backbone.limits().get("max_tokens"))
         onnx_fp32 = ex.OnnxModel(fp32)
-        summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, one), "format": "onnx fp32",
+        summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, *probe), "format": "onnx fp32",
                                 "size_bytes": ex.files_size(Path(tmp), ["model.onnx"]),
                                 "max_abs_difference": ex.max_abs_difference(model, onnx_fp32, ex.sample_inputs(run))}
         for f in ("model.onnx", "model.onnx.data"):
             (out / f).unlink(missing_ok=True)
-        summary["compression"].update(quantize(fp32, out / "model.onnx", mode, run, names, calibration))
+        summary["compression"].update(quantize(fp32, out / "model.onnx", mode, run, names, *calibration))
     ex.copy_run_files(Path(summary["source"]["run"]), out, run)
     quantized = ex.OnnxModel(out / "model.onnx")
-    result = score(run, quantized, serving, one)
+    result = score(run, quantized, serving, *probe)
     result.update(format=f"onnx {mode}", size_bytes=ex.files_size(out, ["model.onnx"]))
     return result
 

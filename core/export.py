@@ -222,18 +222,30 @@ def max_abs_difference(reference, candidate, inputs) -> float:
 
 
 @torch.no_grad()
-def latency(model, inputs, seconds: float = 2.0, warmup: int = 5, max_repeats: int = 200) -> dict:
-    """Warm CPU latency of one call on ``inputs`` (batch 1 for the reports): p50 and p95 over repeats in ms."""
-    for _ in range(warmup):
-        model(inputs)
-    times, start = [], time.perf_counter()
-    while len(times) < max_repeats and (len(times) < 20 or time.perf_counter() - start < seconds):
-        t0 = time.perf_counter()
-        model(inputs)
-        times.append((time.perf_counter() - t0) * 1000)
+def latency(model, inputs, threads: int = 1, seconds: float = 2.0, warmup: int = 5, max_repeats: int = 200) -> dict:
+    """Warm CPU latency of one call on ``inputs`` (batch 1 for the reports) with ``threads`` intra-op threads (torch
+    and onnxruntime alike): p50 and p95 over repeats, in ms. One thread by default: the usual setup of a serving
+    worker, and the one figure that OpenMP's wait policy does not change (graft's PASSIVE default made PyTorch's
+    many small kernels at batch 1 about 3x slower with 2 threads on a quiet 2-core machine)."""
+    import os
+
+    own = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if isinstance(model, OnnxModel) and not isinstance(model, TorchScriptModel):
+        model = OnnxModel(model.path, threads)
+    try:
+        for _ in range(warmup):
+            model(inputs)
+        times, start = [], time.perf_counter()
+        while len(times) < max_repeats and (len(times) < 20 or time.perf_counter() - start < seconds):
+            t0 = time.perf_counter()
+            model(inputs)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        torch.set_num_threads(own)
     times.sort()
     return {"p50_ms": times[len(times) // 2], "p95_ms": times[min(len(times) - 1, int(len(times) * 0.95))],
-            "repeats": len(times), "threads": torch.get_num_threads()}
+            "repeats": len(times), "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def files_size(directory: Path, names: list[str]) -> int:

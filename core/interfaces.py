@@ -382,6 +382,10 @@ class Strategy(Plugin):
     default_loss: ClassVar[str | None] = None
     #: whether the strategy trains the backbone it is given, so that an [adapter] can stand in for its weights
     supports_adapters: ClassVar[bool] = False
+    #: True when the run is rebuilt only to predict (``graft predict``, ``load_run(for_prediction=True)``): the data
+    #: source is not set up (it has ``task`` and ``label_names`` only), so ``build`` must not read its splits, and may
+    #: leave out modules that only training uses (distill's teacher and feature projections)
+    predicting: bool = False
     #: which way each metric of ``compute_metrics`` improves: "max" or "min". The loop reads it for best weights
     #: and early stopping; ``[train] metric_mode`` overrides it.
     metric_modes: ClassVar[dict[str, str]] = {"loss": "min"}

@@ -8,7 +8,8 @@ tables inline (``[stage.backbone]``, ``[stage.train]``, ...), which win key by k
 a run directory is what a backbone's ``weights``, a distill ``teacher`` or a clm ``teacher`` take.
 
 A stage with ``compress = "@NAME"`` compresses that earlier stage's run instead of training (``graft compress``):
-its other keys are ``quantize``, ``prune``, ``finetune_steps``, ``finetune_lr`` and ``calibration_samples``.
+its other keys are ``quantize``, ``prune``, ``finetune_steps``, ``finetune_lr``, ``calibration_samples`` and
+``calibration_method``.
 
 Every stage is resolved and checked before anything runs. A stage whose run finished with the same resolved config
 and the same upstream stages is skipped; one that was interrupted resumes from its checkpoint; one whose config or
@@ -31,7 +32,7 @@ STATE_FILE = ".graft-stage.json"  # in each stage's run directory: the fingerpri
 
 
 COMPRESS_KEYS = {"compress": str, "quantize": str, "prune": str, "finetune_steps": int, "finetune_lr": float,
-                 "calibration_samples": int}
+                 "calibration_samples": int, "calibration_method": str}
 
 
 @dataclass(eq=False)
@@ -210,7 +211,8 @@ def _compress(stage: Stage, echo) -> None:
     o = stage.compress
     echo(f"[{stage.name}] compressing {o['compress']} -> {stage.run_dir}")
     compress(o["compress"], stage.run_dir, o.get("quantize"), o.get("prune"), o.get("finetune_steps", 0),
-             o.get("finetune_lr"), o.get("calibration_samples", 256), echo=echo)
+             o.get("finetune_lr"), o.get("calibration_samples", 256), o.get("calibration_method", "percentile"),
+             echo=echo)
 
 
 def report(stages: list[Stage]) -> dict:

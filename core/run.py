@@ -53,6 +53,7 @@ class Run:
             self.data.task, self.data.label_names = data_info["task"], data_info["label_names"]
         self.loss = specs["loss"].create() if "loss" in specs else None
         self.strategy = specs["strategy"].create(backbone=self.backbone, loss=self.loss, data=self.data)
+        self.strategy.predicting = data_info is not None
         self.model = self.strategy.build().to(self.device)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -122,8 +123,20 @@ def rebuilt_alone(run: Run, weights: Path) -> Run:
     plain = Run(run.config, dist=distributed.Dist(), device=torch.device("cpu"), data_info=info, reseed=False)
     if run.backbone.modality == "text" and run.backbone.tokenizer() is not None:
         plain.backbone.set_tokenizer(run.backbone.tokenizer())
-    plain.model.load_state_dict(ckpt.load_weights(weights))
+    _load(plain, ckpt.load_weights(weights), weights)
     return plain
+
+
+def _load(run: Run, state: dict, path: Path) -> None:
+    """``state`` into ``run``'s model; one rebuilt only to predict may lack modules that only training used
+    (``Strategy.predicting``), but needs every tensor it has."""
+    if not run.strategy.predicting:
+        run.model.load_state_dict(state)
+        return
+    missing = run.model.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise GraftError(f"{path} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: was the run's "
+                         f"config.toml edited?")
 
 
 def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
@@ -153,7 +166,7 @@ def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, de
         run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None, reseed=False)
         random.setstate(state[0])
         np.random.set_state(state[1])
-    run.model.load_state_dict(move(ckpt.load_weights(run_dir / "model.safetensors"), run.device))
+    _load(run, move(ckpt.load_weights(run_dir / "model.safetensors"), run.device), run_dir / "model.safetensors")
     run.model.eval()
     return run
 

@@ -119,6 +119,20 @@ def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
     # the teacher runs on 16px images, the student on 8px: each side kept its own preprocessing
     assert 'image_size = 16' in (teacher / "config.toml").read_text()
 
+    # Bug (issue 18): `graft predict` on a distill run failed inside the teacher's view of data it never reads.
+    # The student predicts alone, without the feature projections only training used, like the full rebuild.
+    from graft.run import load_run, predict
+
+    full, alone = load_run(out), load_run(out, for_prediction=True)
+    assert not hasattr(alone.strategy, "teacher") and "projections.0.weight" not in alone.model.state_dict()
+    images = full.data.collate([full.data.dataset("test")[i] for i in range(8)])["inputs"]
+    assert torch.equal(full.model(images), alone.model(images))
+    png = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.new("L", (16, 16), 255).save(png)
+    assert predict(alone, [str(png)])[0]["label"] == predict(full, [str(png)])[0]["label"]
+
 
 def test_teacher_with_other_labels_is_refused(tmp_path, teacher, tiny_bert):
     from conftest import reviews

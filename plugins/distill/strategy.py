@@ -62,6 +62,9 @@ class Distill(Supervised):
         if not isinstance(self.loss, SoftTargetLoss):
             raise GraftError("[strategy] plugin = \"distill\" needs a soft-target loss: [loss] plugin = \"kd\" (or a "
                              "graft.SoftTargetLoss of a plugin's).")
+        if self.predicting:  # the student alone: no teacher, no data to view
+            self.projections, self.use_cache = [], False
+            return super().build()
         teacher = load_teacher(o, self.data)
         self.teacher, self.teacher_backbone_obj, self.teacher_conf = teacher.model, teacher.backbone, teacher.config
         self.teacher_data = teacher_view(self.data, teacher, o.teacher)
