@@ -110,6 +110,20 @@ def test_cli_export_onnx_and_predict_give_the_same_labels(bert_run, tmp_path):
     assert graft("eval", out, "--split", "test", check=True).stdout.startswith("  test: loss")
 
 
+def test_an_adapter_run_exports_merged(tmp_path, tiny_bert):
+    """LoRA (peft) on the tiny BERT: the ONNX file holds the merged weights (no LoRA matrices) and matches."""
+    import onnx
+
+    conf = tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)}, adapter={"plugin": "lora", "r": 4},
+                       data={"plugin": "text", "path": str(reviews(tmp_path / "r.jsonl")), "max_length": 16},
+                       train={"max_steps": 8, "batch_size": 16, "lr": 1e-2})
+    run_dir = _train(conf, tmp_path / "lora")
+    info = _export(run_dir, "onnx", tmp_path / "onnx")
+    assert info["max_abs_difference"] < 1e-4
+    names = [i.name for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer]
+    assert names and not any("lora" in n for n in names)
+
+
 def test_torchscript_export_matches_pytorch(vit_run, tmp_path):
     info = _export(vit_run, "torchscript", tmp_path / "ts")
     assert info["max_abs_difference"] < 1e-5 and (tmp_path / "ts" / "model.pt").is_file()
