@@ -17,7 +17,8 @@ from .config import create, load as load_config
 from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text
 from .hookspecs import hookimpl
-from .interfaces import UNLABELLED, Adapter, Backbone, DataSource, Loss, Plugin, SoftTargetLoss, Strategy
+from .interfaces import (UNLABELLED, Adapter, Backbone, DataSource, Logger, Loss, Plugin, SoftTargetLoss,
+                         Strategy)
 from .options import option
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 _LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "move": "batches",
          "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint"}
 
-__all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Loss", "Plugin", "SoftTargetLoss", "Strategy",
+__all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin", "SoftTargetLoss", "Strategy",
            "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option", "read_text", "warn",
            "__version__", *_LAZY]
 

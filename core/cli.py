@@ -18,7 +18,9 @@ from .errors import GraftError, GraftWarning
 
 #: optional libraries -> the graftkit extra that installs them
 EXTRAS = {"timm": "timm", "torchvision": "timm", "transformers": "hf", "tokenizers": "hf", "sklearn": "data",
-          "PIL": "data", "matplotlib": "plots", "peft": "peft", "torch": "all", "numpy": "all", "safetensors": "all"}
+          "PIL": "data", "matplotlib": "plots", "peft": "peft", "torch": "all", "numpy": "all", "safetensors": "all",
+          "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "tensorboard": "tensorboard",
+          "mlflow": "mlflow", "datasets": "datasets", "optuna": "optuna"}
 
 
 def _debug() -> bool:

@@ -74,6 +74,8 @@ class TrainOptions:
     num_workers: int = option(0, "DataLoader worker processes.")
     progress: bool = option(True, "Show a progress bar.")
     plot: bool = option(True, "Write curves.png at the end (needs matplotlib).")
+    loggers: list[str] = option(default_factory=list, help="Experiment trackers fed beside metrics.jsonl, e.g. "
+                                "[\"tensorboard\", \"mlflow\"]; options in [loggers.NAME] tables.")
 
     def validate(self):
         if self.parallel == "fsdp" and self.precision == "fp16":
@@ -98,8 +100,8 @@ class TrainOptions:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
 
-PLUGIN_TABLES = tuple(KINDS)  # backbone, strategy, loss, data, adapter
-TABLES = PLUGIN_TABLES + ("train",)
+PLUGIN_TABLES = tuple(k for k in KINDS if k != "logger")  # backbone, strategy, loss, data, adapter
+TABLES = PLUGIN_TABLES + ("train", "loggers")
 
 
 @dataclasses.dataclass
@@ -160,10 +162,14 @@ class Config:
     path: str
     train: TrainOptions
     plugins: dict[str, PluginSpec]
+    loggers: list[PluginSpec] = dataclasses.field(default_factory=list)  # [train] loggers, in order
 
     def to_dict(self) -> dict:
         out = {k: spec.table() for k, spec in self.plugins.items()}
         out["train"] = dataclasses.asdict(self.train)
+        tables = {spec.name: dataclasses.asdict(spec.options) for spec in self.loggers}
+        if any(tables.values()):
+            out["loggers"] = {k: v for k, v in tables.items() if v}
         return out
 
     def to_toml(self) -> str:
@@ -231,7 +237,28 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
             cls = registry.get("loss", default)
             plugins["loss"] = PluginSpec("loss", default, cls, cls.Options())
     train = opts.build(TrainOptions, data.get("train", {}), f"{where}: [train]")
-    return Config(path=where, train=train, plugins=plugins)
+    return Config(path=where, train=train, plugins=plugins, loggers=_loggers(train, data.get("loggers", {}), where,
+                                                                           registry))
+
+
+def _loggers(train: TrainOptions, tables: dict, where: str, registry: Registry) -> list[PluginSpec]:
+    """``[train] loggers`` with their ``[loggers.NAME]`` option tables."""
+    stray = [name for name in tables if name not in train.loggers]
+    if stray:
+        raise GraftError(f"{where}: [loggers.{stray[0]}] configures a logger that [train] loggers does not list; add "
+                         f"\"{stray[0]}\" to loggers = [...] or remove the table.")
+    if len(set(train.loggers)) != len(train.loggers):
+        raise GraftError(f"{where}: [train] loggers lists a logger twice: {train.loggers}.")
+    specs = []
+    for name in train.loggers:
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            raise GraftError(f"{where}: loggers.{name} must be a table ([loggers.{name}]), got {table!r}.")
+        try:
+            specs.append(plugin_spec("logger", {"plugin": name, **table}, where, registry))
+        except GraftError as e:
+            raise GraftError(str(e).replace("[logger] plugin", "[train] loggers: logger")) from None
+    return specs
 
 
 def load(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Config:

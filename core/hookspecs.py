@@ -35,3 +35,8 @@ def register_datasources(register):
 @hookspec
 def register_adapters(register):
     """Register Adapter subclasses (the ``[adapter]`` table): ``register(MyAdapter, name="myadapter")``."""
+
+
+@hookspec
+def register_loggers(register):
+    """Register Logger subclasses (experiment trackers, ``[train] loggers``): ``register(MyLogger, name="mylog")``."""

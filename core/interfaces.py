@@ -350,6 +350,35 @@ class Adapter(Plugin):
         return contextlib.nullcontext()
 
 
+class Logger(Plugin):
+    """An experiment tracker (TensorBoard, MLflow, ...) fed by the loop's main process beside ``metrics.jsonl``,
+    which stays the source of truth. Chosen with ``[train] loggers = ["NAME", ...]``; options in ``[loggers.NAME]``.
+
+    - ``start(run_dir, config, resume_step)``: the run begins (``config``: the resolved config as nested dicts;
+      ``resume_step``: the step a resumed run continues from, else None).
+    - ``log(record)``: one ``metrics.jsonl`` record -- ``step``, ``epoch``, ``split`` ("train", "val" or "test") and
+      numbers.
+    - ``finish(run_dir, summary)``: the run's summary (what summary.json holds) once its files -- summary.json,
+      plots, weights -- are written.
+    - ``should_stop()``: asked after each validation; True ends training as early stopping does (an Optuna
+      pruner's hook). Default False.
+    Any exception a logger raises is reported once, as a warning naming it, and the logger is switched off: a
+    tracker never stops training.
+    """
+
+    def start(self, run_dir: str, config: dict, resume_step: int | None) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def finish(self, run_dir: str, summary: dict) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 class Strategy(Plugin):
     """A transfer-learning method, run by the shared loop.
 

@@ -87,7 +87,7 @@ class Loop:
         self.run, self.t, self.dist, self.echo = run, run.config.train, run.dist, echo
         t, strategy = self.t, run.strategy
         self.strategy, self.base = strategy, run.model
-        self.run_dir, self.out = run_dir, RunDir(run_dir, enabled=self.dist.is_main)
+        self.run_dir, self.out = run_dir, RunDir(run_dir, enabled=self.dist.is_main, config=run.config)
         self.loader = run.loader("train", train=True)
         if self.loader is None:
             raise GraftError(f"[data] plugin {run.data.name!r} has an empty training split.")
@@ -163,7 +163,9 @@ class Loop:
             self.save_weights("model.safetensors")
         else:
             s.bad_evals += 1
-        return bool(self.t.patience) and s.bad_evals >= self.t.patience
+        asked = distributed.all_reduce_sum(torch.tensor(float(self.out.should_stop()), device=self.run.device),
+                                           self.dist)  # a logger (an Optuna pruner) may end the run, decided on rank 0
+        return bool(self.t.patience) and s.bad_evals >= self.t.patience or bool(asked)
 
     def step(self, batches, stop_requested: bool) -> tuple[float, bool, int, dict]:
         """One optimizer step over the next ``grad_accum`` micro-batches of ``batches``: (mean loss over processes,
@@ -193,9 +195,7 @@ class Loop:
                     loss = out["loss"]
                 self.scaler.scale(loss.float() * scale).backward()
             loss_sum += loss.detach().float()
-            for k, v in out.items():
-                if k != "loss":
-                    extra[k] = extra.get(k, 0.0) + float(v) / group
+            extra.update({k: extra.get(k, 0.0) + float(v) / group for k, v in out.items() if k != "loss"})
         s.micro += group
         local = loss_sum * self.dist.world_size if per_target else loss_sum / group  # mean over processes below
         flags = torch.stack([local, torch.tensor(float(stop_requested), device=device)])
@@ -254,8 +254,7 @@ class Loop:
             window["n"] += 1
             window["samples"] += n * self.dist.world_size
             window["time"] += dt
-            for k, v in extra.items():
-                window["extra"][k] = window["extra"].get(k, 0.0) + v
+            window["extra"].update({k: window["extra"].get(k, 0.0) + v for k, v in extra.items()})
             self.bar.update(1)
             window = self.window = self.log_window(window)
             if t.eval_every and s.step % t.eval_every == 0:
@@ -345,5 +344,6 @@ class Loop:
             self.out.write_json("summary.json", summary)
             if self.t.plot:
                 self.out.plots(run.data.label_names, results)
+            self.out.finish(summary)
         distributed.barrier(self.dist)
         return summary

@@ -24,7 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import GraftError, did_you_mean
-from .interfaces import Adapter, Backbone, DataSource, Loss, Strategy
+from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 
 ENTRY_POINT_GROUP = "graft"
 
@@ -35,9 +35,10 @@ KINDS = {
     "loss": ("register_losses", Loss),
     "data": ("register_datasources", DataSource),
     "adapter": ("register_adapters", Adapter),
+    "logger": ("register_loggers", Logger),
 }
 KIND_ALIASES = {"backbones": "backbone", "strategies": "strategy", "losses": "loss", "datasource": "data",
-                "datasources": "data", "dataset": "data", "adapters": "adapter"}
+                "datasources": "data", "dataset": "data", "adapters": "adapter", "loggers": "logger"}
 
 
 @dataclasses.dataclass

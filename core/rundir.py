@@ -1,5 +1,6 @@
 """The run directory's files other than checkpoints: the metrics log (cut back on resume), summary, labels, data
-report and plots. Only the main process writes here."""
+report and plots; and the experiment trackers (``[train] loggers``) fed beside the log. Only the main process writes
+here."""
 
 from __future__ import annotations
 
@@ -7,29 +8,53 @@ import json
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .errors import warn
 
 
 class RunDir:
-    """Writes the files of one run directory."""
+    """Writes the files of one run directory and feeds the config's loggers (each isolated: one that raises is
+    reported once and switched off)."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: Path, enabled: bool = True, config=None):
+        self.path, self.enabled, self.config = Path(path), enabled, config
+        self.loggers = [spec.create() for spec in config.loggers] if enabled and config is not None else []
+
+    def _each(self, method: str, *args) -> list:
+        results = []
+        for logger in list(self.loggers):
+            try:
+                results.append(getattr(logger, method)(*args))
+            except Exception as e:  # noqa: BLE001 - a tracker never stops training
+                self.loggers.remove(logger)
+                warn(f"[train] loggers: {logger.name!r} failed in {method}() and is switched off for this run: "
+                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return results
 
     def log(self, record: dict) -> None:
-        """Append one line to metrics.jsonl."""
+        """Append one line to metrics.jsonl and hand it to the loggers."""
         if self.enabled:
             with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self._each("log", dict(record))
+
+    def should_stop(self) -> bool:
+        """Whether a logger asks to end training (after a validation)."""
+        return any(self._each("should_stop"))
+
+    def finish(self, summary: dict) -> None:
+        self._each("finish", str(self.path), summary)
 
     def start(self, resume_step: int | None) -> None:
         """A fresh run starts a fresh log (even in a directory an earlier attempt left behind); a resumed one drops
-        what was logged after the checkpoint it resumes from."""
+        what was logged after the checkpoint it resumes from. The loggers start."""
         if not self.enabled:
             return
         if resume_step is None:
             (self.path / "metrics.jsonl").unlink(missing_ok=True)
         else:
             truncate_metrics(self.path / "metrics.jsonl", resume_step)
+        if self.loggers:
+            self._each("start", str(self.path), self.config.to_dict(), resume_step)
 
     def write_json(self, name: str, data: dict) -> None:
         if self.enabled:
