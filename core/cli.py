@@ -357,6 +357,29 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
     click.echo(f"Report: {root / 'pipeline.json'}")
 
 
+@cli.command()
+@click.argument("config_path", metavar="CONFIG")
+@click.option("--space", "space_path", required=True, metavar="SPACE.toml", help="The searched keys and their "
+              "distributions ([train.lr] distribution = \"log-uniform\", low = 1e-4, high = 1e-2), and [sweep].")
+@click.option("--trials", type=click.IntRange(min=1), required=True, help="Finished trials to reach (a rerun "
+              "continues the study).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder of the study and its trials (default "
+              "runs/sweep-<config>).")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help="Change the config for every "
+              "trial. Repeatable.")
+def sweep(config_path, space_path, trials, out, overrides):
+    """Search hyper-parameters of CONFIG with Optuna (TPE, median pruning on the validations): each trial a normal
+    run directory, the study in OUT/study.db so that a rerun continues it; then a table, sweep.json (the best trial
+    and its config) and Optuna's plots as PNG."""
+    from . import sweep as sw
+
+    result = sw.sweep(config_path, space_path, trials, out, list(overrides), echo=click.echo)
+    click.echo(_table(sw.table(result), ["TRIAL", "STATE", result["metric"].upper(), "VALUES"]))
+    best = result["best"]
+    if best:
+        click.echo(f"Best: trial {best['number']}, {result['metric']} {best['value']:.4g}; config {best['config']}")
+
+
 @cli.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["native", "onnx", "torchscript"]), default="native",
