@@ -144,7 +144,7 @@ def describe(kind, name, as_json):
     if not rows:
         click.echo("  (no options)")
         return
-    click.echo(f"Options for the [{kind}] table:")
+    click.echo(f"Options for the [{f'loggers.{name}' if kind == 'logger' else kind}] table:")
     table = _table([[r["name"], r["type"], json.dumps(r["default"], default=str), r["help"]] for r in rows],
                    ["KEY", "TYPE", "DEFAULT", "HELP"])
     click.echo("\n".join("  " + line for line in table.splitlines()))

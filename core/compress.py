@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import export as ex
-from .checkpoint import atomic_save_file, clean_state_dict, load_weights
+from .checkpoint import atomic_save_file, atomic_write_text, clean_state_dict, load_weights
 from .errors import GraftError
 from .run import Run, load_run, scalars
 
@@ -236,6 +236,8 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
                           "finetune_lr": finetune_lr})
     if (out / "compress.json").is_file() and (out / "compress.json").read_text() != request:
         shutil.rmtree(out / "finetune", ignore_errors=True)  # another request's recovery run: never resumed
+    for stale in ("summary.json", "model.onnx", "model.onnx.data", "model.safetensors"):  # an earlier result here
+        (out / stale).unlink(missing_ok=True)
     (out / "compress.json").write_text(request)
     model = run.model.eval()
     one = ex.take(ex.sample_inputs(run), slice(0, 1))
@@ -259,7 +261,7 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
     else:
         result = _quantized(run, model, serving, (one, threads), out, quantize_mode, (calibration, calibration_method),
                             summary)
-    return _finish(run, run_dir, out, summary, result, serving, echo)
+    return _finish(run, out, summary, result, serving)
 
 
 def _save_pruned(run: Run, run_dir: Path, out: Path) -> None:
@@ -276,8 +278,6 @@ def _quantized(run, model, serving, probe, out, mode, calibration, summary) -> d
         summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, *probe), "format": "onnx fp32",
                                 "size_bytes": ex.files_size(Path(tmp), ["model.onnx"]),
                                 "max_abs_difference": ex.max_abs_difference(model, onnx_fp32, ex.sample_inputs(run))}
-        for f in ("model.onnx", "model.onnx.data"):
-            (out / f).unlink(missing_ok=True)
         summary["compression"].update(quantize(fp32, out / "model.onnx", mode, run, names, *calibration))
     ex.copy_run_files(Path(summary["source"]["run"]), out, run)
     quantized = ex.OnnxModel(out / "model.onnx")
@@ -286,7 +286,7 @@ def _quantized(run, model, serving, probe, out, mode, calibration, summary) -> d
     return result
 
 
-def _finish(run, run_dir, out, summary, result, serving, echo) -> dict:
+def _finish(run, out, summary, result, serving) -> dict:
     src = summary["source"]
     metric = serving.primary_metric
     summary.update(
@@ -297,7 +297,7 @@ def _finish(run, run_dir, out, summary, result, serving, echo) -> dict:
         change={f"{metric}": result["metrics"].get(metric, float("nan")) - src["metrics"].get(metric, float("nan")),
                 "size_ratio": result["size_bytes"] / src["size_bytes"],
                 "latency_p50_ratio": result["latency"]["p50_ms"] / src["latency"]["p50_ms"]})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
