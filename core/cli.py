@@ -20,7 +20,7 @@ from .errors import GraftError, GraftWarning
 EXTRAS = {"timm": "timm", "torchvision": "timm", "transformers": "hf", "tokenizers": "hf", "sklearn": "data",
           "PIL": "data", "matplotlib": "plots", "peft": "peft", "torch": "all", "numpy": "all", "safetensors": "all",
           "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "tensorboard": "tensorboard",
-          "mlflow": "mlflow", "datasets": "datasets", "optuna": "optuna"}
+          "mlflow": "mlflow", "datasets": "datasets", "optuna": "optuna", "seqeval": "seqeval"}
 
 
 def _debug() -> bool:
@@ -293,6 +293,8 @@ def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
             click.echo(json.dumps({"input": item, **result}))
         elif "label" in result:
             click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
+        elif "tags" in result:  # token classification: the words as the data source split them, each with its tag
+            click.echo(" ".join(f"{w}/{t}" for w, t in zip(item.split(), result["tags"])))
         else:
             click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
 

@@ -51,6 +51,8 @@ def serving_strategy(strategy, where: str = "") -> Supervised:
     plain.name = strategy.name
     if task == "regression":
         plain.primary_metric = "rmse"
+    if plain.entities:
+        plain.primary_metric = "entity_f1"
     return plain
 
 

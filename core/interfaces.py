@@ -66,6 +66,9 @@ class Backbone(Plugin):
     source_dir: Any = None
     #: ids of parameters an adapter froze for good (set by the run): freezing schedules must leave them frozen
     adapter_frozen: frozenset = frozenset()
+    #: the dense features ``self.module(inputs, dense=True)`` returns, or None when it has none: "tokens" -- one
+    #: vector per input token, ``[batch, tokens, num_features]`` (text models; token classification uses them)
+    dense_features: str | None = None
 
     def enable_gradient_checkpointing(self) -> None:
         """Keep only each block's inputs in the forward pass and recompute the rest during backward (Chen et al.

@@ -18,7 +18,10 @@ from .errors import GraftError
 from .interfaces import UNLABELLED, Strategy
 from .options import option
 
-TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"}}
+TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"},
+               "token_classification": {"cross_entropy"}}
+#: tag prefixes of entity schemes (BIO / IOB2, BIOES / IOBES): tags like "B-PER" get entity-level metrics
+ENTITY_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
 
 @dataclass
@@ -47,8 +50,9 @@ class SupervisedOptions:
             raise ValueError("freeze_groups, lp_epochs, unfreeze_every and head_hidden must not be negative.")
 
 
-def classifier(backbone_module, head):
-    """backbone -> head as one module; ``forward(inputs, hidden=True)`` also returns the backbone's hidden layers."""
+def classifier(backbone_module, head, dense: bool = False):
+    """backbone -> head as one module; ``forward(inputs, hidden=True)`` also returns the backbone's hidden layers.
+    ``dense``: the head applies to every token's features (``[B, T, D]`` -> ``[B, T, outputs]``)."""
     from torch import nn
 
     class Classifier(nn.Module):
@@ -57,12 +61,30 @@ def classifier(backbone_module, head):
             self.backbone, self.head = backbone_module, head
 
         def forward(self, inputs, hidden=False):
+            if dense:
+                return self.head(self.backbone(inputs, dense=True))
             if hidden:
                 features, layers = self.backbone(inputs, hidden=True)
                 return self.head(features), layers
             return self.head(self.backbone(inputs))
 
     return Classifier()
+
+
+def entity_counts(gold: list[list[str]], predicted: list[list[str]]) -> tuple[int, int, int]:
+    """(correct, predicted, gold) entity counts of tag sequences, entities read by seqeval's ``get_entities``
+    (conlleval's rules: an I- tag after O or another type starts an entity) -- summed over batches they give
+    seqeval's default micro precision, recall and F1. Raises GraftError without seqeval."""
+    try:
+        from seqeval.metrics.sequence_labeling import get_entities
+    except ImportError:
+        raise GraftError("Entity-level metrics of BIO / BIOES tags need seqeval: pip install 'graftkit[seqeval]'.") \
+            from None
+    tp = n_pred = n_gold = 0
+    for g, p in zip(gold, predicted):
+        ge, pe = set(get_entities(g)), set(get_entities(p))
+        tp, n_pred, n_gold = tp + len(ge & pe), n_pred + len(pe), n_gold + len(ge)
+    return tp, n_pred, n_gold
 
 
 class Supervised(Strategy):
@@ -73,7 +95,7 @@ class Supervised(Strategy):
     primary_metric = "accuracy"
     supports_adapters = True
     metric_modes = {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max", "exact_match": "max",
-                    "mae": "min", "rmse": "min"}
+                    "mae": "min", "rmse": "min", "entity_f1": "max", "entity_precision": "max", "entity_recall": "max"}
 
     def build(self):
         from torch import nn
@@ -88,6 +110,11 @@ class Supervised(Strategy):
                              f"{' or '.join(repr(x) for x in sorted(TASK_LOSSES[task]))}.")
         if task == "regression":
             self.primary_metric = "rmse"
+        if self.token_level and self.backbone.dense_features != "tokens":
+            raise GraftError(f"[data] task {task!r} needs one feature vector per token, and backbone "
+                             f"{self.backbone.name!r} gives none; use an hf text backbone.")
+        if self.entities:
+            self.primary_metric = "entity_f1"
         out = 1 if task == "regression" else self.data.num_outputs
         width = self.backbone.num_features
         if o.head == "linear":
@@ -99,7 +126,7 @@ class Supervised(Strategy):
         if self.backbone.adapter_frozen and o.freeze == "backbone":
             raise GraftError(f"[strategy] freeze = \"backbone\" would freeze the [adapter] too (only the head would "
                              f"train). Drop the adapter for a linear probe, or use freeze = \"none\".")
-        self.model = classifier(self.backbone.module, head)
+        self.model = classifier(self.backbone.module, head, dense=self.token_level)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
         self.groups = [g for g in self.groups if g]
@@ -145,10 +172,30 @@ class Supervised(Strategy):
 
     # -- steps and metrics -------------------------------------------------------------------------------
     def training_step(self, model, batch):
-        return {"loss": self.loss(model(batch["inputs"]), batch["targets"])}
+        return {"loss": self.loss(*_flat(model(batch["inputs"]), batch["targets"]))}
+
+    @property
+    def token_level(self) -> bool:
+        return self.data.task == "token_classification"
+
+    @property
+    def entities(self) -> bool:
+        """Token tags of an entity scheme (B-PER, I-PER, O ...): entity-level metrics besides token accuracy."""
+        return self.token_level and any(str(n).startswith(ENTITY_PREFIXES) for n in self.data.label_names or [])
 
     def eval_step(self, model, batch):
-        return self.eval_sums(model(batch["inputs"]).float(), batch["targets"])
+        import torch
+
+        outputs, y = model(batch["inputs"]).float(), batch["targets"]
+        if not self.token_level:
+            return self.eval_sums(outputs, y)
+        sums = self.eval_sums(*_flat(outputs, y))
+        if self.entities:  # per sentence: the tags of the words (their first pieces), in order
+            names, pred = list(self.data.label_names), outputs.argmax(-1)
+            rows = [(y[b][y[b] != UNLABELLED].tolist(), pred[b][y[b] != UNLABELLED].tolist()) for b in range(len(y))]
+            counts = entity_counts([[names[i] for i in g] for g, _ in rows], [[names[i] for i in p] for _, p in rows])
+            sums["entities"] = torch.tensor(counts, dtype=torch.float64)
+        return sums
 
     def eval_sums(self, outputs, y, loss=None):
         """Summable statistics of one batch's outputs against targets ``y`` (``loss``: the batch's mean loss,
@@ -156,12 +203,12 @@ class Supervised(Strategy):
         import torch
 
         loss = self.loss(outputs, y) if loss is None else loss
-        if self.data.task == "classification" and not bool((y != UNLABELLED).all()):
+        if self.data.task in ("classification", "token_classification") and not bool((y != UNLABELLED).all()):
             outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
         n = torch.tensor(float(y.shape[0]), device=outputs.device)
         sums = {"count": n, "loss_sum": loss.float() * n}
         task = self.data.task
-        if task == "classification":
+        if task in ("classification", "token_classification"):
             k = outputs.shape[1]
             pred = outputs.argmax(1)
             sums["confusion"] = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
@@ -182,7 +229,11 @@ class Supervised(Strategy):
         n = float(sums["count"])
         m = {"loss": float(sums["loss_sum"]) / n}
         task = self.data.task
-        if task == "classification":
+        if "entities" in sums:
+            tp, n_pred, n_gold = (float(x) for x in sums["entities"])
+            m["entity_precision"], m["entity_recall"] = tp / max(n_pred, 1), tp / max(n_gold, 1)
+            m["entity_f1"] = 2 * tp / max(n_pred + n_gold, 1)
+        if task in ("classification", "token_classification"):
             cm = sums["confusion"].double()
             tp = cm.diag()
             precision = tp / cm.sum(0).clamp(min=1)
@@ -209,8 +260,10 @@ class Supervised(Strategy):
     def predict(self, model, inputs):
         import torch
 
-        outputs = model(inputs).float()
         names = list(self.data.label_names or [])
+        if self.data.task == "token_classification":
+            return _tag_words(model, inputs, names)
+        outputs = model(inputs).float()
         if self.data.task == "regression":
             return [{"value": float(v)} for v in outputs.reshape(-1)]
         if self.data.task == "multilabel":
@@ -233,3 +286,30 @@ class Supervised(Strategy):
         self.backbone.export(str(Path(directory, "backbone")))
         save_file(clean_state_dict(self.model.head.state_dict()),
                   str(Path(directory, "head.safetensors")))
+
+
+def _flat(outputs, y):
+    """Token classification's ``[B, T, K]`` logits and ``[B, T]`` targets as ``[B*T, K]`` and ``[B*T]``."""
+    if outputs.ndim == 3:
+        return outputs.flatten(0, 1), y.flatten()
+    return outputs, y
+
+
+def _tag_words(model, inputs, names):
+    """One tag per word: the prediction at each word's first piece (``inputs["word_ids"]``: ``[B, T]`` word index
+    of every token, -1 for special and padding tokens; taken out before the network sees the inputs)."""
+    import torch
+
+    inputs = dict(inputs)
+    word_ids = inputs.pop("word_ids")
+    probs = torch.softmax(model(inputs).float(), -1)
+    out = []
+    for b in range(word_ids.shape[0]):
+        tags, scores, seen = [], [], set()
+        for t, w in enumerate(word_ids[b].tolist()):
+            if w >= 0 and w not in seen:
+                seen.add(w)
+                tags.append(names[int(probs[b, t].argmax())])
+                scores.append(float(probs[b, t].max()))
+        out.append({"tags": tags, "probabilities": scores})
+    return out

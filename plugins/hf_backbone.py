@@ -111,13 +111,15 @@ class HFBackbone(Backbone):
                 super().__init__()
                 self.model = m
 
-            def forward(self, inputs, hidden=False):
+            def forward(self, inputs, hidden=False, dense=False):
                 if modality == "image":
                     out = self.model(pixel_values=inputs, output_hidden_states=hidden)
                     mask = None
                 else:
                     out = self.model(**inputs, output_hidden_states=hidden)
                     mask = inputs.get("attention_mask")
+                    if dense:  # one vector per token: token classification
+                        return out.last_hidden_state
                 if pooling == "pooler":
                     features = out.pooler_output
                 else:
@@ -127,6 +129,7 @@ class HFBackbone(Backbone):
                 return features, [pool(h, mask, "mean") for h in out.hidden_states]
 
         self.module = HFFeatures(model)
+        self.dense_features = "tokens" if modality == "text" else None
         self._tokenizer = None
         return self.module
 

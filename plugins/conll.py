@@ -1,0 +1,187 @@
+"""The ``conll`` data source: word-level tags (NER, POS) from CoNLL-style and CoNLL-U files, for token
+classification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text
+from graft.data import ENCODING_HELP, SplitOptions, check_encoding, few_labels, stratified_split
+
+CONLLU_TAGS = {"upos": 3, "xpos": 4}
+
+
+@dataclass
+class CoNLLOptions(SplitOptions):
+    path: str = option("", "A CoNLL file (one word per line, columns split by whitespace, a blank line between "
+                           "sentences) or a CoNLL-U file (.conllu).", path=True)
+    format: Literal["auto", "conll", "conllu"] = option("auto", "auto: conllu for .conllu files, else conll.")
+    word_column: int = option(0, "conll: column of the word (0 = first).")
+    tag_column: int = option(-1, "conll: column of the tag (-1 = last).")
+    conllu_tag: Literal["upos", "xpos"] = option("upos", "conllu: which tag column to predict.")
+    encoding: str = option("utf-8", ENCODING_HELP)
+    val_path: str = option("", "Separate validation file (same format); else split off path.", path=True)
+    test_path: str = option("", "Separate test file (same format); else split off path.", path=True)
+    max_length: int = option(0, "Tokens per sentence (sub-word pieces; the words past it get no prediction and "
+                                "count in data.json); 0 = the backbone's usable positions, at most 256.")
+    max_sentences: int = option(0, "Use only this many sentences of path (seeded sample); 0 = all.")
+
+    def validate(self):
+        super().validate()
+        if not self.path:
+            raise ValueError("path is required: a CoNLL or CoNLL-U file.")
+        if self.max_length == 1 or self.max_length < 0 or self.max_sentences < 0:
+            raise ValueError("max_length must be 0 or at least 2; max_sentences must not be negative.")
+        check_encoding(self.encoding)
+
+
+def read_sentences(path: str, o: CoNLLOptions, where: str) -> list[tuple[list[str], list[str]]]:
+    """(words, tags) per sentence. CoNLL: -DOCSTART- lines are skipped. CoNLL-U: comments, multi-word token ranges
+    (3-4) and empty nodes (5.1) are skipped; the surface words are FORM. Raises GraftError naming file and line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GraftError(f"{where}: {path!r} is not a file.")
+    conllu = o.format == "conllu" or (o.format == "auto" and p.suffix.lower() == ".conllu")
+    sentences, words, tags = [], [], []
+    for n, line in enumerate(read_text(p, o.encoding, where).splitlines(), 1):
+        text = line.strip()
+        if not text or (not conllu and text.split()[0] == "-DOCSTART-"):
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        if conllu:
+            if text.startswith("#"):
+                continue
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 10:
+                raise GraftError(f"{where}: {p}, line {n}: a CoNLL-U word line has 10 tab-separated columns, this "
+                                 f"one {len(cols)}.")
+            if "-" in cols[0] or "." in cols[0]:
+                continue
+            word, tag = cols[1], cols[CONLLU_TAGS[o.conllu_tag]]
+            if tag in ("", "_"):
+                raise GraftError(f"{where}: {p}, line {n}: word {word!r} has no {o.conllu_tag.upper()} tag.")
+        else:
+            cols = text.split()
+            try:
+                word, tag = cols[o.word_column], cols[o.tag_column]
+            except IndexError:
+                raise GraftError(f"{where}: {p}, line {n} has {len(cols)} column(s) ({text!r}); word_column = "
+                                 f"{o.word_column} and tag_column = {o.tag_column} need more. Is the tag column "
+                                 f"missing?") from None
+            if len(cols) < 2:
+                raise GraftError(f"{where}: {p}, line {n} has one column ({text!r}): the tag column is missing.")
+        words.append(word)
+        tags.append(tag)
+    if words:
+        sentences.append((words, tags))
+    if not sentences:
+        raise GraftError(f"{where}: {p} holds no sentences.")
+    return sentences
+
+
+def align(word_ids: list, tags: list[int]) -> list[int]:
+    """Word-level tag ids onto a tokenizer's pieces: the first piece of each word carries its tag; the word's other
+    pieces and special tokens get UNLABELLED (-100), which the loss and the metrics skip (Devlin et al., BERT,
+    section 4.3: one prediction per word, from its first piece)."""
+    out, previous = [], None
+    for w in word_ids:
+        out.append(tags[w] if w is not None and w != previous else UNLABELLED)
+        previous = w
+    return out
+
+
+class CoNLL(DataSource):
+    """Word-level tags (NER, POS) from CoNLL-style or CoNLL-U files, aligned to sub-word tokens."""
+
+    Options = CoNLLOptions
+    view_options = ("max_length",)
+    training_options = ("train_fraction", "unlabelled", "max_sentences")
+    task = "token_classification"
+
+    def setup(self, backbone, seed):
+        import numpy as np
+
+        o = self.options
+        where = "[data] plugin = \"conll\""
+        self.require(backbone, "text")
+        tok = backbone.tokenizer()
+        if tok is None or not getattr(tok, "is_fast", False):
+            raise GraftError(f"{where}: backbone {backbone.name!r} needs a fast (Rust) tokenizer: the alignment of "
+                             f"words to pieces reads its word_ids().")
+        limit = self.check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length", tokenizer=tok,
+                                  where=where)
+        self.max_length = o.max_length or min(256, limit or 256)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        parts = {"": read_sentences(o.path, o, where)}
+        for split, p in (("val", o.val_path), ("test", o.test_path)):
+            if p:
+                parts[split] = read_sentences(p, o, where)
+        self.label_names = sorted({t for sents in parts.values() for _, tags in sents for t in tags})
+        index = {t: i for i, t in enumerate(self.label_names)}
+        main = parts[""]
+        if o.max_sentences and o.max_sentences < len(main):
+            keep = np.random.default_rng(seed).permutation(len(main))[: o.max_sentences]
+            main = [main[i] for i in sorted(keep)]
+        idx = stratified_split([0] * len(main), 0.0 if o.val_path else o.val_fraction,
+                               0.0 if o.test_path else o.test_fraction, seed)
+        idx["train"], hidden = few_labels(idx["train"], [0] * len(main), o, seed)
+        self.truncated = 0
+
+        def encode(sentences, unlabelled=()):
+            if not sentences:
+                return []
+            enc = tok([w for w, _ in sentences], is_split_into_words=True, truncation=True,
+                      max_length=self.max_length)
+            out = []
+            for i, (words, tags) in enumerate(sentences):
+                word_ids = enc.word_ids(i)
+                labels = align(word_ids, [index[t] for t in tags])
+                self.truncated += len(words) - len({w for w in word_ids if w is not None})
+                out.append((enc["input_ids"][i], [UNLABELLED] * len(labels) if i in unlabelled else labels))
+            return out
+
+        train = [main[i] for i in idx["train"]]
+        self.splits = {"train": encode(train, {k for k, i in enumerate(idx["train"]) if i in hidden})}
+        for split in ("val", "test"):
+            self.splits[split] = encode(parts[split] if split in parts else [main[i] for i in idx[split]])
+
+    def report(self):
+        return {"sentences": {s: len(v) for s, v in self.splits.items()},
+                "words_past_max_length": self.truncated} if hasattr(self, "splits") else {}
+
+    def dataset(self, split):
+        return self.splits.get(split) or None
+
+    def collate(self, examples):
+        import torch
+
+        n = max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), n), dtype=torch.long)
+        targets = torch.full((len(examples), n), UNLABELLED, dtype=torch.long)
+        for i, (ids, labels) in enumerate(examples):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, : len(ids)] = 1
+            targets[i, : len(labels)] = torch.tensor(labels)
+        return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets}
+
+    def encode(self, backbone, items):
+        """Texts split into words at whitespace (as ``graft predict`` prints them back), with ``word_ids``: each
+        token's word index, -1 for special and padding tokens."""
+        import torch
+
+        limit = backbone.limits().get("max_tokens")
+        max_length = self.options.max_length or min(256, limit or 256)
+        enc = backbone.tokenizer()([item.split() for item in items], is_split_into_words=True, truncation=True,
+                                   max_length=max_length, padding=True, return_tensors="pt")
+        word_ids = torch.tensor([[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(items))])
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": word_ids}
+
+
+@hookimpl
+def register_datasources(register):
+    register(CoNLL, name="conll")
