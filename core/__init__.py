@@ -27,8 +27,8 @@ __version__ = "0.1.0"
 _LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "move": "batches",
          "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint"}
 
-__all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin", "SoftTargetLoss", "Strategy",
-           "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option", "read_text", "warn",
+__all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
+           "SoftTargetLoss", "Strategy", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option", "read_text", "warn",
            "__version__", *_LAZY]
 
 

@@ -270,8 +270,10 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 @click.option("--file", "input_file", metavar="FILE", help="Read inputs from a UTF-8 text file, one per line ('-': "
               "stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--mask-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Segmentation runs: where the predicted masks go (INPUT_NAME.mask.png, class indices).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
+def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .run import load_run, predict as run_predict
 
@@ -289,14 +291,31 @@ def predict(run_dir, inputs, input_file, as_json, trust_remote_code):
         raise GraftError("Nothing to predict: give inputs as arguments or with --file.")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     for item, result in zip(items, run_predict(run, items)):
+        if "mask" in result:  # segmentation: the class of every pixel, as a PNG of class indices
+            result = {"mask_png": _write_mask(result.pop("mask"), item, mask_dir), **result}
         if as_json:
             click.echo(json.dumps({"input": item, **result}))
         elif "label" in result:
             click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
+        elif "mask_png" in result:
+            click.echo(f"{result['mask_png']}\t{json.dumps(result['pixels'])}\t{item}")
         elif "tags" in result:  # token classification: the words as the data source split them, each with its tag
             click.echo(" ".join(f"{w}/{t}" for w, t in zip(item.split(), result["tags"])))
         else:
             click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
+
+
+def _write_mask(mask, item: str, folder: str) -> str:
+    import numpy as np
+    from PIL import Image
+
+    path = Path(folder) / f"{Path(item).stem}.mask.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(path)
+    except OSError as e:
+        raise GraftError(f"Cannot write {path}: {e.strerror or e}. Choose another --mask-dir.") from None
+    return str(path)
 
 
 @cli.command()

@@ -6,7 +6,8 @@ weights, activation ranges calibrated on the training split: CNNs).
 Each compression writes a run-like directory: the source's config.toml and labels.json, the preprocessing, the
 compressed model (model.onnx when quantized, else model.safetensors and a native backbone/ export) and summary.json
 with test metrics, size on disk and warm CPU latency at batch 1 (p50, p95; one thread unless asked) beside the
-source run's, all measured in this process with the same serving metrics, data and thread count. ``graft eval`` / ``predict`` take it like a run.
+source run's, all measured in this process with the same serving metrics, data and thread count. ``graft eval`` /
+``predict`` take it like a run.
 
 torch's own int8 tensors (torch.ao.quantization) are deprecated in torch 2.14, so quantized models are ONNX
 models. Unstructured pruning leaves dense tensors of the same size: it shrinks files only when compressed

@@ -140,3 +140,23 @@ def open_image(path):
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is the file's fault
         raise GraftError(f"{path} cannot be read as an image ({type(e).__name__}: {e}). Pass a JPEG, PNG, BMP, "
                          f"GIF, WebP or TIFF file.") from None
+
+
+def pad_tokens(sequences, pad_id: int, fill=None):
+    """Token id lists -> ``(input_ids, attention_mask)`` long tensors ``[batch, longest]``, padded on the right with
+    ``pad_id`` (mask 0 there). ``fill`` (optional): per-token lists padded alike with -100 (``UNLABELLED``) into a
+    third tensor -- token classification's targets."""
+    import torch
+
+    n = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), n), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    if fill is None:
+        return input_ids, mask
+    targets = torch.full((len(sequences), n), -100, dtype=torch.long)
+    for i, labels in enumerate(fill):
+        targets[i, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+    return input_ids, mask, targets

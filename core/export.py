@@ -53,6 +53,8 @@ def serving_strategy(strategy, where: str = "") -> Supervised:
         plain.primary_metric = "rmse"
     if plain.entities:
         plain.primary_metric = "entity_f1"
+    if task == "segmentation":
+        plain.primary_metric = "miou"
     return plain
 
 

@@ -67,7 +67,8 @@ class Backbone(Plugin):
     #: ids of parameters an adapter froze for good (set by the run): freezing schedules must leave them frozen
     adapter_frozen: frozenset = frozenset()
     #: the dense features ``self.module(inputs, dense=True)`` returns, or None when it has none: "tokens" -- one
-    #: vector per input token, ``[batch, tokens, num_features]`` (text models; token classification uses them)
+    #: vector per input token, ``[batch, tokens, num_features]`` (text models; token classification uses them);
+    #: "maps" -- a list of feature maps ``[batch, C_i, H_i, W_i]``, input side first (image models; segmentation)
     dense_features: str | None = None
 
     def enable_gradient_checkpointing(self) -> None:

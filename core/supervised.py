@@ -19,7 +19,9 @@ from .interfaces import UNLABELLED, Strategy
 from .options import option
 
 TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"},
-               "token_classification": {"cross_entropy"}}
+               "token_classification": {"cross_entropy"}, "segmentation": {"cross_entropy"}}
+#: tasks scored by a confusion matrix over examples, tokens or pixels
+CONFUSION_TASKS = ("classification", "token_classification", "segmentation")
 #: tag prefixes of entity schemes (BIO / IOB2, BIOES / IOBES): tags like "B-PER" get entity-level metrics
 ENTITY_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
@@ -27,7 +29,8 @@ ENTITY_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 @dataclass
 class SupervisedOptions:
     head: Literal["linear", "mlp"] = option("linear", "linear, or mlp (one hidden layer with GELU and dropout).")
-    head_hidden: int = option(0, "Hidden width of the mlp head; 0 means the backbone's feature width.")
+    head_hidden: int = option(0, "Hidden width of the mlp head; 0 means the backbone's feature width. Segmentation: "
+                                 "the decoder's width (0 = 64).")
     dropout: float = option(0.0, "Dropout before the head's output layer.")
     freeze: Literal["none", "backbone", "groups"] = option(
         "none", "none; backbone (linear probe: only the head trains); groups (the first freeze_groups layer groups).")
@@ -50,9 +53,10 @@ class SupervisedOptions:
             raise ValueError("freeze_groups, lp_epochs, unfreeze_every and head_hidden must not be negative.")
 
 
-def classifier(backbone_module, head, dense: bool = False):
+def classifier(backbone_module, head, dense: str | None = None):
     """backbone -> head as one module; ``forward(inputs, hidden=True)`` also returns the backbone's hidden layers.
-    ``dense``: the head applies to every token's features (``[B, T, D]`` -> ``[B, T, outputs]``)."""
+    ``dense`` "tokens": the head applies to every token's features (``[B, T, D]`` -> ``[B, T, outputs]``); "maps":
+    the head fuses the feature maps into per-pixel logits at the input's size (``[B, outputs, H, W]``)."""
     from torch import nn
 
     class Classifier(nn.Module):
@@ -61,6 +65,8 @@ def classifier(backbone_module, head, dense: bool = False):
             self.backbone, self.head = backbone_module, head
 
         def forward(self, inputs, hidden=False):
+            if dense == "maps":
+                return self.head(self.backbone(inputs, dense=True), inputs.shape[-2:])
             if dense:
                 return self.head(self.backbone(inputs, dense=True))
             if hidden:
@@ -95,7 +101,8 @@ class Supervised(Strategy):
     primary_metric = "accuracy"
     supports_adapters = True
     metric_modes = {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max", "exact_match": "max",
-                    "mae": "min", "rmse": "min", "entity_f1": "max", "entity_precision": "max", "entity_recall": "max"}
+                    "mae": "min", "rmse": "min", "entity_f1": "max", "entity_precision": "max", "entity_recall": "max",
+                    "miou": "max", "pixel_accuracy": "max"}
 
     def build(self):
         from torch import nn
@@ -110,14 +117,21 @@ class Supervised(Strategy):
                              f"{' or '.join(repr(x) for x in sorted(TASK_LOSSES[task]))}.")
         if task == "regression":
             self.primary_metric = "rmse"
-        if self.token_level and self.backbone.dense_features != "tokens":
-            raise GraftError(f"[data] task {task!r} needs one feature vector per token, and backbone "
-                             f"{self.backbone.name!r} gives none; use an hf text backbone.")
+        dense = {"token_classification": "tokens", "segmentation": "maps"}.get(task)
+        if dense and self.backbone.dense_features != dense:
+            raise GraftError(f"[data] task {task!r} needs " + ("one feature vector per token" if dense == "tokens" else
+                             "multi-scale feature maps") + f", and backbone {self.backbone.name!r} gives none; use "
+                             + ("an hf text backbone." if dense == "tokens" else "a timm model with "
+                                                                                 "forward_intermediates."))
+        if task == "segmentation":
+            self.primary_metric = "miou"
         if self.entities:
             self.primary_metric = "entity_f1"
         out = 1 if task == "regression" else self.data.num_outputs
         width = self.backbone.num_features
-        if o.head == "linear":
+        if task == "segmentation":
+            head = segmentation_head(self._map_channels(), out, o.head_hidden or 64, o.dropout)
+        elif o.head == "linear":
             head = nn.Sequential(nn.Dropout(o.dropout), nn.Linear(width, out))
         else:
             hidden = o.head_hidden or width
@@ -126,7 +140,7 @@ class Supervised(Strategy):
         if self.backbone.adapter_frozen and o.freeze == "backbone":
             raise GraftError(f"[strategy] freeze = \"backbone\" would freeze the [adapter] too (only the head would "
                              f"train). Drop the adapter for a linear probe, or use freeze = \"none\".")
-        self.model = classifier(self.backbone.module, head, dense=self.token_level)
+        self.model = classifier(self.backbone.module, head, dense=dense)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
         self.groups = [g for g in self.groups if g]
@@ -174,6 +188,15 @@ class Supervised(Strategy):
     def training_step(self, model, batch):
         return {"loss": self.loss(*_flat(model(batch["inputs"]), batch["targets"]))}
 
+    def _map_channels(self) -> list[int]:
+        """Channels of each feature map, from one blank image through the backbone."""
+        import torch
+
+        cfg = self.backbone.image_config()
+        with torch.no_grad():
+            maps = self.backbone.module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
+        return [m.shape[1] for m in maps]
+
     @property
     def token_level(self) -> bool:
         return self.data.task == "token_classification"
@@ -187,6 +210,8 @@ class Supervised(Strategy):
         import torch
 
         outputs, y = model(batch["inputs"]).float(), batch["targets"]
+        if self.data.task == "segmentation":
+            return self.eval_sums(*_flat(outputs, y))
         if not self.token_level:
             return self.eval_sums(outputs, y)
         sums = self.eval_sums(*_flat(outputs, y))
@@ -203,12 +228,12 @@ class Supervised(Strategy):
         import torch
 
         loss = self.loss(outputs, y) if loss is None else loss
-        if self.data.task in ("classification", "token_classification") and not bool((y != UNLABELLED).all()):
+        if self.data.task in CONFUSION_TASKS and not bool((y != UNLABELLED).all()):
             outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
         n = torch.tensor(float(y.shape[0]), device=outputs.device)
         sums = {"count": n, "loss_sum": loss.float() * n}
         task = self.data.task
-        if task in ("classification", "token_classification"):
+        if task in CONFUSION_TASKS:
             k = outputs.shape[1]
             pred = outputs.argmax(1)
             sums["confusion"] = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
@@ -233,7 +258,7 @@ class Supervised(Strategy):
             tp, n_pred, n_gold = (float(x) for x in sums["entities"])
             m["entity_precision"], m["entity_recall"] = tp / max(n_pred, 1), tp / max(n_gold, 1)
             m["entity_f1"] = 2 * tp / max(n_pred + n_gold, 1)
-        if task in ("classification", "token_classification"):
+        if task in CONFUSION_TASKS:
             cm = sums["confusion"].double()
             tp = cm.diag()
             precision = tp / cm.sum(0).clamp(min=1)
@@ -246,6 +271,10 @@ class Supervised(Strategy):
                                               "f1": float(f1[i]), "support": int(cm.sum(1)[i])}
                               for i in range(len(tp))}
             m["confusion_matrix"] = cm.long().tolist()
+            if task == "segmentation":  # per class IoU = tp / (tp + fp + fn), over the classes that occur
+                union = cm.sum(0) + cm.sum(1) - tp
+                m["pixel_accuracy"] = m["accuracy"]
+                m["miou"] = float((tp[union > 0] / union[union > 0]).mean())
         elif task == "multilabel":
             tp, fp, fn = (sums[k].double() for k in ("tp", "fp", "fn"))
             f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
@@ -263,6 +292,10 @@ class Supervised(Strategy):
         names = list(self.data.label_names or [])
         if self.data.task == "token_classification":
             return _tag_words(model, inputs, names)
+        if self.data.task == "segmentation":
+            masks = model(inputs).float().argmax(1)
+            return [{"mask": m.tolist(), "pixels": {names[int(c)]: int((m == c).sum()) for c in m.unique()}}
+                    for m in masks]
         outputs = model(inputs).float()
         if self.data.task == "regression":
             return [{"value": float(v)} for v in outputs.reshape(-1)]
@@ -289,10 +322,38 @@ class Supervised(Strategy):
 
 
 def _flat(outputs, y):
-    """Token classification's ``[B, T, K]`` logits and ``[B, T]`` targets as ``[B*T, K]`` and ``[B*T]``."""
+    """Token classification's ``[B, T, K]`` logits and ``[B, T]`` targets, or segmentation's ``[B, K, H, W]`` and
+    ``[B, H, W]``, as ``[N, K]`` and ``[N]``."""
+    if outputs.ndim == 4:
+        return outputs.permute(0, 2, 3, 1).flatten(0, 2), y.flatten()
     if outputs.ndim == 3:
         return outputs.flatten(0, 1), y.flatten()
     return outputs, y
+
+
+def segmentation_head(channels: list[int], classes: int, width: int = 64, dropout: float = 0.0):
+    """A light FPN-style decoder (Kirillov et al., "Panoptic Feature Pyramid Networks", CVPR 2019, semantic
+    branch, simplified): each feature map -> 1x1 conv to ``width`` channels, upsampled to the finest map and summed;
+    3x3 conv + BatchNorm + ReLU; 1x1 conv to ``classes``; bilinear upsampling to the input size. Call
+    ``head(maps, size)``: maps ``[B, C_i, H_i, W_i]`` -> logits ``[B, classes, H, W]``."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+            self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+            self.classify = nn.Conv2d(width, classes, 1)
+
+        def forward(self, maps, size):
+            finest = max(maps, key=lambda m: m.shape[-1] * m.shape[-2]).shape[-2:]
+            x = sum(F.interpolate(lat(m), size=finest, mode="bilinear", align_corners=False)
+                    for lat, m in zip(self.lateral, maps))
+            return F.interpolate(self.classify(self.fuse(x)), size=tuple(size), mode="bilinear", align_corners=False)
+
+    return Head()
 
 
 def _tag_words(model, inputs, names):

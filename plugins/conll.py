@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text
-from graft.data import ENCODING_HELP, SplitOptions, check_encoding, few_labels, stratified_split
+from graft.data import ENCODING_HELP, SplitOptions, check_encoding, few_labels, pad_tokens, stratified_split
 
 CONLLU_TAGS = {"upos": 3, "xpos": 4}
 
@@ -157,16 +157,7 @@ class CoNLL(DataSource):
         return self.splits.get(split) or None
 
     def collate(self, examples):
-        import torch
-
-        n = max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), n), dtype=torch.long)
-        targets = torch.full((len(examples), n), UNLABELLED, dtype=torch.long)
-        for i, (ids, labels) in enumerate(examples):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-            targets[i, : len(labels)] = torch.tensor(labels)
+        input_ids, mask, targets = pad_tokens([ids for ids, _ in examples], self.pad_id, [y for _, y in examples])
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets}
 
     def encode(self, backbone, items):

@@ -9,7 +9,7 @@ from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option
 from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, image_transform, open_image,
-                        stratified_split)
+                        pad_tokens, stratified_split)
 
 VAL_NAMES = ("validation", "valid", "val", "dev")
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -166,12 +166,7 @@ class HFDatasets(DataSource):
                           else torch.float32)
         if self.modality != "text":
             return {"inputs": torch.stack([x for x, _ in examples]), "targets": ys}
-        n = max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), n), dtype=torch.long)
-        for i, (ids, _) in enumerate(examples):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
+        input_ids, mask = pad_tokens([ids for ids, _ in examples], self.pad_id)
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": ys}
 
     def encode(self, backbone, items):

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, read_text, warn
-from graft.data import ENCODING_HELP, IMAGE_SUFFIXES, SplitOptions, check_encoding, few_labels, stratified_split
+from graft.data import (ENCODING_HELP, IMAGE_SUFFIXES, SplitOptions, check_encoding, few_labels, pad_tokens,
+                        stratified_split)
 
 
 @dataclass
@@ -248,12 +249,7 @@ class Text(DataSource):
     def collate(self, examples):
         import torch
 
-        n = max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), n), dtype=torch.long)
-        for i, (ids, _) in enumerate(examples):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
+        input_ids, mask = pad_tokens([ids for ids, _ in examples], self.pad_id)
         ys = [y for _, y in examples]
         targets = torch.tensor(ys, dtype=torch.long if self.task == "classification" else torch.float32)
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets}

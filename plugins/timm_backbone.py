@@ -113,7 +113,9 @@ class TimmBackbone(Backbone):
                 super().__init__()
                 self.model = m
 
-            def forward(self, x, hidden=False):
+            def forward(self, x, hidden=False, dense=False):
+                if dense:  # multi-scale feature maps, input side first: segmentation heads fuse them
+                    return self.model.forward_intermediates(x, intermediates_only=True)
                 if not hidden:
                     return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
                 if not hasattr(self.model, "forward_intermediates"):
@@ -123,6 +125,7 @@ class TimmBackbone(Backbone):
                 return self.model.forward_head(final, pre_logits=True), pooled
 
         self.module = TimmFeatures(model)
+        self.dense_features = "maps" if hasattr(model, "forward_intermediates") else None
         # Models with a pre-logits layer (MobileNetV3, LCNet, EfficientNet-lite heads...) widen the features after
         # pooling; head_hidden_size is what forward_head(pre_logits=True) returns.
         self.num_features = getattr(model, "head_hidden_size", None) or model.num_features

@@ -128,3 +128,23 @@ def test_a_backbone_without_token_features_is_refused(ner_tokenizer, tmp_path):
     c["backbone"]["plugin"] = "pooled"
     with pytest.raises(GraftError, match="one feature vector per token.*'pooled' gives none"):
         Run(resolve(c, "c.toml", registry_with(Pooled, "backbone", "pooled")))
+
+
+def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
+    """The per-token head trains with an adapter (peft LoRA) in the backbone and layer-wise LR decay: the
+    pretrained weights stay as they were, the adapter and the head learn."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=60))
+    c["adapter"] = {"plugin": "lora", "r": 4, "target_modules": ["query", "value"]}
+    c["strategy"]["layer_decay"] = 0.8
+    c["train"].update(epochs=0, max_steps=6, eval_every=6)
+    before = Run(resolve(c, "c.toml")).model.state_dict()
+    summary = train(resolve(c, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    after = load_file(str(tmp_path / "run" / "last.safetensors"))
+    base = [k for k in after if "lora_" not in k and k.startswith("backbone.") and "weight" in k]
+    assert base and all(before[k].equal(after[k]) for k in base)
+    assert any(not before[k].equal(after[k]) for k in after if "lora_B" in k)
+    assert not before["head.1.weight"].equal(after["head.1.weight"])
+    assert "entity_f1" in summary["test"] and summary["adapter"]["plugin"] == "lora"
