@@ -139,7 +139,7 @@ def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
     c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=60))
     c["adapter"] = {"plugin": "lora", "r": 4, "target_modules": ["query", "value"]}
     c["strategy"]["layer_decay"] = 0.8
-    c["train"].update(epochs=0, max_steps=6, eval_every=6)
+    c["train"].update(max_steps=6, eval_every=6)
     before = Run(resolve(c, "c.toml")).model.state_dict()
     summary = train(resolve(c, "c.toml"), tmp_path / "run", echo=lambda m: None)
     after = load_file(str(tmp_path / "run" / "last.safetensors"))
