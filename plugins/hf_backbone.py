@@ -48,6 +48,20 @@ def pool(hidden, mask, how: str):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-6)
 
 
+def feature_maps(hidden_states, size, patch_size, count: int = 4):
+    """A vision model's hidden states as ``count`` feature maps ``[B, C, H, W]``, input side first: a convolutional
+    model's stage outputs as they are; a ViT's token sequences (class and register tokens dropped) laid back on the
+    patch grid, from ``count`` evenly spaced layers (as ViTDet / UPerNet heads on ViTs do)."""
+    states = list(hidden_states[1:])  # [0] is the embedding output
+    if states[0].ndim == 3:
+        patch = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
+        h, w = size[0] // patch, size[1] // patch
+        step = max(1, len(states) // count)
+        states = [s[:, -h * w:].transpose(1, 2).reshape(s.shape[0], s.shape[2], h, w)
+                  for s in states[step - 1::step][-count:]]
+    return states
+
+
 _LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
@@ -113,8 +127,10 @@ class HFBackbone(Backbone):
 
             def forward(self, inputs, hidden=False, dense=False):
                 if modality == "image":
-                    out = self.model(pixel_values=inputs, output_hidden_states=hidden)
+                    out = self.model(pixel_values=inputs, output_hidden_states=hidden or dense)
                     mask = None
+                    if dense:  # multi-scale maps: segmentation
+                        return feature_maps(out.hidden_states, inputs.shape[-2:], getattr(cfg, "patch_size", None))
                 else:
                     out = self.model(**inputs, output_hidden_states=hidden)
                     mask = inputs.get("attention_mask")
@@ -129,7 +145,7 @@ class HFBackbone(Backbone):
                 return features, [pool(h, mask, "mean") for h in out.hidden_states]
 
         self.module = HFFeatures(model)
-        self.dense_features = "tokens" if modality == "text" else None
+        self.dense_features = "tokens" if modality == "text" else "maps"
         self._tokenizer = None
         return self.module
 

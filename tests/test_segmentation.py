@@ -83,10 +83,29 @@ def test_a_mask_with_an_unknown_class_exits_2_naming_it(canvases, tmp_path):
     assert "masks/" in proc.stderr and "pixel (row" in proc.stderr and "there are 3 classes" in proc.stderr
 
 
-def test_a_backbone_without_feature_maps_is_refused(canvases):
+def test_hf_vision_models_give_maps_and_others_are_refused(canvases):
+    """hf ViT (tokens laid back on the patch grid) and ConvNeXt (stage outputs) feed the same head; a backbone with
+    no feature maps is refused with the reason."""
     c = conf(canvases)
-    c["backbone"] = {"plugin": "hf", "config": {"model_type": "vit", "image_size": 32, "patch_size": 8,
-                                                "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                "intermediate_size": 32}}
-    with pytest.raises(GraftError, match="multi-scale feature maps.*timm model"):
-        Run(resolve(c, "c.toml"))
+    for config in ({"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 4,
+                    "num_attention_heads": 2, "intermediate_size": 32},
+                   {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}):
+        c["backbone"] = {"plugin": "hf", "config": config}
+        r = Run(resolve(c, "c.toml"))
+        batch = r.data.collate([r.data.dataset("train")[i] for i in range(2)])
+        assert r.model(batch["inputs"]).shape == (2, len(CLASSES), 32, 32)
+        assert len(r.backbone.module(batch["inputs"], dense=True)) == 4
+
+    from graft.plugins.timm_backbone import TimmBackbone
+    from graft.testing import registry_with
+
+    class Pooled(TimmBackbone):
+        def build(self):
+            module = super().build()
+            self.dense_features = None  # a network that only gives pooled vectors
+            return module
+
+    c = conf(canvases)
+    c["backbone"]["plugin"] = "pooled"
+    with pytest.raises(GraftError, match="multi-scale feature maps.*'pooled' gives none"):
+        Run(resolve(c, "c.toml", registry_with(Pooled, "backbone", "pooled")))
