@@ -185,8 +185,20 @@ class Supervised(Strategy):
         return groups
 
     # -- steps and metrics -------------------------------------------------------------------------------
+    def step_targets(self, batch):
+        """Per-token and per-pixel tasks: the labelled tokens / pixels of the micro-batch, so the loss is normalised
+        over the whole optimizer step (accumulation and process count do not change the update)."""
+        if self.data.task in ("token_classification", "segmentation"):
+            return int((batch["targets"] != UNLABELLED).sum())
+        return None
+
     def training_step(self, model, batch):
-        return {"loss": self.loss(*_flat(model(batch["inputs"]), batch["targets"]))}
+        outputs, y = _flat(model(batch["inputs"]), batch["targets"])
+        if "step_targets" not in batch:
+            return {"loss": self.loss(outputs, y)}
+        labelled = (y != UNLABELLED).sum()
+        mean = self.loss(outputs, y) if bool(labelled) else outputs.sum() * 0.0  # the mean over labelled targets
+        return {"loss": mean * labelled / batch["step_targets"]}
 
     def _map_channels(self) -> list[int]:
         """Channels of each feature map, from one blank image through the backbone."""

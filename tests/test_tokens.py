@@ -148,3 +148,25 @@ def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
     assert any(not before[k].equal(after[k]) for k in after if "lora_B" in k)
     assert not before["head.1.weight"].equal(after["head.1.weight"])
     assert "entity_f1" in summary["test"] and summary["adapter"]["plugin"] == "lora"
+
+
+def test_two_processes_match_one_and_resume_is_exact(ner_tokenizer, tmp_path):
+    """Token losses are normalised over the labelled tokens of the whole step: 2 processes x batch 8 end where
+    1 process x batch 16 does although the halves hold different token counts; an interrupted run resumes exactly."""
+    from conftest import assert_same_weights, interrupted_and_resumed, read_metrics, assert_same_records, weights
+
+    c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=80))
+    c["backbone"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    c["train"].update(max_steps=4, optimizer="sgd", lr=0.1, batch_size=16)
+    cfg = write_config(tmp_path / "c.toml", c)
+    two = graft("train", cfg, "--nproc", "2", "--out", tmp_path / "two", "--set", "train.batch_size=8")
+    assert two.returncode == 0, two.stderr
+    graft("train", cfg, "--out", tmp_path / "one", check=True)
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+
+    c["train"].update(max_steps=0, epochs=3, log_every=1, checkpoint_every=3)
+    cfg = write_config(tmp_path / "r.toml", c)
+    interrupted_and_resumed(cfg, tmp_path / "resume", lines=6)
+    full, cut = tmp_path / "resume" / "full", tmp_path / "resume" / "cut"
+    assert_same_records(read_metrics(full), read_metrics(cut))
+    assert_same_weights(weights(full), weights(cut))
