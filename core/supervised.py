@@ -193,7 +193,7 @@ class Supervised(Strategy):
         return None
 
     def training_step(self, model, batch):
-        outputs, y = _flat(model(batch["inputs"]), batch["targets"])
+        outputs, y = flatten_dense(model(batch["inputs"]), batch["targets"])
         if "step_targets" not in batch:
             return {"loss": self.loss(outputs, y)}
         labelled = (y != UNLABELLED).sum()
@@ -219,14 +219,19 @@ class Supervised(Strategy):
         return self.token_level and any(str(n).startswith(ENTITY_PREFIXES) for n in self.data.label_names or [])
 
     def eval_step(self, model, batch):
+        outputs, y = model(batch["inputs"]).float(), batch["targets"]
+        if self.data.task in ("segmentation", "token_classification"):
+            return self.dense_sums(outputs, y)
+        return self.eval_sums(outputs, y)
+
+    def dense_sums(self, outputs, y, loss=None):
+        """``eval_sums`` of per-token ``[B, T, K]`` or per-pixel ``[B, K, H, W]`` logits, plus entity counts of
+        BIO-tagged tokens."""
         import torch
 
-        outputs, y = model(batch["inputs"]).float(), batch["targets"]
-        if self.data.task == "segmentation":
-            return self.eval_sums(*_flat(outputs, y))
+        sums = self.eval_sums(*flatten_dense(outputs, y), loss=loss)
         if not self.token_level:
-            return self.eval_sums(outputs, y)
-        sums = self.eval_sums(*_flat(outputs, y))
+            return sums
         if self.entities:  # per sentence: the tags of the words (their first pieces), in order
             names, pred = list(self.data.label_names), outputs.argmax(-1)
             rows = [(y[b][y[b] != UNLABELLED].tolist(), pred[b][y[b] != UNLABELLED].tolist()) for b in range(len(y))]
@@ -333,7 +338,7 @@ class Supervised(Strategy):
                   str(Path(directory, "head.safetensors")))
 
 
-def _flat(outputs, y):
+def flatten_dense(outputs, y):
     """Token classification's ``[B, T, K]`` logits and ``[B, T]`` targets, or segmentation's ``[B, K, H, W]`` and
     ``[B, H, W]``, as ``[N, K]`` and ``[N]``."""
     if outputs.ndim == 4:

@@ -9,7 +9,8 @@ random), ``pruner`` (median, none), ``startup_trials`` (3: trials that finish be
 
 Each trial is a normal run directory (``OUT/trial-NNN``) of the config with the trial's values set; its value is
 the run's best validation metric. The median pruner (Optuna's ``MedianPruner``) sees every validation through a
-logger and ends a trial as early stopping would. The study lives in ``OUT/study.db`` (SQLite): a sweep run again
+logger and ends a trial as early stopping would. The metric (``[sweep] metric``, else the config's ``[train] metric``, else the strategy's default) is set as
+each trial's ``[train] metric``. The study lives in ``OUT/study.db`` (SQLite): a sweep run again
 continues it -- finished trials count, a trial the interruption cut short runs again with the same values.
 """
 
@@ -177,6 +178,7 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
     def objective(trial):
         values = {p.key: p.suggest(trial) for p in params}
         conf = trial_config(config_path, overrides, params, values, f"trial {trial.number}")
+        conf.train.metric = metric  # the run's best weights, the pruner and the objective: one metric
         conf.loggers.append(cfg.PluginSpec("logger", "optuna-pruning", _Pruning, NoOptions()))
         _Pruning.trial, _Pruning.metric = trial, metric
         run_dir = out / f"trial-{trial.number:03d}"

@@ -109,3 +109,15 @@ def test_hf_vision_models_give_maps_and_others_are_refused(canvases):
     c["backbone"]["plugin"] = "pooled"
     with pytest.raises(GraftError, match="multi-scale feature maps.*'pooled' gives none"):
         Run(resolve(c, "c.toml", registry_with(Pooled, "backbone", "pooled")))
+
+
+def test_per_pixel_distillation_from_a_teacher_at_another_size(canvases, tmp_path):
+    """The student segments at 16 px what the teacher segmented at 32 px: the teacher's logits are resized onto the
+    student's pixels (both saw the same crop and flip) and teach it."""
+    train(resolve(conf(canvases), "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    c = conf(canvases, image_size=16)
+    c["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher")}
+    c["loss"] = {"plugin": "kd", "temperature": 2.0, "alpha": 0.5}
+    summary = train(resolve(c, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    test = summary["test"]
+    assert test["agreement"] >= 0.8 and 0 < test["miou"] <= 1 and test["teacher_accuracy"] >= 0.6

@@ -170,3 +170,22 @@ def test_two_processes_match_one_and_resume_is_exact(ner_tokenizer, tmp_path):
     full, cut = tmp_path / "resume" / "full", tmp_path / "resume" / "cut"
     assert_same_records(read_metrics(full), read_metrics(cut))
     assert_same_weights(weights(full), weights(cut))
+
+
+def test_per_token_distillation(ner_tokenizer, tmp_path):
+    """A 1-layer student learns the 2-layer teacher's tags from its per-token soft targets (same tokenizer); a
+    student with another tokenizer is refused with the fix."""
+    path = ner_file(tmp_path / "n.conll")
+    train(resolve(conf(ner_tokenizer, path), "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    c = conf(ner_tokenizer, path)
+    c["backbone"]["config"]["num_hidden_layers"] = 1
+    c["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher")}
+    c["loss"] = {"plugin": "kd", "temperature": 2.0, "alpha": 0.5}
+    summary = train(resolve(c, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    assert summary["test"]["teacher_accuracy"] >= 0.9 and summary["test"]["agreement"] >= 0.9
+    assert summary["test"]["entity_f1"] >= 0.8
+    c["data"]["max_length"] = 5  # other pieces than the teacher's
+    from graft import GraftError
+
+    with pytest.raises(GraftError, match="per-token distillation needs the teacher's tokens"):
+        Run(resolve(c, "s.toml"))

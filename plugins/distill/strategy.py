@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, GraftError, SoftTargetLoss, create, option
-from graft.supervised import Supervised, SupervisedOptions
+from graft.supervised import Supervised, SupervisedOptions, flatten_dense
 
 from . import cache as teacher_cache
 from .teacher import load_teacher, same_view, teacher_view
@@ -54,11 +54,15 @@ class Distill(Supervised):
         from torch import nn
 
         o = self.options
-        if self.data.task != "classification":
+        self.dense = self.data.task in ("token_classification", "segmentation")
+        if self.data.task != "classification" and not self.dense:
             hint = (" To distil a language model, use [strategy] plugin = \"clm\" with teacher = \"runs/<clm run>\" "
                     "and [loss] plugin = \"kd\"." if self.data.task in ("mlm", "sft") else "")
-            raise GraftError("[strategy] plugin = \"distill\" distils classifiers; the [data] task is "
-                             f"{self.data.task!r}.{hint}")
+            raise GraftError("[strategy] plugin = \"distill\" distils classifiers, token taggers and segmenters; the "
+                             f"[data] task is {self.data.task!r}.{hint}")
+        if self.dense and (o.feature_layers or o.cache == "on"):
+            raise GraftError("[strategy] distill of a per-token / per-pixel task takes no feature_layers and no cache "
+                             "= \"on\" (the teacher runs online: its outputs are as large as the inputs).")
         if not isinstance(self.loss, SoftTargetLoss):
             raise GraftError("[strategy] plugin = \"distill\" needs a soft-target loss: [loss] plugin = \"kd\" (or a "
                              "graft.SoftTargetLoss of a plugin's).")
@@ -87,13 +91,17 @@ class Distill(Supervised):
             model.projections = nn.ModuleList(self.projections)
             self.feature_loss = create("loss", {"plugin": o.feature_loss}, where="[strategy] feature_loss")
         augmented = getattr(self.teacher_data.options, "augment", False)
-        self.use_cache = o.cache == "on" or (o.cache == "auto" and not augmented)
+        self.use_cache = not self.dense and (o.cache == "on" or (o.cache == "auto" and not augmented))
         if o.cache == "on" and augmented:
             raise GraftError("[strategy] cache = \"on\" with augmented data would teach stale views; use cache = "
                              "\"auto\" (the teacher then runs online).")
         self.cache: dict | None = None
         self.progress = 0.0
         self.same_view = same_view(self.data, self.backbone, self.teacher_data, self.teacher_backbone_obj)
+        if self.data.task == "token_classification" and not self.same_view:
+            raise GraftError("[strategy] per-token distillation needs the teacher's tokens: give the student the "
+                             "teacher's tokenizer ([backbone] tokenizer = \"<teacher run>/backbone\") and the same "
+                             "[data] options, so both see the same pieces.")
         return model
 
     def param_groups(self, model):
@@ -152,8 +160,26 @@ class Distill(Supervised):
     def on_step_start(self, step, total_steps):
         self.progress = step / max(1, total_steps - 1)
 
+    def _dense(self, logits, t_logits, y):
+        """Per-token / per-pixel logits of student and teacher at the labelled positions, as ``[N, K]`` (a teacher
+        segmenting another image size is resized to the student's: both saw the same crop and flip)."""
+        import torch.nn.functional as F
+
+        if logits.ndim == 4 and t_logits.shape[-2:] != logits.shape[-2:]:
+            t_logits = F.interpolate(t_logits, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        s, y_flat = flatten_dense(logits, y)
+        t, _ = flatten_dense(t_logits, y)
+        keep = y_flat != UNLABELLED
+        return s[keep], t[keep], y_flat[keep]
+
     def training_step(self, model, batch):
         t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
+        if self.dense:  # soft targets at every labelled token or pixel, normalised over the whole step
+            s, t, y = self._dense(model(batch["inputs"]), t_logits, batch["targets"])
+            if not len(y):
+                return {"loss": s.sum() * 0.0}
+            kd = self.loss(s, {"teacher": t, "labels": y, "progress": self.progress})
+            return {"loss": kd * len(y) / batch["step_targets"]}
         targets = {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress}
         if not self.options.feature_layers:
             logits = model(batch["inputs"])
@@ -168,6 +194,13 @@ class Distill(Supervised):
     def eval_step(self, model, batch):
         outputs = model(batch["inputs"]).float()
         t_logits, _ = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
+        if self.dense:
+            s, t, y = self._dense(outputs, t_logits, batch["targets"])
+            kd = self.loss(s, {"teacher": t, "labels": y, "progress": self.progress}) if len(y) else s.sum() * 0.0
+            sums = self.dense_sums(outputs, batch["targets"], loss=kd)
+            sums["teacher_correct"] = (t.argmax(1) == y).sum()
+            sums["agree"] = (t.argmax(1) == s.argmax(1)).sum()
+            return sums
         kd = self.loss(outputs, {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress})
         sums = self.eval_sums(outputs, batch["targets"], loss=kd)
         labelled = batch["targets"] != UNLABELLED  # the same examples eval_sums counts
