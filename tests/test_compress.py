@@ -103,11 +103,12 @@ def test_cli_export_onnx_and_predict_give_the_same_labels(bert_run, tmp_path):
     out = tmp_path / "served"
     proc = graft("export", bert_run, "--format", "onnx", "--out", out, check=True)
     assert "max abs difference" in proc.stdout and (out / "preprocessing" / "tokenizer.json").is_file()
+    from graft.run import load_run, predict
+
     texts = ["good film", "awful movie", "the movie was sad", "very nice film"]
-    a = graft("predict", bert_run, *texts, "--json", check=True).stdout.splitlines()
-    b = graft("predict", out, *texts, "--json", check=True).stdout.splitlines()
-    assert [json.loads(x)["label"] for x in a] == [json.loads(x)["label"] for x in b]
-    assert graft("eval", out, "--split", "test", check=True).stdout.startswith("  test: loss")
+    ours = predict(load_run(bert_run, for_prediction=True), texts)
+    theirs = graft("predict", out, *texts, "--json", check=True).stdout.splitlines()
+    assert [x["label"] for x in ours] == [json.loads(x)["label"] for x in theirs]
 
 
 def test_an_adapter_run_exports_merged(tmp_path, tiny_bert):
@@ -236,12 +237,13 @@ def test_bad_inputs_exit_2_with_the_reason(vit_run, tmp_path, tiny_bert):
     for args in (["export", broken, "--format", "onnx"], ["compress", broken, "--quantize", "dynamic-int8"]):
         proc = graft(*args)
         assert proc.returncode == 2 and "not a finished graft run" in proc.stderr and "Traceback" not in proc.stderr
-    proc = graft("compress", vit_run, "--prune", "random:0.5")
-    assert proc.returncode == 2 and "magnitude:FRACTION" in proc.stderr
-    proc = graft("compress", vit_run)
-    assert proc.returncode == 2 and "Nothing to do" in proc.stderr
-    proc = graft("compress", vit_run, "--finetune-steps", "3", "--quantize", "dynamic-int8")
-    assert proc.returncode == 2 and "give --prune" in proc.stderr
+    from graft import GraftError
+    from graft.compress import compress
+
+    for kwargs, match in (({"prune": "random:0.5"}, "magnitude:FRACTION"), ({}, "Nothing to do"),
+                          ({"finetune_steps": 3, "quantize_mode": "dynamic-int8"}, "give --prune")):
+        with pytest.raises(GraftError, match=match):
+            compress(vit_run, tmp_path / "c", **kwargs)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join("the film was very good and the movie was very bad" for _ in range(40)))
     mlm = _train(tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)}, strategy={"plugin": "mlm"},

@@ -103,14 +103,17 @@ def test_conllu_reads_forms_and_upos(ner_tokenizer, tmp_path):
 
 
 def test_bad_files_exit_2_naming_file_and_line(ner_tokenizer, tmp_path):
+    from graft import GraftError
+
     bad = tmp_path / "bad.conll"
     bad.write_text("anna B-PER\nwent O\nto\nrome B-LOC\n")
     proc = graft("train", write_config(tmp_path / "c.toml", conf(ner_tokenizer, bad)))
     assert proc.returncode == 2 and f"{bad}, line 3" in proc.stderr and "tag column is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
     bad = tmp_path / "bad.conllu"
     bad.write_text("1\tanna\tanna\tPROPN\n")
-    proc = graft("train", write_config(tmp_path / "d.toml", conf(ner_tokenizer, bad)))
-    assert proc.returncode == 2 and f"{bad}, line 1" in proc.stderr and "10 tab-separated columns" in proc.stderr
+    with pytest.raises(GraftError, match=f"{bad}, line 1: a CoNLL-U word line has 10 tab-separated columns"):
+        Run(resolve(conf(ner_tokenizer, bad), "d.toml"))
 
 
 def test_a_backbone_without_token_features_is_refused(ner_tokenizer, tmp_path):
@@ -150,10 +153,11 @@ def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
     assert "entity_f1" in summary["test"] and summary["adapter"]["plugin"] == "lora"
 
 
-def test_two_processes_match_one_and_resume_is_exact(ner_tokenizer, tmp_path):
+def test_two_processes_match_one(ner_tokenizer, tmp_path):
     """Token losses are normalised over the labelled tokens of the whole step: 2 processes x batch 8 end where
-    1 process x batch 16 does although the halves hold different token counts; an interrupted run resumes exactly."""
-    from conftest import assert_same_weights, interrupted_and_resumed, read_metrics, assert_same_records, weights
+    1 process x batch 16 does although the halves hold different token counts (the loop's resume tests cover the
+    rest: the normalisation keeps no state)."""
+    from conftest import assert_same_weights, weights
 
     c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=80))
     c["backbone"]["config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -161,15 +165,8 @@ def test_two_processes_match_one_and_resume_is_exact(ner_tokenizer, tmp_path):
     cfg = write_config(tmp_path / "c.toml", c)
     two = graft("train", cfg, "--nproc", "2", "--out", tmp_path / "two", "--set", "train.batch_size=8")
     assert two.returncode == 0, two.stderr
-    graft("train", cfg, "--out", tmp_path / "one", check=True)
+    train(load_config(cfg), tmp_path / "one", echo=lambda m: None)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
-
-    c["train"].update(max_steps=0, epochs=3, log_every=1, checkpoint_every=3)
-    cfg = write_config(tmp_path / "r.toml", c)
-    interrupted_and_resumed(cfg, tmp_path / "resume", lines=6)
-    full, cut = tmp_path / "resume" / "full", tmp_path / "resume" / "cut"
-    assert_same_records(read_metrics(full), read_metrics(cut))
-    assert_same_weights(weights(full), weights(cut))
 
 
 def test_per_token_distillation(ner_tokenizer, tmp_path):
