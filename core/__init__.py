@@ -28,8 +28,8 @@ _LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "mo
          "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint"}
 
 __all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
-           "SoftTargetLoss", "Strategy", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option", "read_text", "warn",
-           "__version__", *_LAZY]
+           "SoftTargetLoss", "Strategy", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",
+           "read_text", "warn", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

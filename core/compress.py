@@ -232,6 +232,10 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
         raise GraftError(f"{out} exists and was not written by graft compress; choose another --out.")
     run = load_run(run_dir, overrides=["train.precision=fp32"], device="cpu", trust_remote_code=trust_remote_code)
     serving = ex.serving_strategy(run.strategy, "graft compress: ")
+    if amount is not None and run.adapter is not None:
+        raise GraftError(f"--prune: run {run_dir} trained an adapter ({run.adapter.name}); pruning would cut its "
+                         f"low-rank factors, not the weights they update. Quantize it (the export merges the "
+                         f"adapter), or prune a run without one.")
     out.mkdir(parents=True, exist_ok=True)
     request = json.dumps({"source": str(run_dir.resolve()), "prune": prune, "finetune_steps": finetune_steps,
                           "finetune_lr": finetune_lr})
@@ -260,8 +264,11 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
                       zipped_bytes=zipped_size(out / "model.safetensors"))
         summary["source"]["zipped_bytes"] = zipped_size(run_dir / "model.safetensors")
     else:
-        result = _quantized(run, model, serving, (one, threads), out, quantize_mode, (calibration, calibration_method),
-                            summary)
+        import contextlib
+
+        with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
+            result = _quantized(run, model, serving, (one, threads), out, quantize_mode,
+                                (calibration, calibration_method), summary)
     return _finish(run, out, summary, result, serving)
 
 

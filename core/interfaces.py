@@ -366,6 +366,8 @@ class Logger(Plugin):
       plots, weights -- are written.
     - ``should_stop()``: asked after each validation; True ends training as early stopping does (an Optuna
       pruner's hook). Default False.
+    - ``close()``: called once whatever ended the run -- finished, interrupted or failed -- after ``finish`` when it
+      finished: release files and connections, mark an unfinished tracker run as such.
     Any exception a logger raises is reported once, as a warning naming it, and the logger is switched off: a
     tracker never stops training.
     """
@@ -381,6 +383,9 @@ class Logger(Plugin):
 
     def should_stop(self) -> bool:
         return False
+
+    def close(self) -> None:
+        pass
 
 
 class Strategy(Plugin):

@@ -50,7 +50,9 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print,
             run = Run(config, dist, device)
             if prepare is not None:
                 prepare(run)
-            return Loop(run, run_dir, resume, echo).fit()
+            loop = Loop(run, run_dir, resume, echo)
+            stack.callback(loop.out.close)  # the trackers end with the run, however it ends
+            return loop.fit()
     finally:
         distributed.shutdown(dist)
 
@@ -163,9 +165,7 @@ class Loop:
             self.save_weights("model.safetensors")
         else:
             s.bad_evals += 1
-        asked = distributed.all_reduce_sum(torch.tensor(float(self.out.should_stop()), device=self.run.device),
-                                           self.dist)  # a logger (an Optuna pruner) may end the run, decided on rank 0
-        return bool(self.t.patience) and s.bad_evals >= self.t.patience or bool(asked)
+        return bool(self.t.patience) and s.bad_evals >= self.t.patience or self.out.should_stop(self.dist, self.base)
 
     def step(self, batches, stop_requested: bool) -> tuple[float, bool, int, dict]:
         """One optimizer step over the next ``grad_accum`` micro-batches of ``batches``: (mean loss over processes,

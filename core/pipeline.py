@@ -127,10 +127,18 @@ def load(path: str | Path, out: str | Path | None = None, registry=None, overrid
         stages.append(Stage(name, config, dirs[name], sorted(set(uses))))
     for s in stages:
         upstream = [next(t.fingerprint for t in stages if t.name == u) for u in s.uses]
-        own = s.config.to_toml() if s.config is not None else s.compress
+        own = _tracked(s.config) if s.config is not None else s.compress
         s.fingerprint = hashlib.sha256(json.dumps([own, upstream]).encode()).hexdigest()[:16]
         s.status = _status(s)
     return stages
+
+
+def _tracked(config: cfg.Config) -> str:
+    """The config as the fingerprint sees it: without its loggers (adding a tracker reruns nothing)."""
+    data = config.to_dict()
+    data.pop("loggers", None)
+    data["train"] = {k: v for k, v in data["train"].items() if k != "loggers"}
+    return cfg.dumps_toml(data)
 
 
 def _compress_options(table: dict, at: str) -> dict:

@@ -37,12 +37,24 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
             self._each("log", dict(record))
 
-    def should_stop(self) -> bool:
-        """Whether a logger asks to end training (after a validation)."""
-        return any(self._each("should_stop"))
+    def should_stop(self, dist, model) -> bool:
+        """Whether a logger asks to end training (after a validation). Collective: the main process decides for all
+        (``model``: where the flag is reduced, on its device)."""
+        import torch
+
+        from . import distributed
+
+        first = next(model.parameters(), None)
+        asked = torch.tensor(float(any(self._each("should_stop"))), device=first.device if first is not None else "cpu")
+        return bool(distributed.all_reduce_sum(asked, dist))
 
     def finish(self, summary: dict) -> None:
         self._each("finish", str(self.path), summary)
+
+    def close(self) -> None:
+        """Every logger's ``close`` once, however the run ended (after ``finish`` when it finished)."""
+        self._each("close")
+        self.loggers = []
 
     def start(self, resume_step: int | None) -> None:
         """A fresh run starts a fresh log (even in a directory an earlier attempt left behind); a resumed one drops

@@ -23,7 +23,7 @@ TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regr
 #: tasks scored by a confusion matrix over examples, tokens or pixels
 CONFUSION_TASKS = ("classification", "token_classification", "segmentation")
 #: tag prefixes of entity schemes (BIO / IOB2, BIOES / IOBES): tags like "B-PER" get entity-level metrics
-ENTITY_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
+ENTITY_PREFIXES = ("B-", "I-", "E-", "S-")
 
 
 @dataclass
@@ -205,8 +205,14 @@ class Supervised(Strategy):
         import torch
 
         cfg = self.backbone.image_config()
-        with torch.no_grad():
-            maps = self.backbone.module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
+        module = self.backbone.module
+        was_training = module.training
+        module.eval()  # a probe in train mode would move BatchNorm's running statistics towards a blank image
+        try:
+            with torch.no_grad():
+                maps = module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
+        finally:
+            module.train(was_training)
         return [m.shape[1] for m in maps]
 
     @property
@@ -233,7 +239,7 @@ class Supervised(Strategy):
         if not self.token_level:
             return sums
         if self.entities:  # per sentence: the tags of the words (their first pieces), in order
-            names, pred = list(self.data.label_names), outputs.argmax(-1)
+            names, pred, y = list(self.data.label_names), outputs.argmax(-1).cpu(), y.cpu()  # one copy per batch
             rows = [(y[b][y[b] != UNLABELLED].tolist(), pred[b][y[b] != UNLABELLED].tolist()) for b in range(len(y))]
             counts = entity_counts([[names[i] for i in g] for g, _ in rows], [[names[i] for i in p] for _, p in rows])
             sums["entities"] = torch.tensor(counts, dtype=torch.float64)

@@ -9,8 +9,8 @@ random), ``pruner`` (median, none), ``startup_trials`` (3: trials that finish be
 
 Each trial is a normal run directory (``OUT/trial-NNN``) of the config with the trial's values set; its value is
 the run's best validation metric. The median pruner (Optuna's ``MedianPruner``) sees every validation through a
-logger and ends a trial as early stopping would. The metric (``[sweep] metric``, else the config's ``[train] metric``, else the strategy's default) is set as
-each trial's ``[train] metric``. The study lives in ``OUT/study.db`` (SQLite): a sweep run again
+logger and ends a trial as early stopping would. The metric (``[sweep] metric``, else the config's ``[train]
+metric``, else the one the strategy picks for the task) is set as each trial's ``[train] metric``. The study lives in ``OUT/study.db`` (SQLite): a sweep run again
 continues it -- finished trials count, a trial the interruption cut short runs again with the same values.
 """
 
@@ -107,11 +107,11 @@ def _literal(value) -> str:
 
 
 class _Pruning(Logger):
-    """Reports each validation's metric to the trial and asks to stop when Optuna's pruner says so."""
+    """Reports each validation's metric to the trial and asks to stop when Optuna's pruner says so (a subclass per
+    trial binds ``trial`` and ``metric``; a trial it ended carries the user attribute ``pruned``)."""
 
     trial = None
     metric = ""
-    stopped: set = set()  # numbers of the trials it ended
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -119,12 +119,12 @@ class _Pruning(Logger):
 
     def log(self, record):
         if record["split"] == "val" and self.metric in record:
-            type(self).trial.report(record[self.metric], record["step"])
-            self.pruned = type(self).trial.should_prune()
+            self.trial.report(record[self.metric], record["step"])
+            self.pruned = self.trial.should_prune()
 
     def should_stop(self):
         if self.pruned:
-            type(self).stopped.add(type(self).trial.number)
+            self.trial.set_user_attr("pruned", True)
         return self.pruned
 
 
@@ -149,11 +149,17 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
     # every searched key must exist: a config with the lowest values is resolved before anything runs
     probe = {p.key: p.choices[0] if p.choices else (int(p.low) if p.distribution == "int" else p.low) for p in params}
     base = trial_config(config_path, overrides, params, probe, f"{space_path}")
-    strategy = base.plugins["strategy"].cls
-    metric = settings.get("metric") or base.train.metric or strategy.primary_metric
+    metric = settings.get("metric") or base.train.metric
+    strategy = base.plugins["strategy"].cls(base.plugins["strategy"].options, backbone=None, loss=None, data=None)
+    if not metric:  # the strategy picks it when it is built (per task: rmse, miou, entity_f1 ...): build it once
+        from .distributed import Dist
+        from .run import Run
+
+        strategy = Run(base, dist=Dist(), device=None).strategy
+        metric = strategy.primary_metric
     mode = base.train.metric_mode if base.train.metric_mode != "auto" else None
-    if mode is None:
-        mode = {**strategy.metric_modes, "loss": "min"}.get(metric)
+    if mode is None and settings.get("direction") is None:
+        mode = strategy.metric_mode(metric)
     direction = settings.get("direction") or {"max": "maximize", "min": "minimize"}.get(mode or "")
     if direction not in ("maximize", "minimize"):
         raise GraftError(f"{space_path}: [sweep] direction: say \"maximize\" or \"minimize\" for metric {metric!r}.")
@@ -179,8 +185,8 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
         values = {p.key: p.suggest(trial) for p in params}
         conf = trial_config(config_path, overrides, params, values, f"trial {trial.number}")
         conf.train.metric = metric  # the run's best weights, the pruner and the objective: one metric
-        conf.loggers.append(cfg.PluginSpec("logger", "optuna-pruning", _Pruning, NoOptions()))
-        _Pruning.trial, _Pruning.metric = trial, metric
+        pruning = type("Pruning", (_Pruning,), {"trial": trial, "metric": metric})
+        conf.loggers.append(cfg.PluginSpec("logger", "optuna-pruning", pruning, NoOptions()))
         run_dir = out / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         echo(f"[trial {trial.number}] " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
@@ -190,7 +196,7 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
             raise KeyboardInterrupt
         if summary.get("best") is None:
             raise GraftError(f"trial {trial.number}: the run has no validation metric {metric!r} (no val split?).")
-        if trial.number in _Pruning.stopped:
+        if trial.user_attrs.get("pruned"):
             echo(f"[trial {trial.number}] pruned at step {summary['steps']}")
             raise optuna.TrialPruned()
         echo(f"[trial {trial.number}] {metric} {summary['best']:.4g} in {summary['steps']} steps")
@@ -207,7 +213,7 @@ def _requeue_interrupted(study, echo) -> None:
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
         echo(f"Trial {t.number} was cut short; it runs again with the same values.")
 

@@ -54,6 +54,9 @@ def feature_maps(hidden_states, size, patch_size, count: int = 4):
     patch grid, from ``count`` evenly spaced layers (as ViTDet / UPerNet heads on ViTs do)."""
     states = list(hidden_states[1:])  # [0] is the embedding output
     if states[0].ndim == 3:
+        if len({s.shape[1] for s in states}) > 1:
+            raise GraftError("this hf vision model's hidden states are token sequences of several lengths with no "
+                             "grid to lay them on; segmentation needs a convolutional, ViT or Swin-style model.")
         patch = patch_size[0] if isinstance(patch_size, (list, tuple)) else patch_size
         h, w = size[0] // patch, size[1] // patch
         step = max(1, len(states) // count)
@@ -129,8 +132,9 @@ class HFBackbone(Backbone):
                 if modality == "image":
                     out = self.model(pixel_values=inputs, output_hidden_states=hidden or dense)
                     mask = None
-                    if dense:  # multi-scale maps: segmentation
-                        return feature_maps(out.hidden_states, inputs.shape[-2:], getattr(cfg, "patch_size", None))
+                    if dense:  # multi-scale maps: segmentation (Swin-style models give them already shaped)
+                        states = getattr(out, "reshaped_hidden_states", None) or out.hidden_states
+                        return feature_maps(states, inputs.shape[-2:], getattr(cfg, "patch_size", None))
                 else:
                     out = self.model(**inputs, output_hidden_states=hidden)
                     mask = inputs.get("attention_mask")

@@ -134,11 +134,11 @@ class HFDatasets(DataSource):
             return [o.label_column], number
         feature = parts["train"].features[o.label_column]
         names = getattr(feature, "names", None)
-        if names:
-            return list(names), int
+        if names:  # a ClassLabel; -1 is its "no label" (test splits without labels): kept out of the scores
+            return list(names), lambda v: UNLABELLED if v is None or int(v) < 0 else int(v)
         values = sorted({str(v) for ds in parts.values() for v in ds[o.label_column] if v is not None})
         index = {n: i for i, n in enumerate(values)}
-        return values, lambda v: index[str(v)]
+        return values, lambda v: UNLABELLED if v is None else index[str(v)]
 
     def _prepare(self, backbone, items, column, where):
         if self.modality == "text":

@@ -88,6 +88,11 @@ class MLflowLogger(Logger):
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id)
+        self.finished = True
+
+    def close(self):
+        if not getattr(self, "finished", False):  # interrupted or failed: resumable, so not FINISHED
+            self.client.set_terminated(self.run_id, status="KILLED")
 
 
 @hookimpl

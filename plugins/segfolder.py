@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option
-from graft.data import IMAGE_SUFFIXES, SplitOptions, check_image_size, open_image, stratified_split
+from graft.data import IMAGE_SUFFIXES, SplitOptions, check_image_size, keep_fraction, open_image, stratified_split
 
 IGNORE_VALUE = 255  # the mask value that marks pixels without a class (borders, "void"), as in Pascal VOC
 
@@ -26,6 +26,9 @@ class SegFolderOptions(SplitOptions):
         super().validate()
         if not self.path:
             raise ValueError("path is required: a folder with images/ and masks/.")
+        if self.unlabelled == "keep":
+            raise ValueError("unlabelled = \"keep\" has no meaning for masks; with train_fraction < 1 the other "
+                             "training images are dropped.")
         check_image_size(self.image_size)
 
 
@@ -62,7 +65,7 @@ class SegFolder(DataSource):
 
     Options = SegFolderOptions
     view_options = ("image_size",)
-    training_options = ("train_fraction", "unlabelled", "augment")
+    training_options = ("train_fraction", "augment")
     task = "segmentation"
 
     def setup(self, backbone, seed):
@@ -90,16 +93,14 @@ class SegFolder(DataSource):
         else:
             top = max(int(v) for _, m in pairs for v in np.unique(np.asarray(Image.open(m))) if v != IGNORE_VALUE)
             self.label_names = [str(i) for i in range(top + 1)]
-        cfg = backbone.image_config()
-        self.size = (o.image_size,) * 2 if o.image_size else tuple(cfg["size"])
-        self.mean, self.std, self.channels = cfg["mean"], cfg["std"], cfg["channels"]
+        self._preprocessing(backbone)
         for _, m in pairs:  # every mask checked now, not mid-epoch
             read_mask(m, len(self.label_names))
         idx = stratified_split([0] * len(pairs), o.val_fraction, o.test_fraction, seed)
         self.items = {s: [pairs[i] for i in idx[s]] for s in ("train", "val", "test")}
         if o.train_fraction < 1:  # few labels: a seeded share of the training images
-            keep = np.random.default_rng(seed).permutation(len(self.items["train"]))
-            keep = sorted(keep[: max(1, int(round(o.train_fraction * len(keep))))])
+            keep = keep_fraction(list(range(len(self.items["train"]))), [0] * len(self.items["train"]),
+                                 o.train_fraction, seed)
             self.items["train"] = [self.items["train"][i] for i in keep]
 
     def dataset(self, split):
@@ -133,22 +134,28 @@ class SegFolder(DataSource):
         x = F.interpolate(x.unsqueeze(0), size=self.size, mode="bilinear", align_corners=False).squeeze(0)
         if self.channels == 1:
             x = x.mean(0, keepdim=True)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
-        if mean.shape[0] != x.shape[0]:  # a grey model's one channel: the mean statistics
-            mean, std = mean.mean().view(1, 1, 1), std.mean().view(1, 1, 1)
-        x = (x - mean) / std
+        x = (x - self.mean) / self.std
         if mask is None:
             return x
         mask = F.interpolate(mask[None, None].float(), size=self.size, mode="nearest")[0, 0].long()
         return x, mask
 
-    def encode(self, backbone, items):
+    def _preprocessing(self, backbone):
+        """Input size, channels and normalisation of ``backbone``, as tensors ready for ``prepare``."""
         import torch
 
         cfg = backbone.image_config()
         self.size = (self.options.image_size,) * 2 if self.options.image_size else tuple(cfg["size"])
-        self.mean, self.std, self.channels = cfg["mean"], cfg["std"], cfg["channels"]
+        self.channels = cfg["channels"]
+        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(-1, 1, 1)
+        if self.mean.shape[0] != self.channels:  # a grey model's one channel: the mean statistics
+            self.mean, self.std = self.mean.mean().view(1, 1, 1), self.std.mean().view(1, 1, 1)
+
+    def encode(self, backbone, items):
+        import torch
+
+        self._preprocessing(backbone)
         return torch.stack([self.prepare(open_image(p)) for p in items])
 
 

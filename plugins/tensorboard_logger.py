@@ -43,6 +43,8 @@ class TensorBoardLogger(Logger):
             image = _confusion_image(Path(run_dir) / "confusion.png", final["confusion_matrix"])
             if image is not None:
                 self.writer.add_image("confusion_matrix", image, summary.get("steps", 0), dataformats="HWC")
+
+    def close(self):
         self.writer.close()
 
 

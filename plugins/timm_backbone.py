@@ -114,8 +114,9 @@ class TimmBackbone(Backbone):
                 self.model = m
 
             def forward(self, x, hidden=False, dense=False):
-                if dense:  # multi-scale feature maps, input side first: segmentation heads fuse them
-                    return self.model.forward_intermediates(x, intermediates_only=True)
+                if dense:  # the last 4 feature maps, input side first (a ViT's last 4 blocks): segmentation heads
+                    levels = min(4, len(getattr(self.model, "feature_info", [])) or 4)
+                    return self.model.forward_intermediates(x, indices=levels, intermediates_only=True)
                 if not hidden:
                     return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
                 if not hasattr(self.model, "forward_intermediates"):
