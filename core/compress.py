@@ -94,13 +94,8 @@ def sparsity(model: torch.nn.Module) -> dict:
 
 def score(run: Run, model, strategy, inputs, threads: int = 1) -> dict:
     """Test (else val) metrics of ``model`` under the serving ``strategy``, and its warm batch-1 latency."""
-    own = run.strategy
-    run.strategy = strategy
-    try:
-        split = "test" if run.data.dataset("test") else "val"
-        metrics = run.evaluate(model, split)
-    finally:
-        run.strategy = own
+    split = "test" if run.data.dataset("test") else "val"
+    metrics = run.evaluate(model, split, strategy)
     return {"split": split, "metrics": scalars(metrics or {}), "latency": ex.latency(model, inputs, threads)}
 
 

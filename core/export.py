@@ -49,12 +49,7 @@ def serving_strategy(strategy, where: str = "") -> Supervised:
         loss = create("loss", {"plugin": sorted(TASK_LOSSES[task])[0]}, where="serving loss")
     plain = Supervised(strategy.options, backbone=strategy.backbone, loss=loss, data=strategy.data)
     plain.name = strategy.name
-    if task == "regression":
-        plain.primary_metric = "rmse"
-    if plain.entities:
-        plain.primary_metric = "entity_f1"
-    if task == "segmentation":
-        plain.primary_metric = "miou"
+    plain.primary_metric = plain.task_metric()
     return plain
 
 

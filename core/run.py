@@ -70,9 +70,10 @@ class Run:
         return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.no_grad()
-    def evaluate(self, model, split: str) -> dict | None:
-        """Metrics of ``split``. Pass the unwrapped model: processes may hold different numbers of batches,
-        and DDP's forward would wait for the others."""
+    def evaluate(self, model, split: str, strategy=None) -> dict | None:
+        """Metrics of ``split`` (scored by ``strategy``, default the run's). Pass the unwrapped model: processes may
+        hold different numbers of batches, and DDP's forward would wait for the others."""
+        strategy = strategy or self.strategy
         # A sharded model's forward is collective: every process must run the same batches, so each evaluates the
         # whole split (and needs no gathering after).
         sharded = distributed.fsdp(self.config.train, self.dist)
@@ -86,7 +87,7 @@ class Run:
         for batch in loader:
             batch = move(batch, self.device)
             with self.autocast():
-                out = self.strategy.eval_step(model, batch)
+                out = strategy.eval_step(model, batch)
             for k, v in out.items():
                 v = v.detach().float() if v.is_floating_point() else v.detach().double()
                 sums[k] = sums[k] + v if k in sums else v
@@ -103,7 +104,7 @@ class Run:
                     sums[k] = sums[k] + v if k in sums else v
             if not sums:
                 return None
-        return {k: (float(v) if _is_scalar(v) else v) for k, v in self.strategy.compute_metrics(sums).items()}
+        return {k: (float(v) if _is_scalar(v) else v) for k, v in strategy.compute_metrics(sums).items()}
 
 
 def _is_scalar(v) -> bool:

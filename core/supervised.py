@@ -115,18 +115,13 @@ class Supervised(Strategy):
                 and self.loss.name not in TASK_LOSSES[task]:
             raise GraftError(f"[loss] plugin = {self.loss.name!r} does not fit the {task} task of [data]; use "
                              f"{' or '.join(repr(x) for x in sorted(TASK_LOSSES[task]))}.")
-        if task == "regression":
-            self.primary_metric = "rmse"
+        self.primary_metric = self.task_metric()
         dense = {"token_classification": "tokens", "segmentation": "maps"}.get(task)
         if dense and self.backbone.dense_features != dense:
             raise GraftError(f"[data] task {task!r} needs " + ("one feature vector per token" if dense == "tokens" else
                              "multi-scale feature maps") + f", and backbone {self.backbone.name!r} gives none; use "
                              + ("an hf text backbone." if dense == "tokens" else "a timm model with "
                                                                                  "forward_intermediates."))
-        if task == "segmentation":
-            self.primary_metric = "miou"
-        if self.entities:
-            self.primary_metric = "entity_f1"
         out = 1 if task == "regression" else self.data.num_outputs
         width = self.backbone.num_features
         if task == "segmentation":
@@ -214,6 +209,17 @@ class Supervised(Strategy):
         finally:
             module.train(was_training)
         return [m.shape[1] for m in maps]
+
+    def task_metric(self) -> str:
+        """The metric for best weights that the data's task calls for: rmse (regression), miou (segmentation),
+        entity_f1 (entity tags), else the class's ``primary_metric``. ``build`` and the serving copies of exports
+        both use it."""
+        task = self.data.task
+        if task == "regression":
+            return "rmse"
+        if task == "segmentation":
+            return "miou"
+        return "entity_f1" if self.entities else type(self).primary_metric
 
     @property
     def token_level(self) -> bool:
