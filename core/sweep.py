@@ -174,14 +174,18 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
               "none": optuna.pruners.NopPruner}.get(settings.get("pruner", "median"))
     if pruner is None:
         raise GraftError(f"{space_path}: [sweep] pruner: use median or none.")
-    study = optuna.create_study(storage=f"sqlite:///{out.resolve() / 'study.db'}", study_name="graft",
-                                load_if_exists=True, direction=direction, pruner=pruner(),
-                                sampler=sampler(seed=settings.get("seed", 0)))
+    storage = f"sqlite:///{out.resolve() / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="graft", load_if_exists=True, direction=direction,
+                                pruner=pruner())
+    # A sampler seeded as on the first attempt would repeat that attempt's start-up draws (optuna#6283): offset the
+    # seed by the trials the study holds, which keeps a sweep that is never cut reproducible.
+    study.sampler = sampler(seed=int(settings.get("seed", 0)) + len(study.trials))
     _requeue_interrupted(study, echo)
     done = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     echo(f"Study {out / 'study.db'}: {len(done)} of {trials} trials finished; metric {metric} ({direction}).")
 
     def objective(trial):
+        trial.set_user_attr(OUTCOME, "running")  # a trial that fails still "running" was cut short (a signal)
         values = {p.key: p.suggest(trial) for p in params}
         conf = trial_config(config_path, overrides, params, values, f"trial {trial.number}")
         conf.train.metric = metric  # the run's best weights, the pruner and the objective: one metric
@@ -191,9 +195,14 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
         trial.set_user_attr("run_dir", str(run_dir))
         echo(f"[trial {trial.number}] " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
                                                     for k, v in values.items()))
-        summary = train(conf, run_dir, echo=lambda m: None)
+        try:
+            summary = train(conf, run_dir, echo=lambda m: None)
+        except GraftError:
+            trial.set_user_attr(OUTCOME, "error")  # bad input or a diverged run: running it again would not help
+            raise
         if summary.get("interrupted"):
             raise KeyboardInterrupt
+        trial.set_user_attr(OUTCOME, "finished")
         if summary.get("best") is None:
             raise GraftError(f"trial {trial.number}: the run has no validation metric {metric!r} (no val split?).")
         if trial.user_attrs.get("pruned"):
@@ -208,12 +217,24 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
     return report(study, out, metric, direction)
 
 
+OUTCOME = "graft_outcome"  # trial user attribute: running / finished / error
+
+
 def _requeue_interrupted(study, echo) -> None:
-    """Trials left RUNNING by a killed sweep fail now and run again with the same values."""
+    """Trials a signal or a kill cut short run again with the same values, once each: those left RUNNING by a kill
+    (marked FAIL now), and FAILed ones whose run never reached an outcome (Optuna records a trial that a
+    KeyboardInterrupt ended as FAIL, optuna#3255). A FAIL from bad input or a diverged run is not retried."""
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(t.number, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    requeued = {t.user_attrs.get("requeued_from") for t in trials}  # WAITING ones included
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
+        elif not (t.state == TrialState.FAIL and t.user_attrs.get(OUTCOME) == "running"):
+            continue
+        if t.number in requeued:
+            continue  # queued by an earlier attempt that was itself cut before running it
         study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
         echo(f"Trial {t.number} was cut short; it runs again with the same values.")
 

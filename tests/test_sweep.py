@@ -54,12 +54,19 @@ def test_eight_trials_prune_and_the_best_reproduces_alone(tmp_path):
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["best"]["number"] == best["number"]
 
 
-def test_a_killed_sweep_continues_its_study(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_a_cut_sweep_continues_its_study_like_one_never_cut(tmp_path, sig):
+    """Issue 25.1, the reported input: 4 trials, a signal during trial 1, the same command again. The old code
+    (a) recorded a SIGINT-cut trial as FAIL and never ran it again, and (b) after either signal drew trials 2 and 3
+    with trial 0's and 1's exact values (a fresh sampler, same seed, replayed its start-up draws)."""
+    import os
     import subprocess
     import sys
-    import os
 
-    config, space = _files(tmp_path, epochs=3)
+    from graft.sweep import sweep
+
+    config, space = _files(tmp_path, epochs=2)
+    space.write_text(SPACE + '\n[sweep]\npruner = "none"\n')  # every trial completes: counts compare exactly
     out = tmp_path / "sweep"
     args = [sys.executable, "-m", "graft.cli", "sweep", str(config), "--space", str(space), "--trials", "4",
             "--out", str(out)]
@@ -69,22 +76,36 @@ def test_a_killed_sweep_continues_its_study(tmp_path):
     while not (out / "trial-001" / "metrics.jsonl").is_file():  # the second trial has begun
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
     first = optuna.load_study(study_name="graft", storage=f"sqlite:///{out / 'study.db'}")
-    finished = [t for t in first.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    cut = [t for t in first.trials if t.state.name == "RUNNING"]
-    assert len(cut) == 1 and len(finished) >= 1
+    cut = [t for t in first.trials if t.state.name in ("RUNNING", "FAIL")]
+    assert len(cut) == 1 and cut[0].number == 1, [(t.number, t.state.name) for t in first.trials]
     stamp = (out / "trial-000" / "summary.json").stat().st_mtime_ns
 
     again = graft("sweep", config, "--space", space, "--trials", "4", "--out", out, check=True)
-    assert f"Trial {cut[0].number} was cut short" in again.stdout
+    assert "Trial 1 was cut short" in again.stdout
+    said = []
+    sweep(config, space, 4, out, echo=said.append)  # nothing left to do
+    assert not any("was cut short" in m for m in said), said
     study = optuna.load_study(study_name="graft", storage=f"sqlite:///{out / 'study.db'}")
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") + states.count("PRUNED") == 4 and states.count("FAIL") == 1
-    rerun = next(t for t in study.trials if t.user_attrs.get("requeued_from") == cut[0].number)
-    assert rerun.params == cut[0].params  # the interrupted trial ran again with its values
+    assert states.count("COMPLETE") == 4 and states.count("FAIL") == 1 and len(states) == 5, states
+    reruns = [t for t in study.trials if t.user_attrs.get("requeued_from") == 1]
+    assert len(reruns) == 1 and reruns[0].params == cut[0].params  # the cut trial ran again with its values, once
+    complete = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(set(complete)) == 4, complete  # no trial repeats another's values
     assert (out / "trial-000" / "summary.json").stat().st_mtime_ns == stamp  # finished trials are kept
+
+
+def test_a_sweep_never_cut_is_reproducible(tmp_path):
+    """The resumed sweep's seed offset leaves an uncut sweep as it was: the same seed draws the same values."""
+    from graft.sweep import sweep
+
+    config, space = _files(tmp_path, epochs=1)
+    space.write_text(SPACE + '\n[sweep]\npruner = "none"\n')
+    a, b = (sweep(config, space, 2, tmp_path / name, echo=lambda m: None) for name in ("a", "b"))
+    assert [t["params"] for t in a["trials"]] == [t["params"] for t in b["trials"]]
 
 
 def test_bad_spaces_exit_2_naming_the_table(tmp_path):
