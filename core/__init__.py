@@ -2,7 +2,7 @@
 
 The public API for plugin authors and scripts lives here; ``docs/plugins.md`` lists it. Importing ``graft`` never
 imports torch: the names that need it (``train``, ``load_run``, ``predict``, ``move``, ``clean_state_dict``,
-``exported_backbone``) are loaded on first use. Public modules beside these names: ``graft.data`` (splits, few-label
+``exported_backbone``, ``read_metrics``) are loaded on first use. Public modules beside these names: ``graft.data`` (splits, few-label
 subsets, images), ``graft.supervised`` (heads, freezing schedules, metrics), ``graft.testing`` (conformance checks).
 """
 
@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 #: names that import torch, loaded on first use: name -> module
 _LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "move": "batches",
-         "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint"}
+         "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint", "read_metrics": "rundir"}
 
 __all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
            "SoftTargetLoss", "Strategy", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",

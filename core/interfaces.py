@@ -359,7 +359,11 @@ class Logger(Plugin):
     which stays the source of truth. Chosen with ``[train] loggers = ["NAME", ...]``; options in ``[loggers.NAME]``.
 
     - ``start(run_dir, config, resume_step)``: the run begins (``config``: the resolved config as nested dicts;
-      ``resume_step``: the step a resumed run continues from, else None).
+      ``resume_step``: the step a resumed run continues from, else None). A resumed run asks this of a logger: once
+      ``start`` returns, it holds exactly what ``metrics.jsonl`` holds, which has been cut back to the checkpoint's
+      step by then (``graft.read_metrics(run_dir)`` reads it). What the interrupted attempt logged after
+      that step (its steps past the checkpoint, a test record) is dropped -- TensorBoard purges it, MLflow starts
+      a new run that replays the records kept -- since the resumed run logs those steps again.
     - ``log(record)``: one ``metrics.jsonl`` record -- ``step``, ``epoch``, ``split`` ("train", "val" or "test") and
       numbers.
     - ``finish(run_dir, summary)``: the run's summary (what summary.json holds) once its files -- summary.json,

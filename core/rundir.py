@@ -86,6 +86,21 @@ class RunDir:
             plot_confusion(final["confusion_matrix"], label_names, self.path / "confusion.png")
 
 
+def read_metrics(run_dir) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl`` in order (a line cut short by a kill is skipped). On a resume, what
+    a logger must hold once ``start`` returns."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop what was logged after the checkpoint we resume from, so the file reads as one run."""
     if not path.exists():
@@ -137,7 +152,7 @@ def plot_curves(run_dir: Path) -> None:
     plt = _pyplot()
     if plt is None:
         return
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = read_metrics(run_dir)
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     keys = [k for k in (val[0] if val else {}) if k not in ("step", "epoch", "split")

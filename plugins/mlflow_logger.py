@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft import Logger, hookimpl, option
+from graft import Logger, hookimpl, option, read_metrics
 
 KEYS = ("step", "epoch", "split")
 STATE = "mlflow.json"  # in the run directory: the MLflow run a resumed graft run continues
@@ -35,6 +35,14 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _metrics(record: dict) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(f"{record['split']}/{k}", float(v), now, record["step"]) for k, v in record.items()
+            if k not in KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
 class MLflowLogger(Logger):
     """MLflow (local SQLite store by default): params from the resolved config, metrics by step, summary and plots."""
 
@@ -53,32 +61,36 @@ class MLflowLogger(Logger):
             f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
         self.client = MlflowClient(uri)
         state = run_dir / STATE
-        if resume_step is not None and state.is_file():  # the same MLflow run goes on
-            self.run_id = json.loads(state.read_text())["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
+        earlier = json.loads(state.read_text()).get("run_id") if resume_step is not None and state.is_file() else None
         experiment = self.client.get_experiment_by_name(self.options.experiment)
         if experiment is None:
             artifacts = (run_dir.resolve().parent / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
             experiment_id = self.client.create_experiment(self.options.experiment, artifact_location=artifacts)
         else:
             experiment_id = experiment.experiment_id
-        run = self.client.create_run(experiment_id, run_name=self.options.run_name or run_dir.name,
-                                     tags={"graft.run_dir": str(run_dir.resolve())})
+        tags = {"graft.run_dir": str(run_dir.resolve()), **({"graft.resumed_from": earlier} if earlier else {})}
+        run = self.client.create_run(experiment_id, run_name=self.options.run_name or run_dir.name, tags=tags)
         self.run_id = run.info.run_id
-        state.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
+        if earlier:
+            # MLflow cannot delete metric points, and the interrupted attempt logged steps past the checkpoint
+            # that the resumed run logs again (mlflow#4248): a new MLflow run replays what metrics.jsonl kept and
+            # the earlier one is deleted (MLflow's soft delete; `mlflow gc` purges it).
+            metrics = [m for record in read_metrics(run_dir) for m in _metrics(record)]
+            for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            try:
+                self.client.delete_run(earlier)
+            except Exception:  # noqa: BLE001 - gone already, or another store: the new run holds the truth
+                pass
+        state.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
 
     def log(self, record):
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{record['split']}/{k}", float(v), now, record["step"]) for k, v in record.items()
-                   if k not in KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics = _metrics(record)
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft import Logger, hookimpl, option
+from graft import Logger, hookimpl, option, read_metrics
 
 KEYS = ("step", "epoch", "split")
 
@@ -25,11 +25,17 @@ class TensorBoardLogger(Logger):
     def start(self, run_dir, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: TensorBoard drops what an interrupted attempt logged after the checkpoint resumed from
+        # purge_step: readers drop every event of an earlier attempt at that step or later. That takes the
+        # checkpoint's own step too (its validation, a test record metrics.jsonl no longer holds): what
+        # metrics.jsonl keeps at that step is logged again.
         self.writer = SummaryWriter(self.options.log_dir or str(Path(run_dir) / "tensorboard"),
                                     purge_step=resume_step)
         if resume_step is None:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        else:
+            for record in read_metrics(run_dir):
+                if record["step"] == resume_step:
+                    self.log(record)
 
     def log(self, record):
         for key, value in record.items():

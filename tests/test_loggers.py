@@ -52,6 +52,66 @@ def test_tensorboard_and_mlflow_hold_what_metrics_jsonl_holds(tmp_path):
     assert {"summary.json", "config.toml", "labels.json"} <= {a.path for a in client.list_artifacts(state["run_id"])}
 
 
+def _tracked(run):
+    """What TensorBoard and MLflow hold for ``run``: {(SPLIT/NAME, step): [values]} each (lists: a step logged twice
+    shows)."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    tb = {}
+    for tag in events.Tags()["scalars"]:
+        for e in events.Scalars(tag):
+            tb.setdefault((tag, e.step), []).append(e.value)
+    state = json.loads((run / "mlflow.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    mlf = {}
+    for key in client.get_run(state["run_id"]).data.metrics:
+        for m in client.get_metric_history(state["run_id"], key):
+            mlf.setdefault((key, m.step), []).append(m.value)
+    return tb, mlf, client, state
+
+
+def test_after_a_kill_and_resume_trackers_hold_what_metrics_jsonl_holds(tmp_path):
+    """Issue 25.2, the reported input: MLflow, SIGKILL between checkpoints, --resume. The old code continued the same
+    MLflow run, so the steps between the checkpoint and the kill were logged twice (131 points against 120 lines);
+    TensorBoard purged from the checkpoint's own step, losing the validation metrics.jsonl keeps there."""
+    import signal
+
+    from conftest import start_train, wait_for_lines
+
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    conf = tiny_config(train={"epochs": 2, "log_every": 1, "eval_every": 10, "checkpoint_every": 20,
+                              "loggers": ["tensorboard", "mlflow"]})
+    cfg = write_config(tmp_path / "c.toml", conf)
+    run = tmp_path / "runs" / "a"
+    proc = start_train(cfg, run)
+    wait_for_lines(run, 27, proc)  # step 25 or so: past the checkpoint at step 20
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cut = read_metrics(run)
+    tb, mlf, client, first = _tracked(run)
+    assert max(r["step"] for r in cut) > 20 and (("train/loss", 21) in mlf)  # the kill landed past the checkpoint
+
+    summary = train(resolve(conf, str(cfg)), run, resume=True, echo=QUIET)
+    records = read_metrics(run)
+    expected = {}
+    for r in records:
+        for k, v in numbers(r).items():
+            expected.setdefault((f"{r['split']}/{k}", r["step"]), []).append(v)
+    tb, mlf, client, state = _tracked(run)
+    for found in (tb, mlf):
+        assert found.keys() == expected.keys()
+        assert all(found[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
+    assert len(records) > 0 and summary["steps"] == max(r["step"] for r in records)
+    assert state["run_id"] != first["run_id"]  # a new MLflow run replayed the records kept ...
+    assert client.get_run(first["run_id"]).info.lifecycle_stage == "deleted"  # ... and the earlier one is gone
+    got = client.get_run(state["run_id"])
+    assert got.info.status == "FINISHED" and got.data.tags["graft.resumed_from"] == first["run_id"]
+    assert got.data.params["train.lr"] == str(conf["train"]["lr"])
+
+
 def test_a_failing_logger_is_reported_once_and_training_goes_on(tmp_path):
     pytest.importorskip("mlflow")
     conf = tiny_config(train={"max_steps": 4, "loggers": ["mlflow"]})
