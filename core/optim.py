@@ -44,15 +44,20 @@ def build_optimizer(t: TrainOptions, groups: list[dict]) -> torch.optim.Optimize
         raise GraftError("The strategy gave the optimizer no parameters.")
     # The fused kernels (one pass over all tensors) run on CPU and CUDA; on this project's 2-core CPU they make the
     # AdamW step of a ResNet-18 about 2.5x faster than torch's default per-tensor loop.
-    fused = {"fused": True} if t.fused_optimizer and _fused_ok(param_groups, t.optimizer) else {}
+    fused = {"fused": True} if t.fused_optimizer and _fused_ok(param_groups, t) else {}
     if t.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum, **fused)
     return torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.betas), **fused)
 
 
-def _fused_ok(groups, optimizer: str) -> bool:
+def _fused_ok(groups, t: TrainOptions) -> bool:
     params = [p for g in groups for p in g["params"]]
-    if optimizer == "sgd" and any(hasattr(p, "to_local") for p in params):
+    if t.optimizer == "sgd" and any(hasattr(p, "to_local") for p in params):
         return False  # FSDP's DTensor parameters have no fused SGD kernel (fused AdamW has one)
+    if t.optimizer == "sgd" and t.momentum and t.precision == "fp16":
+        # torch's fused SGD allocates its momentum buffers uninitialised (empty_like) on the first step and fills
+        # them in the kernel, which a GradScaler skips on an overflow -- the usual first fp16 step: the garbage
+        # then counts as momentum and the weights blow up. The per-tensor SGD makes no buffer on a skipped step.
+        return False
     types = {p.device.type for p in params}
     return len(types) == 1 and types <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)

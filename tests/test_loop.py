@@ -140,6 +140,67 @@ def test_autocast_on_cpu(tmp_path, precision):
     assert torch.isfinite(torch.tensor(summary["test"]["loss"]))
 
 
+class OverflowFirst(Loss):
+    """Cross-entropy, 1e8 times larger on the first call: the fp16 gradient scaler skips that step, as it usually
+    skips a real model's first step (a test loss)."""
+
+    calls = 0
+
+    def __call__(self, outputs, targets):
+        import torch.nn.functional as F
+
+        type(self).calls += 1
+        return F.cross_entropy(outputs.float(), targets) * (1e8 if type(self).calls == 1 else 1.0)
+
+
+def test_fp16_with_sgd_trains_like_fp32(tmp_path):
+    """Issue 25.8: fp16 + SGD (momentum) with a skipped first step. The old code used torch's fused SGD, whose
+    momentum buffers stay uninitialised memory when the GradScaler skips that step: "Non-finite loss at step 3"
+    (GraftError blaming the learning rate). The per-tensor SGD trains like fp32."""
+    reg = get_registry()
+    reg.entries["loss"]["overflow_first"] = Entry("loss", "overflow_first", OverflowFirst, "tests", "")
+    try:
+        losses = {}
+        for precision, loss in (("fp16", "overflow_first"), ("fp32", "cross_entropy")):
+            OverflowFirst.calls = 0
+            _, summary = run(tmp_path, precision, loss={"plugin": loss},
+                             train={"precision": precision, "optimizer": "sgd", "lr": 0.05, "max_steps": 12,
+                                    "eval_every": 100})
+            losses[precision] = summary["test"]["loss"]
+            assert all(torch.isfinite(v).all() for v in weights(tmp_path / precision).values())
+    finally:
+        del reg.entries["loss"]["overflow_first"]
+    # fp16 lost its first step to the scaler (one update fewer) and otherwise trains as fp32 does
+    assert losses["fp16"] == pytest.approx(losses["fp32"], abs=0.15), losses
+
+
+def test_fused_sgd_is_not_given_an_fp16_scaler_that_skips_its_first_step():
+    """The torch bug itself, through graft's own optimizer choice: a GradScaler skips SGD's first step and the
+    momentum buffers must stay clean. Fails if graft hands fp16 runs the fused SGD while torch's kernel still leaves
+    its buffers uninitialised."""
+    from graft.config import TrainOptions
+    from graft.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    t = TrainOptions(optimizer="sgd", precision="fp16", momentum=0.9, lr=0.1)
+    optimizer = build_optimizer(t, [{"params": list(model.parameters())}])
+    scaler = torch.amp.GradScaler("cpu")
+    junk = [torch.full((1 << 20,), 1e30) for _ in range(4)]  # freed memory full of huge numbers, for empty_like
+    del junk
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.randn(8, 16)).float().pow(2).mean() * (1e8 if step == 0 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    buffers = [s["momentum_buffer"] for s in optimizer.state.values() if s.get("momentum_buffer") is not None]
+    assert buffers and all(b.abs().max() < 1e3 for b in buffers)
+
+
 def test_device_selection():
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert select_device("cpu") == torch.device("cpu")
