@@ -185,9 +185,11 @@ def latest(directory: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_latest(directory: Path, echo=print) -> tuple[Path, dict, dict] | None:
+def load_latest(directory: Path, echo=print, set_aside: bool = False) -> tuple[Path, dict, dict] | None:
     """(path, model state, state) of the newest checkpoint that loads. A damaged one (a disk that filled up, a file
-    cut short by hand) is passed over for the one before it, saying so; None when there is none."""
+    cut short by hand) is passed over for the one before it, saying so; None when there is none. ``set_aside`` (the
+    main process of a resume): damaged checkpoints newer than the one loaded are renamed ``damaged-step-N``, kept
+    for a look but no longer counted against ``keep_checkpoints`` nor taken for the newest."""
     first = latest(directory)
     candidates = ([first] if first else []) + sorted(
         (p for p in directory.glob("step-*") if (p / "state.json").is_file() and p != first), reverse=True)
@@ -200,6 +202,14 @@ def load_latest(directory: Path, echo=print) -> tuple[Path, dict, dict] | None:
             continue
         if errors:
             echo(f"Warning: checkpoint {candidates[0].name} is damaged; resuming from {path.name} instead.")
+            if set_aside:
+                for bad in candidates[:candidates.index(path)]:
+                    if bad.name > path.name:
+                        aside = directory / f"damaged-{bad.name}"
+                        shutil.rmtree(aside, ignore_errors=True)
+                        os.replace(bad, aside)
+                        echo(f"Warning: the damaged checkpoint is kept as {aside}; delete it when done with it.")
+                atomic_write_text(directory / "latest", path.name + "\n")
         return path, model_state, state
     if errors:
         raise GraftError(errors[0] if len(errors) == 1 else f"No checkpoint in {directory} loads; the newest: "
@@ -267,10 +277,19 @@ def load_weights(path: Path) -> dict:
 def exported_backbone(path: Path) -> Path:
     """A graft run directory stands for the backbone it exported (``<run>/backbone``); other paths are themselves.
 
-    This is the hand-off between runs: ``weights = "runs/<mlm-run>"`` continues from that run's backbone."""
+    This is the hand-off between runs: ``weights = "runs/<mlm-run>"`` continues from that run's backbone. Raises
+    GraftError for a run directory without ``backbone/``: not finished, or made by a strategy that exports none."""
     path = Path(path)
-    if path.is_dir() and (path / "backbone").is_dir() and (path / "config.toml").is_file():
-        return path / "backbone"
+    if path.is_dir() and (path / "config.toml").is_file() and (path / "metrics.jsonl").is_file():
+        if (path / "backbone").is_dir():
+            return path / "backbone"
+        summary = path / "summary.json"
+        strategy = json.loads(summary.read_text()).get("strategy", "?") if summary.is_file() else None
+        why = (f"its strategy {strategy!r} exported no backbone (a strategy hands its backbone on by writing "
+               f"RUN/backbone in export(): docs/plugins.md, \"Handing the backbone on\")" if strategy else
+               "the run has not finished (backbone/ is written at its end; resume it with --resume)")
+        raise GraftError(f"weights = {str(path)!r} is a graft run directory without backbone/: {why}. Point "
+                         f"weights at a run that has one, or at a weights file.")
     return path
 
 
@@ -361,7 +380,7 @@ def restore_training(run_dir: Path, state: TrainState, model, optimizer, schedul
     Raises GraftError when there is none, or when it was made with another batch layout, model or optimizer."""
     from .device import set_rng_state
 
-    found = load_latest(run_dir / "checkpoints", echo if dist.is_main else lambda m: None)
+    found = load_latest(run_dir / "checkpoints", echo if dist.is_main else lambda m: None, set_aside=dist.is_main)
     if found is None:
         raise GraftError(f"--resume {run_dir}: no checkpoint in {run_dir / 'checkpoints'}. Start a new run instead.")
     path, model_state, saved = found

@@ -40,6 +40,14 @@ def test_installed_strategy_is_listed_and_trains(site, tmp_path):
     assert summary["strategy"] == "demo_probe" and 0.0 <= summary["test"]["accuracy"] <= 1.0
     assert 'plugin = "cross_entropy"' in (tmp_path / "run" / "config.toml").read_text()
     assert read_metrics(tmp_path / "run")
+    # issue 25: a run whose strategy exported no backbone/ is no weights source (it was a remap error of the whole
+    # model's keys against the backbone's)
+    from conftest import TINY_VIT
+
+    later = write_config(tmp_path / "later.toml", tiny_config(backbone={**TINY_VIT, "weights": str(tmp_path / "run")}))
+    proc = graft("train", later, "--out", tmp_path / "later")
+    assert proc.returncode == 2 and "without backbone/" in proc.stderr and "'demo_probe'" in proc.stderr, proc.stderr
+    assert "Handing the backbone on" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_broken_plugin_is_reported_and_the_rest_works(site):

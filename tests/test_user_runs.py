@@ -64,6 +64,25 @@ def test_resume_from_a_truncated_latest_checkpoint_falls_back(tmp_path):
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=0)
 
 
+def test_a_damaged_checkpoint_is_set_aside_and_not_counted(tmp_path):
+    """Issue 25 (from earlier notes): after the fallback, the old code left the damaged newer step directory among
+    the checkpoints, where it counted against keep_checkpoints (a good one was deleted in its place) and stayed the
+    newest one on disk."""
+    conf = tiny_config(train={"epochs": 1, "checkpoint_every": 10, "keep_checkpoints": 2})
+    train(resolve(conf, "x"), tmp_path / "cut", echo=lambda m: None)
+    directory = tmp_path / "cut" / "checkpoints"
+    latest = ckpt.latest(directory)
+    model = latest / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
+    conf["train"]["max_steps"] = int(latest.name.split("-")[1]) - 5  # the resumed run ends before that step
+    said = []
+    train(resolve(conf, "x"), tmp_path / "cut", resume=True, echo=said.append)
+    steps = sorted(p.name for p in directory.glob("step-*"))
+    assert len(steps) == 2 and all(ckpt.load(directory / name) for name in steps), steps
+    assert (directory / f"damaged-{latest.name}").is_dir() and ckpt.latest(directory).name == steps[-1]
+    assert any(f"kept as {directory / ('damaged-' + latest.name)}" in m for m in said), said
+
+
 def test_out_that_cannot_be_written_is_bad_input(tmp_path):
     cfg = write_config(tmp_path / "c.toml", tiny_config(train={"max_steps": 1}))
     (tmp_path / "a-file").write_text("x")
