@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option
+from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, warn
 from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, image_transform, open_image,
                         pad_tokens, stratified_split)
 
-VAL_NAMES = ("validation", "valid", "val", "dev")
+#: split names taken for each role when the split options leave it open; a dataset without a training split of
+#: these names stops rather than train on whatever split it has (test data is never trained on unasked)
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing")}
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -32,6 +35,12 @@ class HFDatasetsOptions(SplitOptions):
                                 "at most 256.")
     image_size: int = option(0, "Image side; 0 = the backbone's own input size.")
     max_examples: int = option(0, "Use only this many examples of the training split (seeded sample); 0 = all.")
+    train_split: str = option("", "The dataset's split to train on; empty = the one named train or training (a "
+                                  "dataset with neither stops and lists its splits).")
+    val_split: str = option("", "The dataset's validation split; empty = validation, valid, val or dev when it has "
+                                "one, else val_fraction of the training split.")
+    test_split: str = option("", "The dataset's test split; empty = test or testing when it has one, else "
+                                 "test_fraction of the training split.")
 
     def validate(self):
         super().validate()
@@ -71,6 +80,41 @@ def load(o: HFDatasetsOptions, where: str) -> dict:
     return dict(data) if isinstance(data, datasets.DatasetDict) else {"train": data}
 
 
+def choose_splits(raw: dict, o: HFDatasetsOptions, where: str) -> dict:
+    """{role: split name} for "train" and, where the dataset has them, "val" and "test": the split options, else
+    the names of ``SPLIT_NAMES``. A split is never in two roles; splits left over are named in a warning.
+    GraftError for a split option naming no split, and for a dataset without exactly one training split of those
+    names (training on validation or test data must be asked for with train_split)."""
+    listed = ", ".join(map(repr, raw))
+    chosen = {}
+    for role in ("train", "val", "test"):
+        key, name = f"{role}_split", getattr(o, f"{role}_split")
+        if name and name not in raw:
+            raise GraftError(f"{where}: {key} = {name!r}, but {o.path} has the splits {listed}."
+                             f"{did_you_mean(name, list(raw))}")
+        if name in chosen.values():
+            other = next(r for r, n in chosen.items() if n == name)
+            raise GraftError(f"{where}: {name!r} is both {other}_split and {key}; a split plays one role (the "
+                             f"missing ones are split off the training split).")
+        if name:
+            chosen[role] = name
+            continue
+        found = [n for n in SPLIT_NAMES[role] if n in raw and n not in chosen.values()]
+        if role == "train" and len(found) != 1:
+            raise GraftError(f"{where}: {o.path} has the splits {listed}, and "
+                             f"{'none is' if not found else 'more than one is'} a training split "
+                             f"({' or '.join(SPLIT_NAMES['train'])}); graftkit does not guess which data to train "
+                             f"on. Set train_split = \"NAME\" (val_split and test_split choose the others; those "
+                             f"not set are taken by name or split off the training split).")
+        if found:
+            chosen[role] = found[0]
+    unused = [n for n in raw if n not in chosen.values()]
+    if unused:
+        warn(f"{where}: split{'s' if len(unused) > 1 else ''} {', '.join(map(repr, unused))} of {o.path} "
+             f"{'are' if len(unused) > 1 else 'is'} not used; train_split, val_split and test_split choose splits.")
+    return chosen
+
+
 class HFDatasets(DataSource):
     """Any dataset the Hugging Face datasets library reads offline (save_to_disk folders, CSV, JSON, Parquet)."""
 
@@ -87,19 +131,16 @@ class HFDatasets(DataSource):
         self.modality = backbone.modality
         column = o.text_column if self.modality == "text" else o.image_column
         raw = load(o, where)
-        for name, ds in raw.items():
+        chosen = choose_splits(raw, o, where)
+        parts = {role: raw[name] for role, name in chosen.items()}
+        for role, ds in parts.items():
             for key, col in (("text_column" if self.modality == "text" else "image_column", column),
                              ("label_column", o.label_column)):
                 if col not in ds.column_names:
-                    raise GraftError(f"{where}: {o.path} (split {name!r}) has no column {col!r}; its columns are "
-                                     f"{', '.join(ds.column_names)}.{did_you_mean(col, ds.column_names)} Set {key}.")
-        parts = {"train": raw.get("train") or next(iter(raw.values()))}
-        own_val = next((raw[k] for k in VAL_NAMES if k in raw), None)
-        for split, ds in (("val", own_val), ("test", raw.get("test"))):
-            if ds is not None:
-                parts[split] = ds
-        self.label_names, to_target = self._labels(parts)
-        targets = {s: [to_target(v) for v in ds[o.label_column]] for s, ds in parts.items()}
+                    raise GraftError(f"{where}: {o.path} (split {chosen[role]!r}) has no column {col!r}; its columns "
+                                     f"are {', '.join(ds.column_names)}.{did_you_mean(col, ds.column_names)} Set "
+                                     f"{key}.")
+        self.label_names, targets = self._labels(parts, chosen, where)
         train = list(range(len(parts["train"])))
         strat = [t if o.task == "classification" else 0 for t in targets["train"]]
         if o.max_examples and o.max_examples < len(train):
@@ -113,32 +154,59 @@ class HFDatasets(DataSource):
         for s in ("val", "test"):
             self.items[s] = ([(parts[s], i, targets[s][i]) for i in range(len(parts[s]))] if s in parts
                              else [(parts["train"], i, targets["train"][i]) for i in split_of[s]])
+        if o.task == "classification":
+            trained = {y for _, _, y in self.items["train"]}
+            for split in ("val", "test"):
+                unseen = sorted({self.label_names[y] for _, _, y in self.items[split] if y >= 0 and y not in trained})
+                if unseen:
+                    warn(f"{where}: the {split} split has label{'s' if len(unseen) > 1 else ''} "
+                         f"{', '.join(map(repr, unseen))} that the training split never has; the model cannot "
+                         f"learn {'them' if len(unseen) > 1 else 'it'}, so those examples count as errors.")
         self.splits = {s: self._prepare(backbone, items, column, where) for s, items in self.items.items()}
-        self.sources = {s: (f"the dataset's own {next(k for k, v in raw.items() if v is parts[s])!r} split"
-                            if s in parts else "split off its training split (seeded, stratified)")
+        self.sources = {s: (f"the dataset's own {chosen[s]!r} split" if s in chosen
+                            else f"split off its training split {chosen['train']!r} (seeded, stratified)")
                         for s in ("train", "val", "test")}
 
     def report(self):
         return {"splits": {s: len(self.items[s]) for s in self.items}, "split_sources": self.sources}
 
-    def _labels(self, parts):
-        """Label names and a value -> target function: ClassLabel names, else the sorted distinct values."""
+    def _labels(self, parts, chosen, where):
+        """(label names, {role: one target per row}). Classes are matched by name across splits, whatever each
+        split's encoding: a ClassLabel id is read with that split's own names (splits class-encoded one by one
+        number their classes differently), -1 and None are "unlabelled". The classes are the training split's
+        ClassLabel names in their order (else its sorted distinct values), then any only other splits have.
+        GraftError for an id the split's ClassLabel has no name for, or a regression label that is no number."""
         o = self.options
         if o.task == "regression":
             def number(v):
                 try:
                     return float(v)
                 except (TypeError, ValueError):
-                    raise GraftError(f"[data] plugin = \"hfdatasets\": regression label {v!r} in {o.label_column!r} "
-                                     f"is not a number.") from None
-            return [o.label_column], number
-        feature = parts["train"].features[o.label_column]
-        names = getattr(feature, "names", None)
-        if names:  # a ClassLabel; -1 is its "no label" (test splits without labels): kept out of the scores
-            return list(names), lambda v: UNLABELLED if v is None or int(v) < 0 else int(v)
-        values = sorted({str(v) for ds in parts.values() for v in ds[o.label_column] if v is not None})
-        index = {n: i for i, n in enumerate(values)}
-        return values, lambda v: UNLABELLED if v is None else index[str(v)]
+                    raise GraftError(f"{where}: regression label {v!r} in {o.label_column!r} is not a "
+                                     f"number.") from None
+            return [o.label_column], {r: [number(v) for v in ds[o.label_column]] for r, ds in parts.items()}
+        text = {role: self._label_texts(ds, chosen[role], where) for role, ds in parts.items()}
+        own = getattr(parts["train"].features[o.label_column], "names", None)
+        names = list(own) if own else sorted({v for v in text["train"] if v is not None})
+        names += sorted({v for vs in text.values() for v in vs if v is not None} - set(names))
+        index = {n: i for i, n in enumerate(names)}
+        return names, {r: [UNLABELLED if v is None else index[v] for v in vs] for r, vs in text.items()}
+
+    def _label_texts(self, ds, split, where):
+        """The label of each row of ``ds`` as text (None: unlabelled), ClassLabel ids read with its own names."""
+        o = self.options
+        values = list(ds[o.label_column])
+        names = getattr(ds.features[o.label_column], "names", None)
+        if not names:
+            return [None if v is None else str(v) for v in values]
+        bad = [(i, v) for i, v in enumerate(values) if v is not None and not -1 <= int(v) < len(names)]
+        if bad:
+            i, v = bad[0]
+            raise GraftError(f"{where}: split {split!r} of {o.path} has label {v} in {o.label_column!r} (example "
+                             f"{i}; {len(bad)} such), outside its ClassLabel's {len(names)} classes (0 to "
+                             f"{len(names) - 1}; -1 means unlabelled). Fix those labels, or cast the column to a "
+                             f"ClassLabel that names every class (ClassLabel.names is what each id means).")
+        return [None if v is None or v == -1 else names[int(v)] for v in values]
 
     def _prepare(self, backbone, items, column, where):
         if self.modality == "text":

@@ -14,8 +14,10 @@ from graft import Backbone, GraftError, did_you_mean, hookimpl, option, warn
 class TimmOptions:
     model: str = option("resnet18", "Any name from timm.list_models(), e.g. resnet18, convnext_nano, "
                                     "vit_tiny_patch16_224.")
-    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin file (loaded with "
-                              "weights_only=True), or a graft run directory.", path=True)
+    weights: str = option("", "Local weights: a .safetensors file, or a .pth/.bin/.ckpt file (loaded with "
+                              "weights_only=True), or a graft run directory. Lightning / DDP / torch.compile "
+                              "checkpoints load as they are (prefixes model., module., _orig_mod., backbone. "
+                              "dropped); the file's classifier is left out.", path=True)
     remap: Literal["auto", "names", "order"] = option(
         "auto", "How weights map onto the model: by name; by order with every shape checked (foreign checkpoints, "
         "e.g. torchvision's); auto = by name, or by order when no name matches.")
@@ -24,9 +26,20 @@ class TimmOptions:
                                 "{ drop_path_rate = 0.1, in_chans = 1 }.")
 
 
+#: entries other frameworks wrap a state dict in (Lightning, timm's train script, DDP-wrapped saves), looked in first
+#: to last, nested ones too
+WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
+#: key prefixes other frameworks add, in any order and nesting: Lightning's module attribute (``model.``), DDP
+#: (``module.``), ``torch.compile`` (``_orig_mod.``, also mid-name when a submodule was compiled), a wrapping model's
+#: trunk (``backbone.``)
+PREFIXES = ("model.", "module.", "_orig_mod.", "backbone.")
+
+
 def load_state_file(path: str, where: str) -> dict:
-    """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...}.
-    A graft run directory (or its exported backbone folder) stands for its ``model.safetensors``."""
+    """A state dict from safetensors or a weights-only torch file; unwraps {"state_dict": ...} / {"model": ...} /
+    {"model_state_dict": ...} / {"module": ...}, nested ones too, and drops entries that are no tensors (epoch
+    counters beside the weights). A graft run directory (or its exported backbone folder) stands for its
+    ``model.safetensors``. GraftError when the file is missing, refused by ``weights_only`` or holds no tensors."""
     from graft import exported_backbone
 
     p = exported_backbone(Path(path).expanduser())
@@ -37,29 +50,57 @@ def load_state_file(path: str, where: str) -> dict:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(p))
+        try:
+            return load_file(str(p))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error is no OSError/ValueError
+            raise GraftError(f"{where}: cannot read {path!r} as safetensors: {e}.") from None
     import pickle
 
     import torch
 
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise GraftError(f"{where}: {path!r} is not a plain weights file (torch.load with weights_only=True "
-                         f"refused it: {str(e).splitlines()[0]}). Convert it to safetensors.") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise GraftError(f"{where}: {path!r} holds no state dict.")
-    return state
+                         f"refused it: {str(e).splitlines()[0] if str(e) else type(e).__name__}). If you trust it, "
+                         f"save its state dict alone (torch.save(torch.load(path, weights_only=False)['state_dict'], "
+                         f"'weights.pth')) or convert it to safetensors.") from None
+    top = list(state) if isinstance(state, dict) else []
+    while isinstance(state, dict):
+        inner = next((state[k] for k in WRAPPERS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        entries = ", ".join(map(str, top[:8])) or "none"
+        raise GraftError(f"{where}: {path!r} holds no state dict (its entries: {entries}); graftkit looks for "
+                         f"tensors at the top or under {', '.join(WRAPPERS)}.")
+    return tensors
 
 
-def remap_by_order(source: dict, target: dict, where: str) -> dict:
-    """Map a foreign checkpoint onto ``target``'s keys by order, checking every shape.
+def match_names(source: dict, target: dict) -> dict:
+    """{file key: model key} for the file's keys that name a model tensor, once the prefixes of ``PREFIXES`` are
+    stripped from their front (as many as needed, in any order; ``_orig_mod.`` from anywhere). A key the model
+    has as it is keeps its name, so a model whose own names start with ``model.`` is not renamed."""
+    names = {k: k for k in source if k in target}  # a key named as it is wins over one renamed onto it
+    claimed = set(names)
+    for key in source:
+        k = key.replace("_orig_mod.", "")
+        while k not in target and k.startswith(PREFIXES):
+            k = k[k.index(".") + 1:]
+        if k in target and k not in claimed:
+            names[key] = k
+            claimed.add(k)
+    return names
+
+
+def remap_by_order(source: dict, target: dict, where: str, head=lambda k: False) -> dict:
+    """Map a foreign checkpoint onto ``target``'s keys by order, checking every shape: {file key: model key}.
 
     Architectures ported between libraries (torchvision -> timm) keep the order of their tensors even when the
-    names differ; this only succeeds when the counts match and each shape lines up, else it says where not.
+    names differ; this only succeeds when the counts match and each shape lines up, else it says where not. A
+    classifier tensor (``head(model key)``) of another shape is paired but skipped later, as with names.
     """
     # BatchNorm's num_batches_tracked counters are scalars; they carry no weights and differ in count.
     src = [(k, v) for k, v in source.items() if v.ndim > 0]
@@ -68,11 +109,15 @@ def remap_by_order(source: dict, target: dict, where: str) -> dict:
         raise GraftError(f"{where}: cannot remap by order: the file has {len(src)} tensors, the model {len(tgt)}.")
     out = {}
     for (sk, sv), (tk, tv) in zip(src, tgt):
-        if tuple(sv.shape) != tuple(tv.shape):
+        if tuple(sv.shape) != tuple(tv.shape) and not head(tk):
             raise GraftError(f"{where}: cannot remap by order: {sk} {tuple(sv.shape)} does not fit {tk} "
                              f"{tuple(tv.shape)}.")
-        out[tk] = sv
+        out[sk] = tk
     return out
+
+
+def _examples(items, n=2) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
 
 
 class TimmBackbone(Backbone):
@@ -102,9 +147,12 @@ class TimmBackbone(Backbone):
         if o.weights:
             # safetensors files list tensors by name, so only torch files keep an order to remap by
             # A directory is a graft run or its backbone/ export: timm's own names, nothing to remap.
-            self.load_weights(model, load_state_file(o.weights, where), where,
-                              ordered=not o.weights.endswith(".safetensors"),
-                              remap="names" if Path(o.weights).is_dir() else o.remap)
+            note = self.load_weights(model, load_state_file(o.weights, where), where,
+                                     ordered=not o.weights.endswith(".safetensors"),
+                                     remap="names" if Path(o.weights).is_dir() else o.remap,
+                                     source=Path(o.weights).name)
+            if note:  # the CLI prints it as one line; a plain load of the model's own names goes unsaid
+                warn(note)
         model.reset_classifier(0)
         self.timm_model = model
 
@@ -139,39 +187,67 @@ class TimmBackbone(Backbone):
         return options
 
     @staticmethod
-    def load_weights(model, state: dict, where: str, ordered: bool = True, remap: str = "auto"):
+    def load_weights(model, state: dict, where: str, ordered: bool = True, remap: str = "auto",
+                     source: str = "the weights file") -> str | None:
+        """Load ``state`` into the timm ``model`` (trunk only). Returns one line saying what was loaded, renamed,
+        skipped and left out, or None when the file held the model's own names and nothing else. Names first
+        (``PREFIXES`` stripped), by order when ``remap`` says so or no name matches. The file's classifier never
+        loads (the strategy brings its own head), whatever its size. GraftError when a trunk tensor is missing or
+        has another shape: the file is for another architecture."""
         own = model.state_dict()
-        state = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
-        if remap == "names" and not set(state) & set(own):
-            raise GraftError(f"{where}: no tensor name in the weights file matches the model; is it for another "
-                             f"library's naming? remap = \"order\" maps by order with shapes checked.")
-        if remap == "order" or (remap == "auto" and not set(state) & set(own)):
+        classifiers = model.default_cfg.get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+
+        def head(k):
+            return any(k.startswith(c + ".") for c in classifiers)
+
+        names = match_names(state, own)
+        if remap == "names" and not names:
+            raise GraftError(f"{where}: no tensor name in {source} matches the model, e.g. {next(iter(state))}, "
+                             f"even without the prefixes {', '.join(PREFIXES)}; is it for another library's naming? "
+                             f"remap = \"order\" maps by order with shapes checked.")
+        if remap == "order" or (remap == "auto" and not names):
             if not ordered:
-                raise GraftError(f"{where}: the weights' names do not match {model.default_cfg.get('architecture')}"
-                                 f" and a safetensors file keeps no tensor order to map them by. Convert the "
-                                 f"original .pth file instead.")
-            state = remap_by_order(state, own, where)
-        classifier = model.default_cfg.get("classifier", "")
-        mismatched = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)
-                      and not k.startswith(classifier + ".")]
+                raise GraftError(f"{where}: the names in {source} do not match "
+                                 f"{model.default_cfg.get('architecture')} (e.g. {next(iter(state))}), even without "
+                                 f"the prefixes {', '.join(PREFIXES)}, and a safetensors file keeps no tensor order "
+                                 f"to map them by. Convert the original .pth file instead.")
+            names = remap_by_order(state, own, where, head)
+        mismatched = [k for k, t in names.items() if tuple(state[k].shape) != tuple(own[t].shape) and not head(t)]
         if mismatched:
             k = mismatched[0]
-            raise GraftError(f"{where}: weights do not fit the model: {k} is {tuple(state[k].shape)} in the file, "
-                             f"{tuple(own[k].shape)} in the model ({len(mismatched)} mismatched tensors).")
-        head = {k: v for k, v in state.items() if classifier and k.startswith(classifier + ".")}
-        state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)
-                 and k not in head}
-        missing = [k for k in own if k not in state and not k.startswith(classifier + ".")
-                   and not k.endswith("num_batches_tracked")]
+            raise GraftError(f"{where}: weights do not fit the model: {k} is {tuple(state[k].shape)} in {source}, "
+                             f"{names[k]} is {tuple(own[names[k]].shape)} in the model ({len(mismatched)} mismatched "
+                             f"tensors).")
+        skipped = [k for k, t in names.items() if head(t)]
+        loaded = {t: state[k] for k, t in names.items() if not head(t)}
+        unused = [k for k in state if k not in names and not k.endswith("num_batches_tracked")]
+        missing = [k for k in own if k not in loaded and not head(k) and not k.endswith("num_batches_tracked")]
         if missing:
-            raise GraftError(f"{where}: weights file lacks {len(missing)} tensors of the model, e.g. {missing[0]}. "
-                             f"Is it for another architecture?")
-        model.load_state_dict(state, strict=False)
-        if head:
-            weight = next((v for k, v in head.items() if v.ndim >= 1 and k.endswith("weight")), None)
+            hint = (f" Its names that fit no tensor of the model, e.g. {_examples(unused)}, may carry a prefix "
+                    f"graftkit does not strip ({', '.join(PREFIXES)} are stripped)." if unused else "")
+            raise GraftError(f"{where}: {source} lacks {len(missing)} tensors of the model, e.g. {missing[0]}. "
+                             f"Is it for another architecture?{hint}")
+        model.load_state_dict(loaded, strict=False)
+        if len(names) == len(state) and all(k == t and not head(t) for k, t in names.items()):
+            return None
+        renamed = [(k, t) for k, t in names.items() if k != t and not head(t)]
+        note = f"{where}: {source}: loaded {len(loaded)} tensors"
+        if renamed:
+            prefixes = {k[:-len(t)] if k.endswith("." + t) else None for k, t in renamed}
+            if len(prefixes) == 1 and None not in prefixes:
+                how = f"prefix {prefixes.pop()!r} dropped"
+            else:  # BatchNorm counters make poor examples
+                how = "e.g. " + _examples([f"{k} -> {t}" for k, t in renamed if state[k].ndim], 1)
+            note += f", {len(renamed)} of them renamed ({how})"
+        if skipped:
+            weight = next((state[k] for k in skipped if state[k].ndim >= 1 and names[k].endswith("weight")), None)
             classes = f" ({weight.shape[0]} classes)" if weight is not None else ""
-            warn(f"{where}: loaded the trunk ({len(state)} tensors); the file's classifier{classes} is left out and "
-                 f"the strategy's own head takes its place.")
+            note += (f"; skipped {len(skipped)}, the file's classifier{classes}: {_examples(skipped)} (the "
+                     f"strategy's own head takes its place)")
+        if unused:
+            note += f"; {len(unused)} fit no tensor of the model and were left out: {_examples(unused)}"
+        return note + "."
 
     def image_config(self) -> dict:
         from timm.data import resolve_data_config

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_VIT, graft, reviews, tiny_config, write_config
+from test_user_files import cli_run
 from graft import GraftError
 from graft.config import resolve
 from graft.loop import train
@@ -152,3 +153,124 @@ def test_wrong_modality_names_both_plugins(tmp_path, tiny_bert):
     proc = graft("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "r")
     assert proc.returncode == 2
     assert 'plugin = "digits" needs an image backbone; [backbone] plugin = "hf" takes text' in proc.stderr
+
+
+# -- issue 25, item 9: checkpoints saved by other frameworks (Lightning, DDP, torch.compile) ---------------------
+def _finetuned(classes=3):
+    """A test_resnet fine-tuned elsewhere: its state dict with a head of ``classes`` outputs (timm's is 1000)."""
+    import timm
+
+    torch.manual_seed(0)
+    return {k: v.contiguous() for k, v in timm.create_model("test_resnet", num_classes=classes).state_dict().items()}
+
+
+def _save(obj, path):
+    save_file(obj, str(path)) if path.suffix == ".safetensors" else torch.save(obj, path)
+    return path
+
+
+def _timm_run(path, backbone=None):
+    """(the built Run, the one GraftWarning line it printed on what it loaded, renamed and skipped)."""
+    import warnings
+
+    from graft import GraftWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = Run(resolve(tiny_config(backbone=backbone or {"plugin": "timm", "model": "test_resnet",
+                                                            "weights": str(path)}), "x"))
+    notes = [str(w.message) for w in caught if issubclass(w.category, GraftWarning)]
+    assert len(notes) <= 1, notes
+    return run, notes[0] if notes else ""
+
+
+def _assert_trunk(run, state):
+    got = run.backbone.timm_model.state_dict()
+    assert all(torch.equal(got[k], state[k]) for k in got), "the trunk was not loaded"
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_lightning_checkpoint_with_another_head_loads_its_trunk(tmp_path, suffix):
+    """The reported input: a timm fine-tune saved by Lightning (keys under ``model.``, in a ``state_dict`` entry
+    of a .pth), its head 3 classes wide. Old code: GraftError ``cannot remap by order: model.fc.weight (3, 96) does
+    not fit fc.weight (1000, 96)`` (.pth) / ``the weights' names do not match test_resnet and a safetensors file
+    keeps no tensor order`` (.safetensors) -- the names were never matched without their prefix."""
+    state = _finetuned()
+    lightning = {f"model.{k}": v for k, v in state.items()}
+    path = _save({"epoch": 4, "global_step": 40, "state_dict": lightning} if suffix == ".pth" else lightning,
+                 tmp_path / f"fine{suffix}")
+    run, note = _timm_run(path)
+    _assert_trunk(run, state)
+    assert (f"fine{suffix}: loaded 90 tensors, 90 of them renamed (prefix 'model.' dropped); skipped 2, the file's "
+            f"classifier (3 classes): model.fc.") in note
+    conf = tiny_config(backbone={"plugin": "timm", "model": "test_resnet", "weights": str(path)},
+                       train={"max_steps": 1})
+    code, out = cli_run("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "run")
+    assert code == 0, out
+    assert sum("loaded 90 tensors" in line for line in out.splitlines()) == 1  # one summary line
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "backbone.", "model._orig_mod.", "module.model.",
+                                    "_orig_mod.module.backbone."])
+@pytest.mark.parametrize("wrap", ["safetensors", "flat", "state_dict", "model", "model_state_dict", "module",
+                                  "model/state_dict"])
+def test_framework_prefixes_and_wrappers_are_recognised(tmp_path, prefix, wrap):
+    """Prefixes of DDP, torch.compile and wrapping models, nested, in every wrapper a training script saves in.
+    Old code: ``backbone.`` and nested prefixes fell to remapping by order and failed on the head (``does not
+    fit``), a ``module`` wrapper or one inside another crashed with AttributeError (exit 1)."""
+    state = _finetuned()
+    keyed = {prefix + k: v for k, v in state.items()}
+    if wrap == "safetensors":
+        path = _save(keyed, tmp_path / "w.safetensors")
+    else:
+        obj = keyed
+        for key in reversed(wrap.split("/")) if wrap != "flat" else ():
+            obj = {key: obj, "epoch": 2}
+        path = _save(obj, tmp_path / "w.pth")
+    run, note = _timm_run(path)
+    _assert_trunk(run, state)
+    assert "skipped 2, the file's classifier (3 classes)" in note
+
+
+def test_keys_that_fit_nowhere_are_reported_and_a_missing_trunk_names_them(tmp_path):
+    """Tensors of the training framework beside the model (a loss's weights, an EMA copy) are left out and named;
+    a prefix graftkit does not know leaves the trunk missing, and the error shows the names that fit nowhere.
+    Old code: the extra keys were dropped silently; the unknown prefix ended in ``cannot remap by order``."""
+    state = _finetuned()
+    extra = {"model.criterion.pos_weight": torch.ones(3), "ema.conv1.0.weight": state["conv1.0.weight"]}
+    run, note = _timm_run(_save({"state_dict": {**{f"model.{k}": v for k, v in state.items()}, **extra}},
+                                tmp_path / "w.pth"))
+    _assert_trunk(run, state)
+    assert "2 fit no tensor of the model and were left out: model.criterion.pos_weight, ema.conv1.0.weight" in note
+    partial = {**{f"net.{k}": v for k, v in state.items() if k.startswith("layer")},
+               **{k: v for k, v in state.items() if not k.startswith("layer")}}
+    with pytest.raises(GraftError, match=r"lacks \d+ tensors of the model, e\.g\. layer1.*net\.layer1.*prefix"):
+        _timm_run(_save(partial, tmp_path / "partial.safetensors"))
+    with pytest.raises(GraftError, match=r"holds no state dict \(its entries: epoch, optimizer\)"):
+        _timm_run(_save({"epoch": 1, "optimizer": {"lr": 0.1}}, tmp_path / "none.pth"))
+
+
+def test_remap_by_order_skips_a_head_of_another_size(tmp_path):
+    """Foreign names (torchvision-style) mapped by order, the fine-tuned head 3 classes wide. Old code:
+    ``cannot remap by order: net.N (3, 96) does not fit fc.weight (1000, 96)``."""
+    state = _finetuned()
+    run, note = _timm_run(_save({f"net.{i}": v for i, v in enumerate(v for v in state.values() if v.ndim)},
+                                tmp_path / "f.pth"))
+    got = run.backbone.timm_model.state_dict()
+    assert all(torch.equal(got[k], state[k]) for k in got if got[k].ndim)
+    assert ("loaded 75 tensors, 75 of them renamed (e.g. net.0 -> conv1.0.weight, ...); skipped 2, the file's "
+            "classifier (3 classes): net.75, net.76") in note
+
+
+def test_vit_checkpoint_under_a_prefix_with_another_head(tmp_path):
+    """Another architecture's head name (ViT's ``head``) from the model's own config, not ``fc``. Old code:
+    ``cannot remap by order`` on the head."""
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model(TINY_VIT["model"], num_classes=5, **TINY_VIT["model_kwargs"])
+    state = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    run, note = _timm_run(None, {**TINY_VIT, "weights": str(_save({"model": state}, tmp_path / "vit.pth"))})
+    got = run.backbone.timm_model.state_dict()
+    assert all(torch.equal(got[k], src.state_dict()[k]) for k in got)
+    assert "prefix 'module._orig_mod.' dropped); skipped 2, the file's classifier (5 classes)" in note
