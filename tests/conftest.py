@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A second busy process makes torch's spinning OpenMP threads crawl on two cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2: two workers share the two cores, one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the tests' subprocesses
+    torch.set_num_threads(1)
 
 TINY_VIT = {"plugin": "timm", "model": "vit_tiny_patch16_224",
             "model_kwargs": {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}
