@@ -58,8 +58,7 @@ def texts(n: int, length: int, seed: int = 0):
 
 
 def run_graft(args, tmp: Path, lora: bool) -> dict:
-    from graft.config import resolve
-    from graft.loop import train
+    from graft import load_config, train
 
     data = tmp / "data.jsonl"
     if not data.exists():
@@ -75,7 +74,7 @@ def run_graft(args, tmp: Path, lora: bool) -> dict:
     if lora:
         conf["adapter"] = {"plugin": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]}
     out = tmp / f"graft-{'lora' if lora else 'full'}-{time.time_ns()}"
-    summary = train(resolve(conf, "bench"), out, echo=lambda m: None)
+    summary = train(load_config(conf, where="bench"), out, echo=lambda m: None)
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [args.batch / r["samples_per_s"] for r in steps if r["split"] == "train"][2:]  # warm-up dropped
     return {"ms_per_step": 1000 * statistics.median(per_step), "peak_rss": summary["peak_memory_bytes"],

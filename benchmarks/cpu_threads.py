@@ -25,13 +25,12 @@ import time
 CHILD = r"""
 import json, os, sys, time, tempfile
 import torch  # before graft: OpenMP starts with exactly the environment given (graft would default the policy)
-from graft.config import resolve
-from graft.run import Run
+from graft import Run, load_config
 steps = int(sys.argv[1])
 torch.set_num_threads(int(sys.argv[2]))
-conf = resolve({"backbone": {"plugin": "timm", "model": "resnet18"}, "strategy": {"plugin": "finetune"},
+conf = load_config({"backbone": {"plugin": "timm", "model": "resnet18"}, "strategy": {"plugin": "finetune"},
                 "data": {"plugin": "digits", "image_size": 32},
-                "train": {"batch_size": 32, "lr": 1e-3, "progress": False, "plot": False}}, "bench")
+                "train": {"batch_size": 32, "lr": 1e-3, "progress": False, "plot": False}}, where="bench")
 run = Run(conf)
 opt = torch.optim.AdamW(run.model.parameters(), lr=1e-3, fused=True)
 times, it = [], iter(run.loader("train", train=True))

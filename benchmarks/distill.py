@@ -15,8 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from graft.config import resolve  # noqa: E402
-from graft.loop import train  # noqa: E402
+from graft import load_config, train  # noqa: E402
 
 QUIET = {"progress": False, "plot": False, "eval_every": 10**6}
 
@@ -30,9 +29,9 @@ def main():
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     teacher = work / "teacher"
-    train(resolve({"backbone": {"plugin": "timm", "model": a.teacher}, "strategy": {"plugin": "finetune"},
+    train(load_config({"backbone": {"plugin": "timm", "model": a.teacher}, "strategy": {"plugin": "finetune"},
                    "data": {"plugin": "digits", "image_size": 32},
-                   "train": {"epochs": 1, "batch_size": 64, **QUIET}}, "teacher"), teacher, echo=lambda m: None)
+                   "train": {"epochs": 1, "batch_size": 64, **QUIET}}, where="teacher"), teacher, echo=lambda m: None)
     student = {"plugin": "timm", "model": a.student}
     data = {"plugin": "digits", "image_size": 32}
     budget = {"max_steps": a.steps, "batch_size": 32, **QUIET}
@@ -44,11 +43,11 @@ def main():
         "online": {"backbone": student, "strategy": {"plugin": "distill", "teacher": str(teacher), "cache": "off"},
                    "loss": {"plugin": "kd"}, "data": data, "train": budget},
     }
-    train(resolve(confs["cached"], "warm"), work / "warm", echo=lambda m: None)  # builds the cache
+    train(load_config(confs["cached"], where="warm"), work / "warm", echo=lambda m: None)  # builds the cache
     per_step = {k: [] for k in confs}
     for r in range(a.repeats):
         for name in (list(confs) if r % 2 else list(confs)[::-1]):
-            s = train(resolve(confs[name], name), work / f"{name}-{r}", echo=lambda m: None)
+            s = train(load_config(confs[name], where=name), work / f"{name}-{r}", echo=lambda m: None)
             per_step[name].append(s["train_time_s"] / s["steps"])
     med = {k: statistics.median(v) for k, v in per_step.items()}
     print(f"student {a.student}, teacher {a.teacher}, batch 32, {a.steps} steps x {a.repeats} repeats")

@@ -22,22 +22,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from graft.config import resolve  # noqa: E402
-from graft.loop import train  # noqa: E402
-from graft.run import Run  # noqa: E402
+from graft import Run, load_config, train  # noqa: E402
 
 WINDOW = 10  # steps per timing window (graft's log_every)
 
 
 def config(model, steps, batch):
-    return resolve({
+    return load_config({
         "backbone": {"plugin": "timm", "model": model},
         "strategy": {"plugin": "finetune"},
         "loss": {"plugin": "cross_entropy"},
         "data": {"plugin": "digits", "image_size": 32},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-3, "eval_every": 10**6, "progress": False,
                   "plot": False, "log_every": WINDOW, "keep_checkpoints": 1},
-    }, "benchmark")
+    }, where="benchmark")
 
 
 def hand_loop(conf, steps):

@@ -13,7 +13,7 @@ import os as _os
 # little on a quiet machine. A policy the user set wins; setting it after torch is loaded changes nothing.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .config import create, load as load_config
+from .config import create, load_config
 from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text
 from .hookspecs import hookimpl

@@ -266,6 +266,18 @@ def load(path: str | Path, overrides: list[str] = (), registry: Registry | None 
     return resolve(data, str(path), registry)
 
 
+def load_config(source, overrides: list[str] = (), registry: Registry | None = None, where: str = "") -> Config:
+    """The public way to get a resolved config (``graft.load_config``): ``source`` is a TOML file's path or the
+    same tables as a dict (``{"backbone": {...}, "strategy": {...}, "train": {...}}``); ``overrides`` are
+    ``--set``-style ``"train.lr=1e-3"`` strings. ``where`` names a dict's origin in messages (default
+    ``"<config dict>"``). Raises GraftError naming the file (or ``where``), table and key for bad input."""
+    if isinstance(source, dict):
+        import copy
+
+        return resolve(apply_overrides(copy.deepcopy(source), list(overrides)), where or "<config dict>", registry)
+    return load(source, overrides, registry)
+
+
 # -- a small TOML writer for resolved configs (plain values, lists and tables only) ---------------------
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

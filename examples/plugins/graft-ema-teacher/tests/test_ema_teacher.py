@@ -19,13 +19,12 @@ def test_soft_ce_equals_cross_entropy_for_one_hot_targets():
 
 
 def test_ema_trails_the_student(tmp_path):
-    from graft.config import resolve
-    from graft import Run
+    from graft import Run, load_config
     from graft.testing import TINY_BACKBONE, TINY_DATA, registry_with
 
     reg = registry_with(EMATeacher, name="ema_teacher")
-    run = Run(resolve({"backbone": TINY_BACKBONE, "data": TINY_DATA,
-                       "strategy": {"plugin": "ema_teacher", "decay": 0.5}}, "t.toml", reg))
+    run = Run(load_config({"backbone": TINY_BACKBONE, "data": TINY_DATA,
+                       "strategy": {"plugin": "ema_teacher", "decay": 0.5}}, registry=reg, where="t.toml"))
     s = run.strategy
     s.on_step_start(0, 10)
     before = {k: v.clone() for k, v in s.ema.items()}
