@@ -113,7 +113,9 @@ def read_conversations(o: InstructionsOptions, where: str) -> list[tuple[list[di
 class Renderer:
     """Conversation -> text with the character spans of its assistant messages, by one template."""
 
-    PROBE = "Sure"  # a response that starts with a letter, as most do: byte-level BPE joins a space to it
+    PROBE = "Sure"  # a response, to find where the template's text after one begins
+    WORD = "a"  # the commonest first piece of a word: it takes the space before it in any byte-level or SentencePiece
+    # vocabulary, as the first word of a response does
 
     def __init__(self, tokenizer, template: str, where: str):
         has_chat = bool(getattr(tokenizer, "chat_template", None))
@@ -175,7 +177,7 @@ class Renderer:
         generation prompt (" Paris" after "### Response: "): the prompt here ends where training's last context
         token ends, and the model writes the rest (which the caller drops from its answer)."""
         text = self.text(messages, generation_prompt=True)
-        probe = self.text(messages + [{"role": "assistant", "content": self.PROBE}])
+        probe = self.text(messages + [{"role": "assistant", "content": self.WORD}])
         if not probe.startswith(text):
             return text, ""
         cut = max((e for s, e in self.encode_text(probe)["offset_mapping"] if s < e <= len(text)), default=0)
@@ -192,7 +194,8 @@ class Renderer:
         except GraftError:
             return [], ""
         after = text[text.rindex(self.PROBE) + len(self.PROBE):] if self.PROBE in text else ""
-        special = (set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))) - {tok.bos_token_id}
+        special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+        special -= {tok.bos_token_id} - {tok.eos_token_id}  # GPT-2's BOS is its EOS
         ids = []
         for t in tok(after, add_special_tokens=False)["input_ids"]:
             if t in special:
