@@ -32,7 +32,8 @@ class CLMOptions:
     rouge_examples: int = option(0, "Instruction data: at each evaluation, generate greedy responses to the first N "
                                     "examples of the split and report ROUGE-L F1 (Lin 2004; Google's rouge-score, "
                                     "stemmed) against the references as rougeL. Needs pip install 'graftkit[lm]'.")
-    max_new_tokens: int = option(32, "Tokens generated per response for rouge_examples.")
+    max_new_tokens: int = option(32, "Tokens generated per response for rouge_examples, at most: generation stops at "
+                                     "the end-of-sequence token and the chat template's end-of-turn tokens.")
 
     def validate(self):
         if self.rouge_examples < 0 or self.max_new_tokens < 1:

@@ -183,17 +183,20 @@ class Renderer:
         cut = max((e for s, e in self.encode_text(probe)["offset_mapping"] if s < e <= len(text)), default=0)
         return (text[:cut], text[cut:]) if cut else (text, "")
 
-    def turn_end(self) -> tuple[list[int], str]:
+    def turn_end(self) -> tuple[list[int], str | None]:
         """(the special or added tokens the chat template writes right after an assistant message's text, e.g.
-        <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; that text). Empty for the plain template (it ends with EOS)."""
+        <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; that text, None where the template renders no plain user and
+        assistant exchange). Empty for the plain template (it ends with EOS)."""
         if not self.chat:
             return [], ""
         tok = self.tok
         try:
             text = self.text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": self.PROBE}])
         except GraftError:
-            return [], ""
-        after = text[text.rindex(self.PROBE) + len(self.PROBE):] if self.PROBE in text else ""
+            return [], None
+        if self.PROBE not in text:
+            return [], None
+        after = text[text.rindex(self.PROBE) + len(self.PROBE):]
         special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
         special -= {tok.bos_token_id} - {tok.eos_token_id}  # GPT-2's BOS is its EOS
         ids = []
@@ -233,7 +236,7 @@ class Instructions(DataSource):
         self.renderer = Renderer(tok, o.template, where)
         self.tokenizer = tok
         turn_end, after = self.renderer.turn_end()
-        if self.renderer.chat and not turn_end:
+        if self.renderer.chat and not turn_end and after is not None:
             warn(f"{where}: the chat template closes an assistant turn with {after!r}, which holds no special token of "
                  f"this tokenizer: the model learns no token that ends its answer, so generation stops only at the "
                  f"end-of-sequence token ({tok.eos_token!r}). Add the end-of-turn marker as a special token to the "
