@@ -32,7 +32,8 @@ class CLMOptions:
     rouge_examples: int = option(0, "Instruction data: at each evaluation, generate greedy responses to the first N "
                                     "examples of the split and report ROUGE-L F1 (Lin 2004; Google's rouge-score, "
                                     "stemmed) against the references as rougeL. Needs pip install 'graftkit[lm]'.")
-    max_new_tokens: int = option(32, "Tokens generated per response for rouge_examples.")
+    max_new_tokens: int = option(32, "Tokens generated per response for rouge_examples, at most: generation stops at "
+                                     "the end-of-sequence token and the chat template's end-of-turn tokens.")
 
     def validate(self):
         if self.rouge_examples < 0 or self.max_new_tokens < 1:
@@ -161,10 +162,12 @@ class CLM(Strategy):
 
     def _rouge(self, model, batch, keep):
         """(sum of ROUGE-L F1, count) over the batch's examples among the split's first ``rouge_examples``: the
-        greedy response to each prompt (the tokens before its first target) against the reference response."""
+        greedy response to each prompt (the tokens before its first target), up to a stop token, against the
+        reference (the first response: the targets from there to the first stop token or context token)."""
         import torch
 
         tok, scorer = self.backbone.tokenizer(), self.scorer
+        stops = self.stop_ids(model, tok)
         ids, total, count = batch["inputs"]["input_ids"], 0.0, 0
         for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
             where = keep[row].nonzero().flatten()
@@ -172,12 +175,14 @@ class CLM(Strategy):
                 continue
             start = int(where[0]) + 1  # target j is token j + 1 of the input
             prompt = ids[row, :start].unsqueeze(0)
-            reference = tok.decode(ids[row, 1:][keep[row]], skip_special_tokens=True).strip()
+            turn = keep[row, start - 1:].tolist()
+            n = turn.index(False) if False in turn else len(turn)
+            reference = self._decode(tok, ids[row, start:start + n], stops)
             with torch.no_grad():
                 out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                     max_new_tokens=self.options.max_new_tokens, pad_token_id=self._pad_id(tok))
-            text = tok.decode(out[0, start:], skip_special_tokens=True).strip()
-            total += scorer.score(reference, text)["rougeL"].fmeasure
+                                     max_new_tokens=self.options.max_new_tokens, pad_token_id=self._pad_id(tok),
+                                     eos_token_id=stops)
+            total += scorer.score(reference, self._decode(tok, out[0, start:], stops))["rougeL"].fmeasure
             count += 1
         return ids.new_tensor(total, dtype=torch.float32), ids.new_tensor(float(count), dtype=torch.float32)
 
@@ -185,38 +190,69 @@ class CLM(Strategy):
     def _pad_id(tok):
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    @staticmethod
+    def _decode(tok, ids, stops) -> str:
+        """The text of ``ids`` up to the first stop token (an end-of-turn token need not be special)."""
+        ids = ids.tolist()
+        ends = [i for i, t in enumerate(ids) if t in stops]
+        return tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True).strip()
+
+    def stop_ids(self, model, tok) -> list[int]:
+        """Token ids that end generation: the instruction template's end-of-turn tokens and end-of-sequence (the
+        data source derives them from the run's tokenizer and template, so a saved run gives the same), and the
+        model's own end-of-sequence ids."""
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        mine = self.data.stop_ids(tok) if hasattr(self.data, "stop_ids") else [tok.eos_token_id]
+        return list(dict.fromkeys(t for t in mine + own if t is not None))
+
     def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None, raw=False):
         """Text continuing ``prompt`` through transformers' ``generate`` (greedy at temperature 0, else sampling
         with nucleus ``top_p``); ``stream(text)`` receives it piece by piece as it is made. A run tuned on
         instructions wraps the prompt in its template as the user's message, unless ``raw``."""
+        import os
+
         import torch
         from transformers import TextStreamer
 
         tok = self.backbone.tokenizer()
+        text, special, lead = prompt, True, ""
+        if not raw and hasattr(self.data, "prompt_text"):
+            text, special, lead = self.data.prompt_text(tok, prompt)
         streamer = None
         if stream is not None:
             class Streamer(TextStreamer):
+                rest = lead  # the template's end that the first token holds: not part of the answer
+
                 def on_finalized_text(self, text, stream_end=False):
-                    stream(text)
+                    if self.rest:
+                        n = len(os.path.commonprefix([text, self.rest]))
+                        text, self.rest = text[n:], self.rest[n:] if n == len(text) else ""
+                    if text:
+                        stream(text)
 
             streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
-        text, special = prompt, True
-        if not raw and hasattr(self.data, "prompt_text"):
-            text, special = self.data.prompt_text(tok, prompt)
         enc = tok(text, return_tensors="pt", add_special_tokens=special).to(next(model.parameters()).device)
-        sample = temperature > 0
+        sample, stops = temperature > 0, self.stop_ids(model, tok)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=self._pad_id(tok), streamer=streamer)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                                 pad_token_id=self._pad_id(tok), eos_token_id=stops, streamer=streamer)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        ends = [i for i, t in enumerate(new) if t in stops]
+        answer = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
+        return answer[len(lead):] if lead and answer.startswith(lead) else answer
 
     def export(self, model, directory):
         """backbone/ (the decoder + tokenizer: the hand-off) and lm/ (the whole causal LM + tokenizer)."""
         Path(directory, "backbone").mkdir(exist_ok=True)
         self.backbone.export(str(Path(directory, "backbone")))
+        tok = self.backbone.tokenizer()
+        if tok is not None:  # transformers' generate on lm/ then stops at the template's end of turn too
+            self.model.generation_config.eos_token_id = self.stop_ids(self.model, tok)
         self.model.save_pretrained(str(Path(directory, "lm")), safe_serialization=True)
-        self.backbone.tokenizer().save_pretrained(str(Path(directory, "lm")))
+        if tok is not None:
+            tok.save_pretrained(str(Path(directory, "lm")))
 
 
 @hookimpl

@@ -9,7 +9,11 @@ tokenizer's chat template when it has one (``template = "auto"``), else with the
 
 The targets of every token outside an assistant message are -100 (ignored), so the loss is on the responses
 (and their end-of-turn / end-of-sequence tokens, so the model learns to stop) -- TRL's ``completion_only_loss``
-and ``assistant_only_loss``. Batches are padded on the right to their longest example.
+and ``assistant_only_loss``. A token is a target when its characters overlap a response's, so a first word that
+merges with the template's last character (``"### Response: "`` + ``"Paris"`` is ``" Paris"`` in byte-level BPE and
+SentencePiece) is learned. Assistant messages before the first user message (a greeting the chat opens with) are
+context. Batches are padded on the right to their longest example. Generation stops at the end-of-sequence token
+and at the template's end-of-turn tokens (``stop_ids``).
 """
 
 from __future__ import annotations
@@ -55,8 +59,16 @@ class InstructionsOptions:
         check_encoding(self.encoding)
 
 
-def read_conversations(o: InstructionsOptions, where: str) -> list[list[dict]]:
-    """Each line of ``o.path`` as a list of {role, content} messages ending with an assistant message."""
+def replies(messages: list[dict]) -> list[dict]:
+    """The messages from the first user message on: an assistant message before it (the chat opens with a greeting)
+    answers nothing, so it is context, not a target."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    return messages[first:]
+
+
+def read_conversations(o: InstructionsOptions, where: str) -> list[tuple[list[dict], str]]:
+    """Each line of ``o.path`` as (its {role, content} messages, "where: path:line" for errors about it); each has
+    an assistant message with text after a user message."""
     path = Path(o.path)
     if not path.is_file():
         raise GraftError(f"{where}: path = {o.path!r} is not a file.")
@@ -85,11 +97,12 @@ def read_conversations(o: InstructionsOptions, where: str) -> list[list[dict]]:
             raise GraftError(f"{at}: found fields {sorted(row)}; each line needs {o.prompt_field!r} and "
                              f"{o.response_field!r}, or {o.messages_field!r}. Set prompt_field / response_field / "
                              f"messages_field to your names.")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            raise GraftError(f"{at}: no assistant message with text: nothing to learn from this example.")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in replies(msgs)):
+            raise GraftError(f"{at}: no assistant message with text after a user message: nothing to learn from "
+                             f"this example (assistant messages before the first user message are context).")
         if o.system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": o.system}] + msgs
-        convs.append(msgs)
+        convs.append((msgs, at))
         if o.max_examples and len(convs) >= o.max_examples:
             break
     if len(convs) < 2:
@@ -99,6 +112,10 @@ def read_conversations(o: InstructionsOptions, where: str) -> list[list[dict]]:
 
 class Renderer:
     """Conversation -> text with the character spans of its assistant messages, by one template."""
+
+    PROBE = "Sure"  # a response, to find where the template's text after one begins
+    WORD = "a"  # the commonest first piece of a word: it takes the space before it in any byte-level or SentencePiece
+    # vocabulary, as the first word of a response does
 
     def __init__(self, tokenizer, template: str, where: str):
         has_chat = bool(getattr(tokenizer, "chat_template", None))
@@ -111,9 +128,15 @@ class Renderer:
                              f"token, and this tokenizer has none.")
         self.where = where
 
-    def text(self, messages: list[dict], generation_prompt: bool = False) -> str:
+    def text(self, messages: list[dict], generation_prompt: bool = False, at: str = "") -> str:
+        """Raises GraftError (at ``at``, a file and line) when the chat template refuses the conversation."""
         if self.chat:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            try:
+                return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            except Exception as e:  # noqa: BLE001 - the template is the user's Jinja code (raise_exception, ...)
+                raise GraftError(f"{at or self.where}: the tokenizer's chat template cannot render this conversation "
+                                 f"({type(e).__name__}: {e}). Give it the roles in the order the template accepts, "
+                                 f"or use template = \"plain\".") from None
         out = "".join(f"### {m['role'].capitalize()}:\n{m['content']}"
                       f"{self.tok.eos_token if m['role'] == 'assistant' else ''}\n\n" for m in messages)
         return out + ("### Assistant:\n" if generation_prompt else "")
@@ -122,28 +145,72 @@ class Renderer:
         # a chat template writes its own special tokens (BOS, turn markers); the plain one takes the tokenizer's
         return self.tok(text, add_special_tokens=not self.chat, return_offsets_mapping=True)
 
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        full = self.text(messages)
+    def render(self, messages: list[dict], at: str = "") -> tuple[str, list[tuple[int, int]]]:
+        full = self.text(messages, at=at)
         spans = []
+        first = len(messages) - len(replies(messages))
         for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+            if m["role"] != "assistant" or i < first:  # an opening assistant message is context
                 continue
-            start, end = len(self.text(messages[:i], generation_prompt=True)), len(self.text(messages[: i + 1]))
-            if not full.startswith(self.text(messages[: i + 1])):
-                raise GraftError(f"{self.where}: the tokenizer's chat template renders a conversation differently "
-                                 f"from its beginning, so the response tokens cannot be found. Use template = "
-                                 f"\"plain\".")
-            spans.append((start, end))
+            upto = self.text(messages[: i + 1], at=at)
+            if not full.startswith(upto):
+                raise GraftError(f"{at or self.where}: the tokenizer's chat template renders a conversation "
+                                 f"differently from its beginning, so the response tokens cannot be found. Use "
+                                 f"template = \"plain\".")
+            spans.append((len(self.text(messages[:i], generation_prompt=True, at=at)), len(upto)))
         return full, spans
 
-    def encode(self, messages: list[dict]):
-        """(input ids, targets: the id at assistant tokens, IGNORE elsewhere)."""
-        full, spans = self.render(messages)
+    def encode(self, messages: list[dict], at: str = ""):
+        """(input ids, targets: the id at tokens whose characters overlap an assistant message's, IGNORE
+        elsewhere). Overlap, not "starts inside": byte-level BPE and SentencePiece join the last space of a
+        generation prompt such as "### Response: " to the response's first word."""
+        full, spans = self.render(messages, at)
         enc = self.encode_text(full)
         ids = list(enc["input_ids"])
-        labels = [t if any(a <= s < b for a, b in spans) and e > s else IGNORE
+        labels = [t if e > s and any(s < b and e > a for a, b in spans) else IGNORE
                   for t, (s, e) in zip(ids, enc["offset_mapping"])]
         return ids, labels
+
+    def generation_prompt(self, messages: list[dict]) -> tuple[str, str]:
+        """(the text the model answers ``messages`` from, the end of the template's generation prompt it leaves
+        out). Training tokenizes prompt and response together, so its first target token may begin inside the
+        generation prompt (" Paris" after "### Response: "): the prompt here ends where training's last context
+        token ends, and the model writes the rest (which the caller drops from its answer)."""
+        text = self.text(messages, generation_prompt=True)
+        probe = self.text(messages + [{"role": "assistant", "content": self.WORD}])
+        if not probe.startswith(text):
+            return text, ""
+        cut = max((e for s, e in self.encode_text(probe)["offset_mapping"] if s < e <= len(text)), default=0)
+        return (text[:cut], text[cut:]) if cut else (text, "")
+
+    def turn_end(self) -> tuple[list[int], str | None]:
+        """(the special or added tokens the chat template writes right after an assistant message's text, e.g.
+        <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; that text, None where the template renders no plain user and
+        assistant exchange). Empty for the plain template (it ends with EOS)."""
+        if not self.chat:
+            return [], ""
+        tok = self.tok
+        try:
+            text = self.text([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": self.PROBE}])
+        except GraftError:
+            return [], None
+        if self.PROBE not in text:
+            return [], None
+        after = text[text.rindex(self.PROBE) + len(self.PROBE):]
+        special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+        special -= {tok.bos_token_id} - {tok.eos_token_id}  # GPT-2's BOS is its EOS
+        ids = []
+        for t in tok(after, add_special_tokens=False)["input_ids"]:
+            if t in special:
+                ids.append(t)
+            elif tok.decode([t]).strip():  # ordinary text: the turn's end marker is over
+                break
+        return ids, after
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a response: the tokenizer's end-of-sequence and the template's end-of-turn tokens."""
+        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        return list(dict.fromkeys(eos + self.turn_end()[0]))
 
 
 class Instructions(DataSource):
@@ -168,6 +235,12 @@ class Instructions(DataSource):
         self.max_length = o.max_length or limit or 2048
         self.renderer = Renderer(tok, o.template, where)
         self.tokenizer = tok
+        turn_end, after = self.renderer.turn_end()
+        if self.renderer.chat and not turn_end and after is not None:
+            warn(f"{where}: the chat template closes an assistant turn with {after!r}, which holds no special token of "
+                 f"this tokenizer: the model learns no token that ends its answer, so generation stops only at the "
+                 f"end-of-sequence token ({tok.eos_token!r}). Add the end-of-turn marker as a special token to the "
+                 f"tokenizer (and the template), or use template = \"plain\".")
         convs = read_conversations(o, where)
         order = np.random.default_rng(seed).permutation(len(convs))
         n_val, n_test = int(round(len(convs) * o.val_fraction)), int(round(len(convs) * o.test_fraction))
@@ -177,7 +250,7 @@ class Instructions(DataSource):
         self.truncated = self.dropped = 0
         self.examples = {}
         for split, idx in parts.items():
-            rows = [r for r in (self._encode(convs[i]) for i in sorted(idx)) if r is not None]
+            rows = [r for r in (self._encode(*convs[i]) for i in sorted(idx)) if r is not None]
             self.examples[split] = rows or None
         if self.dropped:
             warn(f"{where}: {self.dropped} example(s) kept no response token within max_length = {self.max_length} "
@@ -185,15 +258,15 @@ class Instructions(DataSource):
         if not self.examples["train"]:
             raise GraftError(f"{where}: no training examples left.")
 
-    def _encode(self, messages):
+    def _encode(self, messages, at):
         import numpy as np
 
-        ids, labels = self.renderer.encode(messages)
+        ids, labels = self.renderer.encode(messages, at)
         if len(ids) > self.max_length:
             self.truncated += 1
             cut = len(ids) - self.max_length
             for _ in range(4):  # tokens can merge differently at the new end: cut a little more until it fits
-                ids, labels = self.renderer.encode(self._shorten(messages, cut))
+                ids, labels = self.renderer.encode(self._shorten(messages, cut), at)
                 if len(ids) <= self.max_length:
                     break
                 cut += len(ids) - self.max_length
@@ -235,14 +308,25 @@ class Instructions(DataSource):
                                                                                 torch.from_numpy(y), 1)
         return {"inputs": {"input_ids": ids, "attention_mask": mask}, "targets": labels}
 
-    def prompt_text(self, tokenizer, prompt: str) -> tuple[str, bool]:
+    def _renderer(self, tokenizer):
+        return Renderer(tokenizer, self.options.template, f"[data] plugin = \"{self.name or 'instructions'}\"")
+
+    def prompt_text(self, tokenizer, prompt: str) -> tuple[str, bool, str]:
         """``prompt`` as the user's message in this source's template, ready for the model to answer: (text,
-        whether the tokenizer should add its special tokens). Works without ``setup`` (``graft generate``)."""
-        r = Renderer(tokenizer, self.options.template, f"[data] plugin = \"{self.name or 'instructions'}\"")
+        whether the tokenizer should add its special tokens, the end of the generation prompt that the model's first
+        token holds, as in training -- drop it from the answer). Works without ``setup`` (``graft generate``)."""
+        r = self._renderer(tokenizer)
         msgs = [{"role": "user", "content": prompt}]
         if self.options.system:
             msgs = [{"role": "system", "content": self.options.system}] + msgs
-        return r.text(msgs, generation_prompt=True), not r.chat
+        text, lead = r.generation_prompt(msgs)
+        return text, not r.chat, lead
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Token ids that end a response in this source's template: end-of-sequence and the chat template's
+        end-of-turn tokens (<|im_end|>, <|eot_id|>, ...). Works without ``setup``: a saved run's tokenizer and config
+        give the same ids (``graft generate``)."""
+        return self._renderer(tokenizer).stop_ids()
 
 
 @hookimpl

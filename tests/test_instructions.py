@@ -3,6 +3,7 @@ templates, the loss on response tokens only, truncation), SFT accumulation equiv
 different numbers of target tokens, ROUGE-L at evaluation, and graft generate in the run's template."""
 
 import json
+import re
 
 import pytest
 
@@ -186,3 +187,199 @@ def test_sft_interrupted_and_resumed_reproduces_the_run(decoder, tmp_path):
     interrupted_and_resumed(write_config(tmp_path / "c.toml", conf), tmp_path, lines=12)
     assert_same_records(read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut"))
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), atol=1e-6)
+
+
+# -- issue 25: the first word of a response, where generation stops, chats that open with the assistant ------------
+
+ALPACA = ("{% for m in messages %}{% if m['role'] == 'assistant' %}### Response: {{ m['content'] }}{{ eos_token }}\n"
+          "{% else %}### Instruction: {{ m['content'] }}\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}### Response: {% endif %}")  # the generation prompt ends in a space
+LLAMA3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+          "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+          "{% endif %}")
+GEMMA = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+         "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+               "{% if add_generation_prompt %}assistant: {% endif %}")  # Llama-2 / Mistral style
+PAIRS = [("name a city", "Paris is a city"), ("name a fruit", "Apples are fruit"), ("say hello", "Hello there"),
+         ("count to two", "One two")]
+
+
+def tokenizer_of_kind(kind, texts):
+    """A fast tokenizer trained offline on ``texts``: byte-level BPE (GPT-2's, and graft's own for a decoder from
+    scratch), WordPiece (BERT's, lower-cased, spaces in no token) or SentencePiece-style BPE (Llama's: a space is
+    the "▁" that starts the next word)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from graft.plugins.corpus import train_bpe, train_wordpiece
+
+    if kind == "bpe":
+        return train_bpe(texts, 400)
+    if kind == "wordpiece":
+        tok = train_wordpiece(texts, 200)
+        tok.add_special_tokens({"eos_token": "[SEP]"})
+        return tok
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.normalizer = normalizers.NFKC()
+    sp.pre_tokenizer, sp.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def chat_config(tokenizer_dir, path, **data):
+    """A random-init GPT-2 with the tokenizer in ``tokenizer_dir`` (its vocabulary fits 420 ids)."""
+    return {"backbone": {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 420, "n_embd": 32,
+                                                    "n_layer": 2, "n_head": 2, "n_positions": 96, **NO_DROPOUT},
+                         "tokenizer": str(tokenizer_dir)},
+            "strategy": {"plugin": "clm"},
+            "data": {"plugin": "instructions", "path": str(path), "max_length": 64, "val_fraction": 0.0, **data},
+            "train": {"max_steps": 1, "batch_size": 4, "progress": False, "plot": False}}
+
+
+def chatml_tokenizer(decoder, folder):
+    """The decoder's byte-level BPE with ChatML: <|im_start|> and <|im_end|> added as special tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(decoder / "lm")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "sentencepiece"])
+def test_the_first_word_after_a_generation_prompt_ending_in_a_space_is_learned(kind, tmp_path):
+    """Issue 25, item 4a (trl#1920, #2059, #1623): with "### Response: " + "Paris is a city", byte-level BPE and
+    SentencePiece make one token " Paris" that begins on the template's space, before the response. The old code
+    made targets only of tokens that start inside the response, so the first word was never learned (bpe, reported:
+    the targets read ' is a city<|endoftext|>\\n'; sentencepiece likewise). WordPiece keeps spaces out of its tokens
+    and passed before too. graft generate's prompt ends where training's context ends (without the space), so the
+    model answers from the tokens it was trained on, and its answer comes without the template's space."""
+    texts = [f"### Instruction: {p}\n### Response: {r}" for p, r in PAIRS] * 20
+    tok = tokenizer_of_kind(kind, texts)
+    tok.chat_template = ALPACA
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "i.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    _, data = build(chat_config(tmp_path / "tok", path))
+    for (ids, labels), (prompt, response) in zip(data.dataset("train"), PAIRS):
+        first = next(i for i, t in enumerate(labels) if t != -100)
+        learned = tok.decode([int(t) for t in labels[first:]])
+        assert learned.strip().lower().startswith(response.lower()), (kind, learned)
+        assert (labels[first:] == ids[first:]).all()  # the response, its EOS and the newline after: nothing skipped
+        text, special, lead = data.prompt_text(tok, prompt)
+        assert text.endswith("### Response:") and lead == " "
+        assert tok(text, add_special_tokens=special)["input_ids"] == ids[:first].tolist()
+
+
+@pytest.mark.parametrize("template, marker", [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>"),
+                                              (GEMMA, "<end_of_turn>"), (ALPACA, None), (None, None)])
+def test_generation_stops_at_the_templates_end_of_turn_token(decoder, template, marker):
+    """The ids that stop generation: the tokenizer's EOS (which the plain template and ALPACA write after a
+    response) and the special token a chat template closes an assistant turn with."""
+    from transformers import AutoTokenizer
+
+    from graft.plugins.instructions import Renderer
+
+    tok = AutoTokenizer.from_pretrained(decoder / "lm")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                                                         "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
+                                                         "<end_of_turn>"]})
+    tok.chat_template = template
+    stops = Renderer(tok, "auto", "w").stop_ids()
+    assert stops == [tok.eos_token_id] + ([tok.convert_tokens_to_ids(marker)] if marker else [])
+
+
+def test_a_chatml_run_stops_at_im_end_in_generate_and_rouge(decoder, tmp_path):
+    """Issue 25, item 4b (trl#1920, #2059): a ChatML template on a base decoder. The model learns to write
+    <|im_end|> after each answer, but the old code stopped only at <|endoftext|>: graft generate ran to the token
+    limit ('the film number 6\\nthe film number number number number ...'), and ROUGE-L scored that tail (0.33).
+    The template's end-of-turn token now stops both (0.75: this tiny model has not learned which number to say),
+    in the saved run too, and lm/generation_config.json lists it for transformers' own generate."""
+    tok = chatml_tokenizer(decoder, tmp_path / "tok")
+    path = tmp_path / "i.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say number {i % 9}", "response": f"the film number {i % 9}"})
+                            + "\n" for i in range(80)))
+    conf = chat_config(tmp_path / "tok", path, val_fraction=0.1)
+    conf["strategy"].update(rouge_examples=4, max_new_tokens=16)
+    conf["train"].update(max_steps=80, batch_size=8, lr=3e-3, eval_every=80)
+    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    assert read_metrics(tmp_path / "run")[-1]["rougeL"] >= 0.7
+    code, out = cli_run("generate", tmp_path / "run", "say number 4", "--max-new-tokens", "16", "--json")
+    assert code == 0, out
+    assert re.fullmatch(r"the film number \d", json.loads(out.splitlines()[-1])["text"]), out
+    saved = json.loads((tmp_path / "run" / "lm" / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in saved["eos_token_id"]
+
+
+def test_an_end_of_turn_marker_that_is_no_token_is_warned_about(decoder, tmp_path):
+    """ChatML on a tokenizer without <|im_end|> as a token: the model cannot learn one token that ends its answer,
+    so nothing but EOS stops it -- said when the data is read, not found at generation."""
+    from transformers import AutoTokenizer
+
+    from graft import GraftWarning
+
+    tok = AutoTokenizer.from_pretrained(decoder / "lm")
+    tok.chat_template = CHATML
+    tok.save_pretrained(tmp_path / "tok")
+    conf = chat_config(tmp_path / "tok", write_pairs(tmp_path / "i.jsonl", n=4))
+    with pytest.warns(GraftWarning, match="closes an assistant turn with '<\\|im_end\\|>\\\\n', which holds no spec"):
+        build(conf)
+
+
+def test_a_chat_that_opens_with_the_assistant(decoder, tmp_path):
+    """Issue 25, item 5 (trl PR #6025): a chat whose first message is the assistant's greeting. The old code
+    rendered the conversation before it -- no message -- through the chat template, and the run ended with exit 1:
+    'ValueError: Cannot apply chat template to an empty conversation. Provide at least one message. (This looks
+    like a bug ...)'. The opening turn answers nothing, so it is context (no target), with either template; a
+    template that refuses the order of roles, or a chat with no reply after a user message, is bad input at its
+    file and line."""
+    from conftest import write_config
+
+    tok = chatml_tokenizer(decoder, tmp_path / "tok")
+    chat = [{"role": "assistant", "content": "hello, what number"}, {"role": "user", "content": "say number 1"},
+            {"role": "assistant", "content": "the film number 1"}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(4)))
+    conf = chat_config(tmp_path / "tok", path)
+    code, out = cli_run("train", write_config(tmp_path / "c.toml", conf), "--out", tmp_path / "run")
+    assert code == 0, out
+    ids, labels = build(conf)[1].dataset("train")[0]
+    assert tok.decode([int(t) for t in labels if t != -100]) == "the film number 1<|im_end|>\n"
+    assert tok.decode(ids.tolist()).startswith("<|im_start|>assistant\nhello, what number<|im_end|>")
+    conf["data"]["template"] = "plain"
+    ids, labels = build(conf)[1].dataset("train")[0]
+    assert tok.decode([int(t) for t in labels if t != -100]) == "the film number 1<|endoftext|>\n\n"
+
+    tok.chat_template = ALTERNATING
+    tok.save_pretrained(tmp_path / "tok")
+    conf["data"]["template"] = "auto"
+    write_config(tmp_path / "c.toml", conf)
+    assert_bad_input(*cli_run("train", tmp_path / "c.toml", "--out", tmp_path / "run2"), f"{path}:1",
+                     "chat template cannot render", "roles must alternate")
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": chat[:1]}) + "\n")
+    assert_bad_input(*cli_run("train", tmp_path / "c.toml", "--out", tmp_path / "run3"), f"{path}:2",
+                     "no assistant message with text after a user message")
+
+
+def test_a_run_on_a_template_ending_in_a_space_answers_with_its_first_word(tmp_path):
+    """Issue 25, item 4a end to end (byte-level BPE): trained on "### Response: " + response, the old code never
+    learned the first words and graft generate answered 'name a city' with ' two' and 'say hello' with ' there'.
+    Now it answers with the whole response, without the template's space, streamed or not."""
+    texts = [f"### Instruction: {p}\n### Response: {r}" for p, r in PAIRS] * 20
+    tok = tokenizer_of_kind("bpe", texts)
+    tok.chat_template = ALPACA
+    tok.save_pretrained(tmp_path / "tok")
+    path = tmp_path / "i.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS * 20))
+    conf = chat_config(tmp_path / "tok", path)
+    conf["train"].update(max_steps=150, batch_size=8, lr=3e-3)
+    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    for prompt, response in PAIRS:
+        code, out = cli_run("generate", tmp_path / "run", prompt, "--max-new-tokens", "12", "--json")
+        assert code == 0 and json.loads(out.splitlines()[-1])["text"] == response, out
+    assert cli_run("generate", tmp_path / "run", "say hello", "--max-new-tokens", "12") == (0, "Hello there\n")
