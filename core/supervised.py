@@ -322,9 +322,7 @@ class Supervised(Strategy):
         if self.data.task == "token_classification":
             return _tag_words(model, inputs, names)
         if self.data.task == "segmentation":
-            masks = model(inputs).float().argmax(1)
-            return [{"mask": m.tolist(), "pixels": {names[int(c)]: int((m == c).sum()) for c in m.unique()}}
-                    for m in masks]
+            return _segment(model, inputs, names)
         outputs = model(inputs).float()
         if self.data.task == "regression":
             return [{"value": float(v)} for v in outputs.reshape(-1)]
@@ -402,4 +400,25 @@ def _tag_words(model, inputs, names):
                 tags.append(names[int(probs[b, t].argmax())])
                 scores.append(float(probs[b, t].max()))
         out.append({"tags": tags, "probabilities": scores})
+    return out
+
+
+def _segment(model, inputs, names):
+    """One mask per image, as class-index rows, with its pixels per class. ``inputs``: the images ``[B, C, H, W]``,
+    or ``{"images": that, "sizes": [B, 2]}`` with each image's own (height, width): its mask is resized there by
+    nearest neighbour (class indices stay classes), as the masks it was trained on were resized to the model's."""
+    import torch
+    import torch.nn.functional as F
+
+    sizes = None
+    if isinstance(inputs, dict):
+        inputs, sizes = inputs["images"], inputs.get("sizes")
+    masks = model(inputs).float().argmax(1)
+    out = []
+    for b, m in enumerate(masks):
+        if sizes is not None and tuple(sizes[b].tolist()) != tuple(m.shape):
+            # nearest-exact: pixel centres map to pixel centres ("nearest" shifts the mask by up to a pixel)
+            m = F.interpolate(m[None, None].float(), size=tuple(sizes[b].tolist()), mode="nearest-exact")[0, 0].long()
+        counts = torch.bincount(m.flatten(), minlength=len(names)).tolist()
+        out.append({"mask": m.tolist(), "pixels": {names[c]: n for c, n in enumerate(counts) if n}})
     return out
