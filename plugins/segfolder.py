@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
-from graft.data import IMAGE_SUFFIXES, SplitOptions, check_image_size, keep_fraction, open_image, stratified_split
-from graft.plugins.imagefolder import image_problem
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction, open_image,
+                        stratified_split)
 
 IGNORE_VALUE = 255  # the mask value that marks pixels without a class (borders, "void"), as in Pascal VOC
 
