@@ -46,20 +46,24 @@ def read_mask(path: Path, classes: int | None):
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise GraftError(f"{path}: a mask must be a single-channel PNG of class indices (mode L or P), not "
                                  f"mode {im.mode}.")
-            values = np.asarray(im, dtype=np.int64)
+            values = np.asarray(im)  # its own type (uint8 for L and P): the checks below are passes over it
     except GraftError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
         raise GraftError(f"{path} cannot be read as a mask ({type(e).__name__}: {e}).") from None
-    bad = ((values < 0) | (values >= classes if classes is not None else False)) & (values != IGNORE_VALUE)
+    ignored = values == IGNORE_VALUE
+    bad = values < 0 if values.dtype.kind == "i" else np.zeros_like(ignored)
+    if classes is not None:
+        bad |= values >= classes
+    bad &= ~ignored
     if bad.any():
         r, c = (int(x[0]) for x in np.nonzero(bad))
         known = f"there are {classes} classes (0..{classes - 1}" if classes is not None else "classes are (0, 1, ..."
         raise GraftError(f"{path}: pixel (row {r}, column {c}) has class {values[r, c]}, but {known}; "
                          f"{IGNORE_VALUE} = no class). Fix the mask or class_names.")
-    mask = torch.from_numpy(values)
-    mask[mask == IGNORE_VALUE] = UNLABELLED
-    return mask
+    mask = values.astype(np.int64)
+    mask[ignored] = UNLABELLED
+    return torch.from_numpy(mask)
 
 
 def shown_size(path) -> tuple[int, int]:
@@ -89,8 +93,7 @@ def check_pair(image: Path, mask: Path, classes: int | None) -> tuple[str | None
     if tuple(mask_values.shape) != (h, w):
         return (f"{mask} is {mask_values.shape[1]}x{mask_values.shape[0]} pixels, its image {image} {w}x{h}: they "
                 f"must match"), -1
-    labelled = mask_values[mask_values != UNLABELLED]
-    return None, int(labelled.max()) if labelled.numel() else -1
+    return None, max(int(mask_values.max()), -1)  # UNLABELLED (-100) is below every class
 
 
 def check_pairs(pairs: list[tuple[Path, Path]], classes: int | None) -> list[tuple[str | None, int]]:
