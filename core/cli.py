@@ -299,8 +299,9 @@ def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
             click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
         elif "mask_png" in result:
             click.echo(f"{result['mask_png']}\t{json.dumps(result['pixels'])}\t{item}")
-        elif "tags" in result:  # token classification: the words as the data source split them, each with its tag
-            click.echo(" ".join(f"{w}/{t}" for w, t in zip(item.split(), result["tags"])))
+        elif "tags" in result:  # token classification: every word as the data source split it, with its tag
+            # (a word past max_length has none: bare)
+            click.echo(" ".join(w if t is None else f"{w}/{t}" for w, t in zip(item.split(), result["tags"])))
         else:
             click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
 

@@ -142,6 +142,26 @@ def open_image(path):
                          f"GIF, WebP or TIFF file.") from None
 
 
+def image_problem(path) -> str | None:
+    """Why ``path`` cannot be used as an image (None when it can). Fast: the header, then a JPEG decoded at 1/8
+    scale (its whole entropy-coded stream is still read, so truncation shows) or a PNG's chunk checksums; other
+    formats are decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+            elif im.format == "PNG":
+                im.verify()
+            else:
+                im.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is the file's fault
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
 def pad_tokens(sequences, pad_id: int, fill=None):
     """Token id lists -> ``(input_ids, attention_mask)`` long tensors ``[batch, longest]``, padded on the right with
     ``pad_id`` (mask 0 there). ``fill`` (optional): per-token lists padded alike with -100 (``UNLABELLED``) into a

@@ -317,7 +317,9 @@ class DataSource(Plugin):
 
     def encode(self, backbone: Backbone, items: list[str]):
         """Raw inputs (image paths, texts) -> what ``collate`` puts under "inputs"; used by ``graft predict``.
-        Must work without ``setup``: only ``task`` and ``label_names`` are restored."""
+        Must work without ``setup``: only ``task`` and ``label_names`` are restored. Segmentation sources may give
+        ``{"images": that, "sizes": [B, 2]}`` with each image's own (height, width): the masks come back at that
+        size."""
         from .errors import GraftError
 
         raise GraftError(f"data source {self.name!r} cannot prepare raw inputs for prediction.")

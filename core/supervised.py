@@ -322,9 +322,7 @@ class Supervised(Strategy):
         if self.data.task == "token_classification":
             return _tag_words(model, inputs, names)
         if self.data.task == "segmentation":
-            masks = model(inputs).float().argmax(1)
-            return [{"mask": m.tolist(), "pixels": {names[int(c)]: int((m == c).sum()) for c in m.unique()}}
-                    for m in masks]
+            return _segment(model, inputs, names)
         outputs = model(inputs).float()
         if self.data.task == "regression":
             return [{"value": float(v)} for v in outputs.reshape(-1)]
@@ -385,21 +383,65 @@ def segmentation_head(channels: list[int], classes: int, width: int = 64, dropou
     return Head()
 
 
+def outside_tag(names) -> str | None:
+    """The tag of a word outside any entity: "O" when the tags have it or are an entity scheme (B-PER, I-PER ...),
+    else None (a POS tag set has none)."""
+    return "O" if "O" in names or any(str(n).startswith(ENTITY_PREFIXES) for n in names) else None
+
+
 def _tag_words(model, inputs, names):
-    """One tag per word: the prediction at each word's first piece (``inputs["word_ids"]``: ``[B, T]`` word index
-    of every token, -1 for special and padding tokens; taken out before the network sees the inputs)."""
+    """One tag per input word, in order: the prediction at the word's first piece. A word with no piece at all
+    (the tokenizer normalises it away: U+200B, U+00AD ...) gets the outside tag "O" when the tags have one (or are
+    an entity scheme), else None; a word cut off by max_length gets None (probability None for both).
+
+    ``inputs["word_ids"]``: ``[B, T]`` word index of every token, -1 for special and padding tokens;
+    ``inputs["word_pieces"]`` (optional): ``[B, W]`` each word's piece count, -1 past the text's last word --
+    without it, the words up to the last one with a piece are tagged. Both are taken out before the network sees
+    the inputs."""
     import torch
 
     inputs = dict(inputs)
-    word_ids = inputs.pop("word_ids")
-    probs = torch.softmax(model(inputs).float(), -1)
+    word_ids, pieces = inputs.pop("word_ids"), inputs.pop("word_pieces", None)
+    outside = outside_tag(names)
+    probs = torch.softmax(model(inputs).float(), -1).cpu()
     out = []
     for b in range(word_ids.shape[0]):
-        tags, scores, seen = [], [], set()
+        first = {}  # word -> its first piece's position
         for t, w in enumerate(word_ids[b].tolist()):
-            if w >= 0 and w not in seen:
-                seen.add(w)
-                tags.append(names[int(probs[b, t].argmax())])
-                scores.append(float(probs[b, t].max()))
+            if w >= 0 and w not in first:
+                first[w] = t
+        counts = pieces[b].tolist() if pieces is not None else [1 if w in first else 0
+                                                                for w in range(max(first, default=-1) + 1)]
+        tags, scores = [], []
+        for w, n in enumerate(counts):
+            if n < 0:
+                break
+            if w in first:
+                tags.append(names[int(probs[b, first[w]].argmax())])
+                scores.append(float(probs[b, first[w]].max()))
+            else:
+                tags.append(outside if n == 0 else None)
+                scores.append(None)
         out.append({"tags": tags, "probabilities": scores})
+    return out
+
+
+def _segment(model, inputs, names):
+    """One mask per image, as class-index rows, with its pixels per class. ``inputs``: the images ``[B, C, H, W]``,
+    or ``{"images": that, "sizes": [B, 2]}`` with each image's own (height, width): its mask is resized there by
+    nearest neighbour (class indices stay classes), as the masks it was trained on were resized to the model's."""
+    import torch
+    import torch.nn.functional as F
+
+    sizes = None
+    if isinstance(inputs, dict):
+        inputs, sizes = inputs["images"], inputs.get("sizes")
+    masks = model(inputs).float().argmax(1)
+    out = []
+    for b, m in enumerate(masks):
+        if sizes is not None and tuple(sizes[b].tolist()) != tuple(m.shape):
+            # nearest-exact: pixel centres map to pixel centres ("nearest" shifts the mask by up to a pixel)
+            m = F.interpolate(m[None, None].float(), size=tuple(sizes[b].tolist()), mode="nearest-exact")[0, 0].long()
+        counts = torch.bincount(m.flatten(), minlength=len(names)).tolist()
+        out.append({"mask": m.tolist(), "pixels": {names[c]: n for c, n in enumerate(counts) if n}})
     return out

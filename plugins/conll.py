@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text
+from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text, warn
 from graft.data import ENCODING_HELP, SplitOptions, check_encoding, few_labels, pad_tokens, stratified_split
+from graft.supervised import outside_tag
 
 CONLLU_TAGS = {"upos": 3, "xpos": 4}
 
@@ -25,7 +26,8 @@ class CoNLLOptions(SplitOptions):
     val_path: str = option("", "Separate validation file (same format); else split off path.", path=True)
     test_path: str = option("", "Separate test file (same format); else split off path.", path=True)
     max_length: int = option(0, "Tokens per sentence (sub-word pieces; the words past it get no prediction and "
-                                "count in data.json); 0 = the backbone's usable positions, at most 256.")
+                                "count in data.json as words_past_max_length); 0 = the backbone's usable "
+                                "positions, at most 256.")
     max_sentences: int = option(0, "Use only this many sentences of path (seeded sample); 0 = all.")
 
     def validate(self):
@@ -94,6 +96,18 @@ def align(word_ids: list, tags: list[int]) -> list[int]:
     return out
 
 
+def piece_counts(tok, words) -> dict[str, int]:
+    """Sub-word pieces of each distinct word of ``words``: 0 for a word the tokenizer normalises away entirely
+    (U+200B ZERO WIDTH SPACE, U+00AD SOFT HYPHEN, a lone combining accent, control characters...). Each word is
+    tokenized alone, as ``is_split_into_words`` tokenizes every word of a sentence (its neighbours change nothing),
+    without truncation: such a word has no piece at any ``max_length``."""
+    unique = sorted(set(words))
+    if not unique:
+        return {}
+    enc = tok([[w] for w in unique], is_split_into_words=True, add_special_tokens=False)
+    return {w: len(ids) for w, ids in zip(unique, enc["input_ids"])}
+
+
 class CoNLL(DataSource):
     """Word-level tags (NER, POS) from CoNLL-style or CoNLL-U files, aligned to sub-word tokens."""
 
@@ -129,7 +143,10 @@ class CoNLL(DataSource):
         idx = stratified_split([0] * len(main), 0.0 if o.val_path else o.val_fraction,
                                0.0 if o.test_path else o.test_fraction, seed)
         idx["train"], hidden = few_labels(idx["train"], [0] * len(main), o, seed)
-        self.truncated = 0
+        # a word with no piece has no token to carry its tag: it is no target (counted apart from the words cut
+        # off by max_length, which have pieces but no room)
+        pieces = piece_counts(tok, [w for sents in parts.values() for words, _ in sents for w in words])
+        self.truncated = self.pieceless = 0
 
         def encode(sentences, unlabelled=()):
             if not sentences:
@@ -140,7 +157,9 @@ class CoNLL(DataSource):
             for i, (words, tags) in enumerate(sentences):
                 word_ids = enc.word_ids(i)
                 labels = align(word_ids, [index[t] for t in tags])
-                self.truncated += len(words) - len({w for w in word_ids if w is not None})
+                empty = sum(1 for w in words if not pieces[w])
+                self.pieceless += empty
+                self.truncated += len(words) - empty - len({w for w in word_ids if w is not None})
                 out.append((enc["input_ids"][i], [UNLABELLED] * len(labels) if i in unlabelled else labels))
             return out
 
@@ -148,10 +167,26 @@ class CoNLL(DataSource):
         self.splits = {"train": encode(train, {k for k, i in enumerate(idx["train"]) if i in hidden})}
         for split in ("val", "test"):
             self.splits[split] = encode(parts[split] if split in parts else [main[i] for i in idx[split]])
+        for split, examples in self.splits.items():  # no target at all: nothing to learn or score
+            if examples and all(y == UNLABELLED for _, labels in examples for y in labels):
+                source = {"val": o.val_path, "test": o.test_path}.get(split) or o.path
+                raise GraftError(f"{where}: no word of the {split} split ({source}) has a sub-word piece within "
+                                 f"max_length = {self.max_length} tokens: each is past it or gives no piece at all "
+                                 f"with this tokenizer, so there is nothing to "
+                                 f"{'learn' if split == 'train' else 'score'}. Check the file's words, or raise "
+                                 f"max_length.")
+        if self.pieceless:
+            example = next(w for sents in parts.values() for words, _ in sents for w in words if not pieces[w])
+            n = self.pieceless
+            warn(f"{where}: {n} word{'s give' if n > 1 else ' gives'} no sub-word piece with the tokenizer of "
+                 f"{backbone.name!r} (e.g. {example!r}: it normalises such characters away); "
+                 f"{'they are' if n > 1 else 'it is'} no training target and not scored (data.json: "
+                 f"words_without_pieces); graft predict tags such a word "
+                 f"{'O' if outside_tag(self.label_names) else 'with none (the tags have no outside tag)'}.")
 
     def report(self):
-        return {"sentences": {s: len(v) for s, v in self.splits.items()},
-                "words_past_max_length": self.truncated} if hasattr(self, "splits") else {}
+        return {"sentences": {s: len(v) for s, v in self.splits.items()}, "words_past_max_length": self.truncated,
+                "words_without_pieces": self.pieceless} if hasattr(self, "splits") else {}
 
     def dataset(self, split):
         return self.splits.get(split) or None
@@ -162,15 +197,23 @@ class CoNLL(DataSource):
 
     def encode(self, backbone, items):
         """Texts split into words at whitespace (as ``graft predict`` prints them back), with ``word_ids``: each
-        token's word index, -1 for special and padding tokens."""
+        token's word index, -1 for special and padding tokens, and ``word_pieces``: ``[B, W]`` each word's number
+        of pieces (0: none, the tokenizer normalises it away), -1 past the text's last word."""
         import torch
 
         limit = backbone.limits().get("max_tokens")
         max_length = self.options.max_length or min(256, limit or 256)
-        enc = backbone.tokenizer()([item.split() for item in items], is_split_into_words=True, truncation=True,
-                                   max_length=max_length, padding=True, return_tensors="pt")
+        tok = backbone.tokenizer()
+        words = [item.split() for item in items]
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
+                  return_tensors="pt")
         word_ids = torch.tensor([[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(items))])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": word_ids}
+        pieces = piece_counts(tok, [w for ws in words for w in ws])
+        width = max(len(ws) for ws in words)
+        word_pieces = torch.tensor([[pieces[w] for w in ws] + [-1] * (width - len(ws)) for ws in words],
+                                   dtype=torch.long).reshape(len(words), width)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "word_ids": word_ids,
+                "word_pieces": word_pieces}
 
 
 @hookimpl

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
-from graft.data import IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, open_image, stratified_split
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, image_problem, open_image,
+                        stratified_split)
 
 
 @dataclass
@@ -38,26 +39,6 @@ def list_images(root: Path) -> list[tuple[Path, str]]:
 
     return [(f, d.name) for d in sorted(x for x in root.iterdir() if x.is_dir() and not x.name.startswith("."))
             for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and visible(f)]
-
-
-def image_problem(path) -> str | None:
-    """Why ``path`` cannot be used as an image (None when it can). Fast: the header, then a JPEG decoded at 1/8
-    scale (its whole entropy-coded stream is still read, so truncation shows) or a PNG's chunk checksums; other
-    formats are decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-            elif im.format == "PNG":
-                im.verify()
-            else:
-                im.load()
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files; each is the file's fault
-        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-    return None
 
 
 def check_images(paths: list[Path]) -> dict[str, str]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from graft import UNLABELLED, DataSource, GraftError, hookimpl, option
-from graft.data import IMAGE_SUFFIXES, SplitOptions, check_image_size, keep_fraction, open_image, stratified_split
+from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction, open_image,
+                        stratified_split)
 
 IGNORE_VALUE = 255  # the mask value that marks pixels without a class (borders, "void"), as in Pascal VOC
 
@@ -34,7 +35,8 @@ class SegFolderOptions(SplitOptions):
 
 def read_mask(path: Path, classes: int | None):
     """A mask PNG as a long tensor ``[H, W]`` of class indices, 255 -> UNLABELLED. Raises GraftError naming the file
-    and the first pixel (row, column) with a value that is no class."""
+    and the first pixel (row, column) with a value that is no class (negative, or ``classes`` or more when
+    ``classes`` is given)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -44,20 +46,68 @@ def read_mask(path: Path, classes: int | None):
             if im.mode not in ("L", "P", "I", "I;16"):
                 raise GraftError(f"{path}: a mask must be a single-channel PNG of class indices (mode L or P), not "
                                  f"mode {im.mode}.")
-            values = np.asarray(im, dtype=np.int64)
+            values = np.asarray(im)  # its own type (uint8 for L and P): the checks below are passes over it
     except GraftError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
         raise GraftError(f"{path} cannot be read as a mask ({type(e).__name__}: {e}).") from None
+    ignored = values == IGNORE_VALUE
+    bad = values < 0 if values.dtype.kind == "i" else np.zeros_like(ignored)
     if classes is not None:
-        bad = (values >= classes) & (values != IGNORE_VALUE)
-        if bad.any():
-            r, c = (int(x[0]) for x in np.nonzero(bad))
-            raise GraftError(f"{path}: pixel (row {r}, column {c}) has class {values[r, c]}, but there are {classes} "
-                             f"classes (0..{classes - 1}; {IGNORE_VALUE} = no class). Fix the mask or class_names.")
-    mask = torch.from_numpy(values)
-    mask[mask == IGNORE_VALUE] = UNLABELLED
-    return mask
+        bad |= values >= classes
+    bad &= ~ignored
+    if bad.any():
+        r, c = (int(x[0]) for x in np.nonzero(bad))
+        known = f"there are {classes} classes (0..{classes - 1}" if classes is not None else "classes are (0, 1, ..."
+        raise GraftError(f"{path}: pixel (row {r}, column {c}) has class {values[r, c]}, but {known}; "
+                         f"{IGNORE_VALUE} = no class). Fix the mask or class_names.")
+    mask = values.astype(np.int64)
+    mask[ignored] = UNLABELLED
+    return torch.from_numpy(mask)
+
+
+def shown_size(path) -> tuple[int, int]:
+    """(height, width) of an image as ``open_image`` shows it (EXIF orientation applied), from its header: nothing
+    is decoded. A PNG's EXIF is read only when it comes before the pixels (PIL would decode the image to find a
+    later one)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
+        w, h = im.size
+    return (w, h) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # 5-8: turned by a quarter
+
+
+def check_pair(image: Path, mask: Path, classes: int | None) -> tuple[str | None, int]:
+    """(problem, top) of an image/mask pair: why it cannot be used (None when it can), and the largest class in the
+    mask (-1: no labelled pixel). The image is checked as imagefolder checks files (header, checksums) without
+    decoding it; the mask is decoded, once, for its values."""
+    why = image_problem(image)
+    if why:
+        return f"{image} cannot be read as an image ({why})", -1
+    try:
+        mask_values = read_mask(mask, classes)
+    except GraftError as e:
+        return str(e).rstrip("."), -1
+    h, w = shown_size(image)
+    if tuple(mask_values.shape) != (h, w):
+        return (f"{mask} is {mask_values.shape[1]}x{mask_values.shape[0]} pixels, its image {image} {w}x{h}: they "
+                f"must match"), -1
+    return None, max(int(mask_values.max()), -1)  # UNLABELLED (-100) is below every class
+
+
+def check_pairs(pairs: list[tuple[Path, Path]], classes: int | None) -> list[tuple[str | None, int]]:
+    """``check_pair`` of every pair, in threads (PIL and numpy release the GIL)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        return list(pool.map(lambda pair: check_pair(*pair, classes), pairs))
+
+
+def _listing(paths, n=3) -> str:
+    paths = [str(p) for p in paths]
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 class SegFolder(DataSource):
@@ -69,9 +119,6 @@ class SegFolder(DataSource):
     task = "segmentation"
 
     def setup(self, backbone, seed):
-        import numpy as np
-        from PIL import Image
-
         o = self.options
         where = "[data] plugin = \"segfolder\""
         self.require(backbone, "image")
@@ -81,27 +128,50 @@ class SegFolder(DataSource):
             raise GraftError(f"{where}: {o.path!r} needs the sub-folders images/ and masks/.")
         pairs = []
         for f in sorted(images.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):  # not ._a.png, .DS_Store
                 m = masks / (f.stem + ".png")
                 if not m.is_file():
                     raise GraftError(f"{where}: image {f} has no mask {m}.")
                 pairs.append((f, m))
         if not pairs:
             raise GraftError(f"{where}: no images in {images}.")
+        # every pair checked now, not mid-epoch or after training: one read of each mask gives its problems and
+        # its largest class (the class count without class_names)
+        facts = check_pairs(pairs, len(o.class_names) or None)
+        bad = [why for why, _ in facts if why]
+        if bad:
+            raise GraftError(f"{where}: {len(bad)} of the {len(pairs)} image/mask pairs under {o.path!r} cannot be "
+                             f"used: {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Fix or remove them (an "
+                             f"image and its mask go together).")
+        top = {m: t for (_, m), (_, t) in zip(pairs, facts)}
         if o.class_names:
             self.label_names = list(o.class_names)
+        elif max(top.values()) < 0:
+            raise GraftError(f"{where}: no mask under {masks} has a labelled pixel: every pixel of "
+                             f"{_listing(top)} is {IGNORE_VALUE} (no class). A mask holds class indices 0, 1, ... "
+                             f"({IGNORE_VALUE} only where no class applies).")
         else:
-            top = max(int(v) for _, m in pairs for v in np.unique(np.asarray(Image.open(m))) if v != IGNORE_VALUE)
-            self.label_names = [str(i) for i in range(top + 1)]
+            self.label_names = [str(i) for i in range(max(top.values()) + 1)]
         self._preprocessing(backbone)
-        for _, m in pairs:  # every mask checked now, not mid-epoch
-            read_mask(m, len(self.label_names))
         idx = stratified_split([0] * len(pairs), o.val_fraction, o.test_fraction, seed)
         self.items = {s: [pairs[i] for i in idx[s]] for s in ("train", "val", "test")}
         if o.train_fraction < 1:  # few labels: a seeded share of the training images
             keep = keep_fraction(list(range(len(self.items["train"]))), [0] * len(self.items["train"]),
                                  o.train_fraction, seed)
             self.items["train"] = [self.items["train"][i] for i in keep]
+        for split, items in self.items.items():  # a split without one labelled pixel: nothing to learn or score
+            if items and all(top[m] < 0 for _, m in items):
+                raise GraftError(f"{where}: no mask of the {split} split has a labelled pixel (every pixel of "
+                                 f"{_listing(m for _, m in items)} is {IGNORE_VALUE}, no class): there is nothing "
+                                 f"to {'learn' if split == 'train' else 'score'}. Label those masks, or remove them.")
+        self.unlabelled_masks = [str(m) for m, t in top.items() if t < 0]
+        if self.unlabelled_masks:
+            warn(f"{where}: {len(self.unlabelled_masks)} mask{'s' if len(self.unlabelled_masks) > 1 else ''} "
+                 f"without a labelled pixel (all {IGNORE_VALUE}, no class) add nothing to the loss or the metrics: "
+                 f"{_listing(self.unlabelled_masks)} (listed in data.json).")
+
+    def report(self):
+        return {"masks_without_labels": self.unlabelled_masks} if getattr(self, "unlabelled_masks", None) else {}
 
     def dataset(self, split):
         items = self.items.get(split)
@@ -153,10 +223,14 @@ class SegFolder(DataSource):
             self.mean, self.std = self.mean.mean().view(1, 1, 1), self.std.mean().view(1, 1, 1)
 
     def encode(self, backbone, items):
+        """Image paths -> ``{"images": [B, C, H, W], "sizes": [B, 2]}``: the model's inputs and each image's own
+        (height, width), at which ``graft predict`` gives its mask."""
         import torch
 
         self._preprocessing(backbone)
-        return torch.stack([self.prepare(open_image(p)) for p in items])
+        images = [open_image(p) for p in items]
+        return {"images": torch.stack([self.prepare(im) for im in images]),
+                "sizes": torch.tensor([(im.height, im.width) for im in images], dtype=torch.long)}
 
 
 class _Pairs:

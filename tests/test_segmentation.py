@@ -64,17 +64,27 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
 
 
 def test_tiny_segmentation_trains_and_predicts_a_mask(canvases, tmp_path):
+    """`graft predict` writes each mask at its image's own size (issue 25, item 6: the old code wrote the 48x40 image's
+    mask at the model's 32x32)."""
+    import json
+
+    from PIL import Image
+
     summary = train(resolve(conf(canvases, augment=True), "c.toml"), tmp_path / "run", echo=lambda m: None)
     test = summary["test"]
     assert summary["metric"] == "miou" and 0 < test["miou"] <= 1 and test["pixel_accuracy"] >= 0.6
     assert len(test["confusion_matrix"]) == len(CLASSES)
-    out = graft("predict", tmp_path / "run", canvases / "images" / "00003.png", "--mask-dir", tmp_path / "masks",
-                check=True).stdout
-    from PIL import Image
-
+    Image.open(canvases / "images" / "00003.png").resize((48, 40), Image.BILINEAR).save(tmp_path / "wide.png")
+    out = graft("predict", tmp_path / "run", canvases / "images" / "00003.png", tmp_path / "wide.png", "--mask-dir",
+                tmp_path / "masks", check=True).stdout.splitlines()
     mask = np.asarray(Image.open(tmp_path / "masks" / "00003.mask.png"))
-    assert out.split("\t")[0] == str(tmp_path / "masks" / "00003.mask.png")
+    assert out[0].split("\t")[0] == str(tmp_path / "masks" / "00003.mask.png")
     assert mask.shape == (32, 32) and mask.max() < len(CLASSES)
+    wide = np.asarray(Image.open(tmp_path / "masks" / "wide.mask.png"))
+    assert wide.shape == (40, 48) and wide.max() < len(CLASSES)
+    pixels = json.loads(out[1].split("\t")[1])  # the counts are the written mask's
+    assert sum(pixels.values()) == 40 * 48
+    assert pixels == {CLASSES[c]: int((wide == c).sum()) for c in np.unique(wide)}
 
 
 def test_a_mask_with_an_unknown_class_exits_2_naming_it(canvases, tmp_path):
@@ -123,3 +133,91 @@ def test_per_pixel_distillation_from_a_teacher_at_another_size(canvases, tmp_pat
     assert test["agreement"] >= 0.6 and 0 < test["miou"] <= 1 and test["teacher_accuracy"] >= 0.6
     losses = [r["loss"] for r in read_metrics(tmp_path / "student") if r["split"] == "train"]
     assert losses[-1] < 0.7 * losses[0]  # the soft targets are learnt
+
+
+def pairs_folder(root, count=10, size=32):
+    """A fresh copy of canvases to break (the module's set stays whole)."""
+    return build(root, count=count, seed=1, size=size, digit_size=12)
+
+
+def split_of(root, split, **data):
+    """The mask files that setup puts in ``split`` (the split depends only on the count and the seed)."""
+    return [m for _, m in Run(resolve(conf(root, **data), "c.toml")).data.items[split]]
+
+
+def test_a_test_mask_of_another_size_is_found_at_setup(tmp_path):
+    """Issue 25, item 6a (Pytorch-UNet#311): one test mask 30x32 for its 32x32 image. The old code found it only
+    when the final evaluation read it, after the whole training: `graft train` exited 2 ("masks/00002.png is 30x32
+    pixels, its image ... 32x32: they must match") with checkpoints but no summary.json or exports. Now setup
+    refuses it, naming both files."""
+    from PIL import Image
+
+    root = pairs_folder(tmp_path / "d")
+    mask = split_of(root, "test")[0]
+    Image.fromarray(np.zeros((32, 30), np.uint8), mode="L").save(mask)
+    with pytest.raises(GraftError, match=rf"1 of the 10 image/mask pairs .* {mask} is 30x32 pixels, its image "
+                                         rf".*{mask.stem}.png 32x32: they must match"):
+        Run(resolve(conf(root), "c.toml"))
+
+
+def test_every_pair_is_checked_at_setup_in_every_split(tmp_path):
+    """The kind of 6a: a size mismatch in the train, val and test splits, an image cut short, a mask that is no
+    PNG -- all listed by one setup check, each by name. Old code: a macOS ._ copy stopped setup as an image without
+    a mask; without it, the mismatches and the cut image stopped the run only when an epoch or the final evaluation
+    read them. A JPEG stored sideways (EXIF orientation 6) is compared at the size it is shown."""
+    from PIL import Image
+
+    root = pairs_folder(tmp_path / "d", count=12)
+    data = {"val_fraction": 0.25, "test_fraction": 0.25}
+    splits = {s: split_of(root, s, **data) for s in ("train", "val", "test")}
+    broken = [splits["train"][0], splits["val"][0], splits["test"][0]]
+    for m in broken:
+        Image.fromarray(np.zeros((32, 31), np.uint8), mode="L").save(m)
+    cut = root / "images" / f"{splits['train'][1].stem}.png"
+    cut.write_bytes(cut.read_bytes()[:200])
+    splits["val"][1].write_text("not a png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by a quarter: 40x32 stored, 32x40 shown
+    jpeg = root / "images" / f"{splits['test'][1].stem}.png"
+    Image.new("RGB", (40, 32), "white").save(jpeg.with_suffix(".jpg"), exif=exif)
+    jpeg.unlink()
+    Image.fromarray(np.zeros((40, 32), np.uint8), mode="L").save(splits["test"][1])
+    (root / "images" / "._00000.png").write_bytes(b"\0\5\x16\7")
+    with pytest.raises(GraftError) as e:
+        Run(resolve(conf(root, **data), "c.toml"))
+    message = str(e.value)
+    assert "5 of the 12 image/mask pairs" in message
+    assert all(f"{m} is 31x32 pixels" in message for m in broken)
+    assert f"{cut} cannot be read as an image" in message and f"{splits['val'][1]} cannot be read as a mask" in message
+    assert "._00000" not in message and str(splits["test"][1]) not in message
+
+
+def test_masks_without_a_labelled_pixel_are_found_at_setup(tmp_path):
+    """Issue 25, item 6b (deeplab#20): every mask all 255 and no class_names. Old code: `ValueError: max() arg is
+    an empty sequence` (exit 1). The kind: with class_names the old run trained on nothing and ended in
+    `ZeroDivisionError` (exit 1); a split whose masks are all 255 has nothing to score; a single such mask is
+    allowed, with a warning and its name in data.json."""
+    from PIL import Image
+
+    from graft import GraftWarning
+
+    root = pairs_folder(tmp_path / "d")
+    masks = sorted((root / "masks").iterdir())
+    val = split_of(root, "val", val_fraction=0.2)
+    blank = np.full((32, 32), 255, np.uint8)
+    Image.fromarray(blank, mode="L").save(masks[0])
+    with pytest.warns(GraftWarning, match=f"1 mask without a labelled pixel .*{masks[0]}"):
+        r = Run(resolve(conf(root, val_fraction=0.2), "c.toml"))
+    assert r.data.report() == {"masks_without_labels": [str(masks[0])]}
+    for m in val:
+        Image.fromarray(blank, mode="L").save(m)
+    with pytest.raises(GraftError, match=f"no mask of the val split has a labelled pixel .*{val[0]}"):
+        Run(resolve(conf(root, val_fraction=0.2), "c.toml"))
+    for m in masks:
+        Image.fromarray(blank, mode="L").save(m)
+    c = conf(root)
+    del c["data"]["class_names"]
+    with pytest.raises(GraftError, match=f"no mask under .* has a labelled pixel: every pixel of {masks[0]}"):
+        Run(resolve(c, "c.toml"))
+    with pytest.raises(GraftError, match="no mask of the train split has a labelled pixel"):
+        Run(resolve(conf(root), "c.toml"))

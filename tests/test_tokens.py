@@ -62,6 +62,59 @@ def test_first_piece_carries_the_tag(ner_tokenizer, tmp_path):
     assert labels == [UNLABELLED, 1, UNLABELLED, 2, 2, 0, UNLABELLED, UNLABELLED]
 
 
+def test_words_without_pieces_are_no_targets_and_keep_every_tag_in_place(ner_tokenizer, tmp_path):
+    """Issue 25, item 7: words the tokenizer normalises away entirely (U+200B, U+00AD, U+FEFF, a lone combining
+    accent) at the first, a middle and the last position, one of them right after the max_length cut. Old code:
+    no error, but they counted as words_past_max_length (14 here, for 2 words really cut off). Now: not targets
+    (training and evaluation), counted as words_without_pieces, and `predict` gives one tag per word: "O" for
+    them in an entity scheme, None for a POS tag set (no outside tag) and for a word past max_length."""
+    from graft import GraftWarning
+    from graft.run import predict
+
+    sentences = [[("\u200b", "O"), ("anna", "B-PER"), ("\u00ad", "I-PER"), ("smith", "I-PER"), ("\u200b", "O")],
+                 [("bob", "B-PER"), ("went", "O"), ("to", "O"), ("\u0301", "O"), ("oslo", "B-LOC"), ("\u200b", "O")],
+                 [("bob", "B-PER"), ("went", "O"), ("to", "O"), ("rome", "B-LOC"), ("annas", "B-PER"),
+                  ("\ufeff", "O")]]
+    path = tmp_path / "z.conll"
+    path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
+    c = conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0, val_path=str(path), max_length=6)
+    with pytest.warns(GraftWarning, match="12 words give no sub-word piece .*e.g. '.u200b'.* such a word O"):
+        r = Run(resolve(c, "c.toml"))
+    assert r.data.report() == {"sentences": {"train": 3, "val": 3, "test": 0}, "words_past_max_length": 2,
+                               "words_without_pieces": 12}  # train and val, the same file
+    tok = r.backbone.tokenizer()
+    (ids, labels), (ids3, labels3) = r.data.dataset("train")[0], r.data.dataset("train")[2]
+    assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "anna", "smith", "[SEP]"]
+    assert labels == [UNLABELLED, 1, 2, UNLABELLED]  # B-PER, I-PER: each on its own word
+    assert tok.convert_ids_to_tokens(ids3) == ["[CLS]", "bob", "went", "to", "rome", "[SEP]"]
+    assert labels3 == [UNLABELLED, 1, 3, 3, 0, UNLABELLED]
+    metrics = r.evaluate(r.model, "val")  # scored over the 10 words with a piece within max_length
+    assert sum(row["support"] for row in metrics["per_class"].values()) == 10
+    got = predict(r, ["\u200b anna \u00ad smith \u200b", "bob went to rome annas \ufeff"])
+    assert [len(x["tags"]) for x in got] == [5, 6]
+    assert [got[0]["tags"][i] for i in (0, 2, 4)] == ["O", "O", "O"] and got[0]["probabilities"][0] is None
+    assert got[1]["tags"][4:] == [None, "O"] and None not in got[1]["tags"][:4]
+
+    pos = tmp_path / "pos.conll"
+    pos.write_text("\u200b PUNCT\nanna PROPN\nwent VERB\n\u00ad PUNCT\n")
+    with pytest.warns(GraftWarning, match="2 words give .* tags such a word with none"):
+        r = Run(resolve(conf(ner_tokenizer, pos, val_fraction=0.0, test_fraction=0.0), "p.toml"))
+    tags = predict(r, ["\u200b anna went \u00ad"])[0]["tags"]
+    assert tags[0] is None and tags[3] is None and {tags[1], tags[2]} <= {"PROPN", "VERB", "PUNCT"}
+
+
+def test_a_split_without_any_word_piece_exits_2(ner_tokenizer, tmp_path):
+    """A validation file whose every word gives no piece: nothing to score. Old code: setup passed, the first
+    evaluation ended in `ZeroDivisionError: float division by zero` (exit 1)."""
+    from graft import GraftError
+
+    val = tmp_path / "val.conll"
+    val.write_text("\u200b O\n\u00ad O\n\n\u200b O\n")
+    c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=20), val_path=str(val))
+    with pytest.raises(GraftError, match=f"no word of the val split \\({val}\\) has a sub-word piece"):
+        Run(resolve(c, "c.toml"))
+
+
 def test_entity_counts_match_seqeval_and_a_hand_count():
     from seqeval.metrics import f1_score, precision_score, recall_score
 
@@ -83,9 +136,15 @@ def test_tiny_ner_trains_reports_entity_f1_and_predicts_word_tags(ner_tokenizer,
     summary = train(load_config(cfg), tmp_path / "run", echo=lambda m: None)
     assert summary["metric"] == "entity_f1" and summary["test"]["entity_f1"] >= 0.9
     assert {"accuracy", "entity_precision", "entity_recall"} <= set(summary["test"])
-    out = graft("predict", tmp_path / "run", "anna smith went to oslo", "the bob is in romes", check=True).stdout
+    out = graft("predict", tmp_path / "run", "anna smith went to oslo", "the bob is in romes",
+                "anna \u200b smith went to oslo", "\u00ad anna smith went to oslo \u200b", check=True).stdout
+    # issue 25, item 7 (transformers#14043): a word the tokenizer normalises away (U+200B, U+00AD) gives no piece;
+    # the old code printed 5 tags for 6 words, each after it on the wrong word ("anna/B-PER \u200b/I-PER smith/O
+    # went/O to/B-LOC"), the last word untagged
     assert out.splitlines() == ["anna/B-PER smith/I-PER went/O to/O oslo/B-LOC",
-                                "the/O bob/B-PER is/O in/O romes/B-LOC"]
+                                "the/O bob/B-PER is/O in/O romes/B-LOC",
+                                "anna/B-PER \u200b/O smith/I-PER went/O to/O oslo/B-LOC",
+                                "\u00ad/O anna/B-PER smith/I-PER went/O to/O oslo/B-LOC \u200b/O"]
 
 
 def test_conllu_reads_forms_and_upos(ner_tokenizer, tmp_path):
