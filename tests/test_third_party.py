@@ -40,8 +40,8 @@ def test_installed_strategy_is_listed_and_trains(site, tmp_path):
     assert summary["strategy"] == "demo_probe" and 0.0 <= summary["test"]["accuracy"] <= 1.0
     assert 'plugin = "cross_entropy"' in (tmp_path / "run" / "config.toml").read_text()
     assert read_metrics(tmp_path / "run")
-    # issue 25: a run whose strategy exported no backbone/ is no weights source (it was a remap error of the whole
-    # model's keys against the backbone's)
+    # issue 25: a run whose strategy exported no backbone/ is no weights source; the old code read the run's whole
+    # model.safetensors as backbone weights: "weights file lacks 30 tensors of the model, e.g. cls_token"
     from conftest import TINY_VIT
 
     later = write_config(tmp_path / "later.toml", tiny_config(backbone={**TINY_VIT, "weights": str(tmp_path / "run")}))
