@@ -18,7 +18,7 @@ from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text
 from .hookspecs import hookimpl
 from .interfaces import (UNLABELLED, Adapter, Backbone, DataSource, Logger, Loss, Plugin, SoftTargetLoss,
-                         Strategy)
+                         Strategy, Task)
 from .options import option
 
 __version__ = "0.1.0"
@@ -28,7 +28,7 @@ _LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "mo
          "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint", "read_metrics": "rundir"}
 
 __all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
-           "SoftTargetLoss", "Strategy", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",
+           "SoftTargetLoss", "Strategy", "Task", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",
            "read_text", "warn", "__version__", *_LAZY]
 
 

@@ -98,7 +98,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 @click.argument("pattern", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_cmd(kind, pattern, as_json):
-    """List registered plugins: all, one KIND (backbone, strategy, loss, data), optionally names matching PATTERN."""
+    """List registered plugins: all, one KIND (backbone, strategy, loss, data, adapter, logger, task), optionally
+    names matching PATTERN."""
     reg = _registry()
     entries = reg.list(kind, pattern)
     if as_json:
@@ -135,12 +136,18 @@ def describe(kind, name, as_json):
         entry = _registry().entries[kind][name]
         entry_plugin, summary = entry.plugin, entry.summary
     rows = options.describe(cls.Options if kind != "train" else cls)
+    facts = _task_facts(cls) if kind == "task" else {}
     if as_json:
         click.echo(json.dumps({"kind": kind, "name": name, "plugin": entry_plugin, "summary": summary,
-                               "options": rows}, indent=2, default=str))
+                               "options": rows, **facts}, indent=2, default=str))
         return
     title = "[train] (the loop)" if kind == "train" else f"{kind} {name!r} (plugin {entry_plugin})"
     click.echo(f"{title}\n  {summary}\n")
+    if facts:
+        click.echo(f"Named by a data source's task = {name!r}; it has no table of its own.")
+        click.echo("\n".join(f"  {k}: {v}" for k, v in facts["task"].items()))
+        if not rows:
+            return
     if not rows:
         click.echo("  (no options)")
         return
@@ -148,6 +155,15 @@ def describe(kind, name, as_json):
     table = _table([[r["name"], r["type"], json.dumps(r["default"], default=str), r["help"]] for r in rows],
                    ["KEY", "TYPE", "DEFAULT", "HELP"])
     click.echo("\n".join("  " + line for line in table.splitlines()))
+
+
+def _task_facts(cls) -> dict:
+    """What ``graft describe task NAME`` says of a task besides its (absent) options."""
+    return {"task": {"features": cls.features, "losses": ", ".join(cls.losses) or "(any)",
+                     "metric": cls.primary_metric or "(the strategy's)",
+                     "metrics": ", ".join(f"{m} ({d})" for m, d in cls.metric_modes.items()),
+                     "distillable": cls.distillable, "export outputs": f"{', '.join(cls.output_names)} "
+                                                                       f"{cls.output_shape}"}}
 
 
 @cli.command()
@@ -271,13 +287,14 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
               "stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @click.option("--mask-dir", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Segmentation runs: where the predicted masks go (INPUT_NAME.mask.png, class indices).")
+              help="Where predictions that are files go (segmentation: INPUT_NAME.mask.png, class "
+              "indices).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
-    from .run import load_run, predict as run_predict
-
     from .files import read_text
+    from .interfaces import Task
+    from .run import load_run, predict as run_predict
 
     lines = []
     if input_file == "-":
@@ -290,33 +307,11 @@ def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     if not items:
         raise GraftError("Nothing to predict: give inputs as arguments or with --file.")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
+    task = getattr(run.strategy, "task", None)
+    show = task.show if isinstance(task, Task) else Task().show  # strategies without a task: the plain forms
     for item, result in zip(items, run_predict(run, items)):
-        if "mask" in result:  # segmentation: the class of every pixel, as a PNG of class indices
-            result = {"mask_png": _write_mask(result.pop("mask"), item, mask_dir), **result}
-        if as_json:
-            click.echo(json.dumps({"input": item, **result}))
-        elif "label" in result:
-            click.echo(f"{result['label']}\t{result['probability']:.4f}\t{item}")
-        elif "mask_png" in result:
-            click.echo(f"{result['mask_png']}\t{json.dumps(result['pixels'])}\t{item}")
-        elif "tags" in result:  # token classification: every word as the data source split it, with its tag
-            # (a word past max_length has none: bare)
-            click.echo(" ".join(w if t is None else f"{w}/{t}" for w, t in zip(item.split(), result["tags"])))
-        else:
-            click.echo(f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}")
-
-
-def _write_mask(mask, item: str, folder: str) -> str:
-    import numpy as np
-    from PIL import Image
-
-    path = Path(folder) / f"{Path(item).stem}.mask.png"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(path)
-    except OSError as e:
-        raise GraftError(f"Cannot write {path}: {e.strerror or e}. Choose another --mask-dir.") from None
-    return str(path)
+        record, line = show(result, item, mask_dir)
+        click.echo(json.dumps({"input": item, **record}) if as_json else line)
 
 
 @cli.command()

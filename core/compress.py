@@ -276,7 +276,8 @@ def _save_pruned(run: Run, run_dir: Path, out: Path) -> None:
 def _quantized(run, model, serving, probe, out, mode, calibration, summary) -> dict:
     with tempfile.TemporaryDirectory(prefix="graft-onnx-") as tmp:
         fp32 = Path(tmp) / "model.onnx"
-        names = ex.to_onnx(model, ex.sample_inputs(run), fp32, run.backbone.limits().get("max_tokens"))
+        names = ex.to_onnx(model, ex.sample_inputs(run), fp32, run.backbone.limits().get("max_tokens"),
+                           serving.task.output_names)
         onnx_fp32 = ex.OnnxModel(fp32)
         summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, *probe), "format": "onnx fp32",
                                 "size_bytes": ex.files_size(Path(tmp), ["model.onnx"]),

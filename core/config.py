@@ -100,7 +100,7 @@ class TrainOptions:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
 
 
-PLUGIN_TABLES = tuple(k for k in KINDS if k != "logger")  # backbone, strategy, loss, data, adapter
+PLUGIN_TABLES = tuple(k for k in KINDS if k not in ("logger", "task"))  # backbone, strategy, loss, data, adapter
 TABLES = PLUGIN_TABLES + ("train", "loggers")
 
 

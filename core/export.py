@@ -24,7 +24,7 @@ from .config import Config, create
 from .errors import GraftError
 from .interfaces import Backbone, SoftTargetLoss
 from .run import Run
-from .supervised import TASK_LOSSES, Supervised
+from .supervised import Supervised
 
 FORMATS = ("native", "onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -43,10 +43,13 @@ def serving_strategy(strategy, where: str = "") -> Supervised:
         raise GraftError(f"{where}strategy {strategy.name!r} is not a classifier built on graft.supervised.Supervised "
                          f"(finetune, distill), so it has no one network from inputs to outputs to export or "
                          f"compress. Export it with --format native.")
-    task = strategy.data.task
+    task = strategy.task
     loss = strategy.loss
     if loss is None or isinstance(loss, SoftTargetLoss):
-        loss = create("loss", {"plugin": sorted(TASK_LOSSES[task])[0]}, where="serving loss")
+        if not task.losses:
+            raise GraftError(f"{where}the {task.name} task names no loss of its own (Task.losses) to score the "
+                             f"exported model with.")
+        loss = create("loss", {"plugin": task.losses[0]}, where="serving loss")
     plain = Supervised(strategy.options, backbone=strategy.backbone, loss=loss, data=strategy.data)
     plain.name = strategy.name
     plain.primary_metric = plain.task_metric()
@@ -101,10 +104,11 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:400]
 
 
-def to_onnx(model, inputs, path: Path, max_tokens: int | None = None) -> list[str]:
-    """Write ``model`` (classifier: inputs -> logits ``[B, outputs]``) as ONNX to ``path`` with a dynamic batch axis
-    (and sequence axis for text, up to ``max_tokens``). Returns the graph's input names. Raises GraftError naming
-    the layer or operator the exporter could not convert."""
+def to_onnx(model, inputs, path: Path, max_tokens: int | None = None, outputs=("logits",)) -> list[str]:
+    """Write ``model`` (classifier: inputs -> the task's outputs, e.g. logits ``[B, classes]``) as ONNX to ``path``
+    with a dynamic batch axis (and sequence axis for text, up to ``max_tokens``); ``outputs`` names its outputs.
+    Returns the graph's input names. Raises GraftError naming the layer or operator the exporter could not
+    convert."""
     from torch.export import Dim
 
     names, tensors = flatten(inputs)
@@ -119,7 +123,7 @@ def to_onnx(model, inputs, path: Path, max_tokens: int | None = None) -> list[st
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(flat, tuple(tensors), str(path), input_names=names, output_names=["logits"],
+            torch.onnx.export(flat, tuple(tensors), str(path), input_names=names, output_names=list(outputs),
                               dynamic_shapes=dynamic, dynamo=True, external_data=size > EXTERNAL_DATA_BYTES,
                               verbose=False, optimize=True)
     except Exception as e:  # the exporter raises many types (export guards, unsupported operators, ONNX checks)
@@ -272,7 +276,7 @@ def export(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
     export.json) the facts: format, files, inputs, parity (max abs difference of logits), sizes."""
     import contextlib
 
-    serving_strategy(run.strategy, "--format " + fmt + ": ")
+    task = serving_strategy(run.strategy, "--format " + fmt + ": ").task
     out.mkdir(parents=True, exist_ok=True)
     model = run.model.eval()
     inputs = sample_inputs(run)
@@ -280,15 +284,15 @@ def export(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
     merged = run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext()
     with merged:
         if fmt == "onnx":
-            names = to_onnx(model, inputs, out / file, run.backbone.limits().get("max_tokens"))
+            names = to_onnx(model, inputs, out / file, run.backbone.limits().get("max_tokens"), task.output_names)
             loaded = OnnxModel(out / file)
         else:
             names = to_torchscript(model, inputs, out / file)
             loaded = TorchScriptModel(out / file, names)
         diff = max_abs_difference(model, loaded, inputs)
     copy_run_files(run_dir, out, run)
-    info = {"format": fmt, "source": str(run_dir), "file": file, "inputs": names, "outputs": ["logits"],
-            "max_abs_difference": diff, "checked_examples": len(flatten(inputs)[1][0]),
+    info = {"format": fmt, "source": str(run_dir), "file": file, "inputs": names, "outputs": list(task.output_names),
+            "output_shape": task.output_shape, "max_abs_difference": diff, "checked_examples": len(flatten(inputs)[1][0]),
             "size_bytes": files_size(out, [file]), "torch": torch.__version__}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return info

@@ -40,3 +40,9 @@ def register_adapters(register):
 @hookspec
 def register_loggers(register):
     """Register Logger subclasses (experiment trackers, ``[train] loggers``): ``register(MyLogger, name="mylog")``."""
+
+
+@hookspec
+def register_tasks(register):
+    """Register Task subclasses (what a supervised task is; a data source's ``task`` names one):
+    ``register(MyTask, name="mytask")``."""

@@ -24,7 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import GraftError, did_you_mean
-from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
+from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy, Task
 
 ENTRY_POINT_GROUP = "graft"
 
@@ -36,9 +36,11 @@ KINDS = {
     "data": ("register_datasources", DataSource),
     "adapter": ("register_adapters", Adapter),
     "logger": ("register_loggers", Logger),
+    "task": ("register_tasks", Task),
 }
 KIND_ALIASES = {"backbones": "backbone", "strategies": "strategy", "losses": "loss", "datasource": "data",
-                "datasources": "data", "dataset": "data", "adapters": "adapter", "loggers": "logger"}
+                "datasources": "data", "dataset": "data", "adapters": "adapter", "loggers": "logger",
+                "tasks": "task"}
 
 
 @dataclasses.dataclass

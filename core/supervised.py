@@ -1,5 +1,10 @@
 """Supervised transfer's building blocks: a head on a backbone, freezing schedules (linear probe, frozen groups,
-LP-FT, gradual unfreezing), layer-wise learning-rate decay, and classification / multi-label / regression metrics.
+LP-FT, gradual unfreezing), layer-wise learning-rate decay, and helpers of the task plugins (heads, confusion-matrix
+and entity metrics, per-token / per-pixel flattening).
+
+What differs between tasks (classification, multi-label, regression, token classification, segmentation, a third
+party's) is a ``graft.Task`` plugin that the data's ``task`` names (``plugins/task_*.py``); ``Supervised`` asks it and
+never branches on a task name.
 
 ``Supervised`` is a complete strategy (the built-in ``finetune`` registers it as it is); ``distill`` and
 third-party strategies subclass it and change the step. LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained
@@ -15,13 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import GraftError
-from .interfaces import UNLABELLED, Strategy
+from .interfaces import UNLABELLED, Strategy, Task
 from .options import option
+from .registry import get_registry
 
-TASK_LOSSES = {"classification": {"cross_entropy"}, "multilabel": {"bce"}, "regression": {"mse"},
-               "token_classification": {"cross_entropy"}, "segmentation": {"cross_entropy"}}
-#: tasks scored by a confusion matrix over examples, tokens or pixels
-CONFUSION_TASKS = ("classification", "token_classification", "segmentation")
 #: tag prefixes of entity schemes (BIO / IOB2, BIOES / IOBES): tags like "B-PER" get entity-level metrics
 ENTITY_PREFIXES = ("B-", "I-", "E-", "S-")
 
@@ -100,42 +102,42 @@ class Supervised(Strategy):
     default_loss = "cross_entropy"
     primary_metric = "accuracy"
     supports_adapters = True
-    metric_modes = {"loss": "min", "accuracy": "max", "macro_f1": "max", "micro_f1": "max", "exact_match": "max",
-                    "mae": "min", "rmse": "min", "entity_f1": "max", "entity_precision": "max", "entity_recall": "max",
-                    "miou": "max", "pixel_accuracy": "max"}
+    #: the strategy's own metrics; each task adds its own (``Task.metric_modes``)
+    metric_modes = {"loss": "min", "accuracy": "max"}
+
+    @property
+    def task(self) -> Task:
+        """The task plugin the data's ``task`` names (built once). Raises GraftError when no task plugin has that
+        name, listing those that exist."""
+        task = getattr(self, "_task", None)
+        if task is None or task.data is not self.data or task.name != self.data.task:
+            self._task = task_for(self.data, f"[strategy] plugin = \"{self.name}\"")
+        return self._task
+
+    def metric_mode(self, metric: str) -> str:
+        try:
+            task_modes = self.task.metric_modes
+        except GraftError:
+            task_modes = {}
+        if metric in task_modes and metric not in type(self).metric_modes:
+            return task_modes[metric]
+        return super().metric_mode(metric)
 
     def build(self):
-        from torch import nn
-
         o = self.options
-        task = self.data.task
-        if task not in TASK_LOSSES:
-            raise GraftError(f"[strategy] plugin = \"{self.name}\" does not handle data task {task!r}.")
-        if self.loss is not None and self.loss.name in set().union(*TASK_LOSSES.values()) \
-                and self.loss.name not in TASK_LOSSES[task]:
-            raise GraftError(f"[loss] plugin = {self.loss.name!r} does not fit the {task} task of [data]; use "
-                             f"{' or '.join(repr(x) for x in sorted(TASK_LOSSES[task]))}.")
+        task = self.task
+        fitting = {loss for entry in get_registry().list("task") for loss in entry.cls.losses}
+        if task.losses and self.loss is not None and self.loss.name in fitting and self.loss.name not in task.losses:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} does not fit the {task.name} task of [data]; use "
+                             f"{' or '.join(repr(x) for x in sorted(task.losses))}.")
         self.primary_metric = self.task_metric()
-        dense = {"token_classification": "tokens", "segmentation": "maps"}.get(task)
-        if dense and self.backbone.dense_features != dense:
-            raise GraftError(f"[data] task {task!r} needs " + ("one feature vector per token" if dense == "tokens" else
-                             "multi-scale feature maps") + f", and backbone {self.backbone.name!r} gives none; use "
-                             + ("an hf text backbone." if dense == "tokens" else "a timm model with "
-                                                                                 "forward_intermediates."))
-        out = 1 if task == "regression" else self.data.num_outputs
-        width = self.backbone.num_features
-        if task == "segmentation":
-            head = segmentation_head(self._map_channels(), out, o.head_hidden or 64, o.dropout)
-        elif o.head == "linear":
-            head = nn.Sequential(nn.Dropout(o.dropout), nn.Linear(width, out))
-        else:
-            hidden = o.head_hidden or width
-            head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(o.dropout), nn.Linear(hidden, out))
+        task.check(self.backbone)
+        head = task.head(self.backbone, o)
 
         if self.backbone.adapter_frozen and o.freeze == "backbone":
             raise GraftError(f"[strategy] freeze = \"backbone\" would freeze the [adapter] too (only the head would "
                              f"train). Drop the adapter for a linear probe, or use freeze = \"none\".")
-        self.model = classifier(self.backbone.module, head, dense=dense)
+        self.model = classifier(self.backbone.module, head, dense=None if task.features == "pooled" else task.features)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
         self.groups = [g for g in self.groups if g]
@@ -147,7 +149,15 @@ class Supervised(Strategy):
         if o.freeze_patterns and not self.patterns_frozen:
             raise GraftError(f"[strategy] freeze_patterns {o.freeze_patterns} match no parameter; names look like "
                              f"{sorted(names)[0]!r}.")
+        if not self.predicting:
+            self._check_targets()
         return self.model
+
+    def _check_targets(self):
+        """The task's check of the first training examples' targets (a bad label fails here, not mid-run)."""
+        train = self.data.dataset("train")
+        if train:
+            self.task.check_targets(self.data.collate([train[i] for i in range(min(len(train), 64))])["targets"])
 
     # -- which parameters train, at which learning rate -------------------------------------------------
     def frozen_groups(self, epoch: int) -> int:
@@ -181,160 +191,46 @@ class Supervised(Strategy):
 
     # -- steps and metrics -------------------------------------------------------------------------------
     def step_targets(self, batch):
-        """Per-token and per-pixel tasks: the labelled tokens / pixels of the micro-batch, so the loss is normalised
-        over the whole optimizer step (accumulation and process count do not change the update)."""
-        if self.data.task in ("token_classification", "segmentation"):
+        """Per-token and per-pixel tasks (``Task.per_target``): the labelled tokens / pixels of the micro-batch, so
+        the loss is normalised over the whole optimizer step (accumulation and process count do not change the
+        update)."""
+        if self.task.per_target:
             return int((batch["targets"] != UNLABELLED).sum())
         return None
 
     def training_step(self, model, batch):
-        outputs, y = flatten_dense(model(batch["inputs"]), batch["targets"])
+        outputs, y = self.task.loss_inputs(model(batch["inputs"]), batch["targets"])
         if "step_targets" not in batch:
             return {"loss": self.loss(outputs, y)}
         labelled = (y != UNLABELLED).sum()
         mean = self.loss(outputs, y) if bool(labelled) else outputs.sum() * 0.0  # the mean over labelled targets
         return {"loss": mean * labelled / batch["step_targets"]}
 
-    def _map_channels(self) -> list[int]:
-        """Channels of each feature map, from one blank image through the backbone."""
-        import torch
-
-        cfg = self.backbone.image_config()
-        module = self.backbone.module
-        was_training = module.training
-        module.eval()  # a probe in train mode would move BatchNorm's running statistics towards a blank image
-        try:
-            with torch.no_grad():
-                maps = module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
-        finally:
-            module.train(was_training)
-        return [m.shape[1] for m in maps]
-
     def task_metric(self) -> str:
-        """The metric for best weights that the data's task calls for: rmse (regression), miou (segmentation),
-        entity_f1 (entity tags), else the class's ``primary_metric``. ``build`` and the serving copies of exports
-        both use it."""
-        task = self.data.task
-        if task == "regression":
-            return "rmse"
-        if task == "segmentation":
-            return "miou"
-        return "entity_f1" if self.entities else type(self).primary_metric
-
-    @property
-    def token_level(self) -> bool:
-        return self.data.task == "token_classification"
-
-    @property
-    def entities(self) -> bool:
-        """Token tags of an entity scheme (B-PER, I-PER, O ...): entity-level metrics besides token accuracy."""
-        return self.token_level and any(str(n).startswith(ENTITY_PREFIXES) for n in self.data.label_names or [])
+        """The metric for best weights that the data's task calls for (``Task.metric``: rmse for regression, miou
+        for segmentation, entity_f1 for entity tags ...), else the class's ``primary_metric``. ``build`` and the
+        serving copies of exports both use it."""
+        return self.task.metric() or type(self).primary_metric
 
     def eval_step(self, model, batch):
-        outputs, y = model(batch["inputs"]).float(), batch["targets"]
-        if self.data.task in ("segmentation", "token_classification"):
-            return self.dense_sums(outputs, y)
-        return self.eval_sums(outputs, y)
-
-    def dense_sums(self, outputs, y, loss=None):
-        """``eval_sums`` of per-token ``[B, T, K]`` or per-pixel ``[B, K, H, W]`` logits, plus entity counts of
-        BIO-tagged tokens."""
-        import torch
-
-        sums = self.eval_sums(*flatten_dense(outputs, y), loss=loss)
-        if not self.token_level:
-            return sums
-        if self.entities:  # per sentence: the tags of the words (their first pieces), in order
-            names, pred, y = list(self.data.label_names), outputs.argmax(-1).cpu(), y.cpu()  # one copy per batch
-            rows = [(y[b][y[b] != UNLABELLED].tolist(), pred[b][y[b] != UNLABELLED].tolist()) for b in range(len(y))]
-            counts = entity_counts([[names[i] for i in g] for g, _ in rows], [[names[i] for i in p] for _, p in rows])
-            sums["entities"] = torch.tensor(counts, dtype=torch.float64)
-        return sums
+        return self.eval_sums(model(batch["inputs"]).float(), batch["targets"])
 
     def eval_sums(self, outputs, y, loss=None):
-        """Summable statistics of one batch's outputs against targets ``y`` (``loss``: the batch's mean loss,
-        when the strategy computes it differently)."""
-        import torch
+        """Summable statistics of one batch's outputs (as the model returns them) against targets ``y``: the
+        task's (``Task.eval_sums``) and ``loss_sum`` (``loss``: the batch's mean loss, when the strategy computes
+        it differently)."""
+        loss = self.loss(*self.task.loss_inputs(outputs, y)) if loss is None else loss
+        sums = self.task.eval_sums(outputs, y)
+        return {"count": sums["count"], "loss_sum": loss.float() * sums["count"], **sums}
 
-        loss = self.loss(outputs, y) if loss is None else loss
-        if self.data.task in CONFUSION_TASKS and not bool((y != UNLABELLED).all()):
-            outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
-        n = torch.tensor(float(y.shape[0]), device=outputs.device)
-        sums = {"count": n, "loss_sum": loss.float() * n}
-        task = self.data.task
-        if task in CONFUSION_TASKS:
-            k = outputs.shape[1]
-            pred = outputs.argmax(1)
-            sums["confusion"] = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-        elif task == "multilabel":
-            pred = (outputs > 0).long()
-            y = y.long()
-            sums["tp"] = (pred * y).sum(0)
-            sums["fp"] = (pred * (1 - y)).sum(0)
-            sums["fn"] = ((1 - pred) * y).sum(0)
-            sums["exact"] = (pred == y).all(1).sum()
-        else:
-            err = outputs.reshape(y.shape) - y.float()
-            sums["abs_err"] = err.abs().sum()
-            sums["sq_err"] = (err ** 2).sum()
-        return sums
+    #: per-token / per-pixel outputs need nothing else now: the task reads their shape
+    dense_sums = eval_sums
 
     def compute_metrics(self, sums):
-        n = float(sums["count"])
-        m = {"loss": float(sums["loss_sum"]) / n}
-        task = self.data.task
-        if "entities" in sums:
-            tp, n_pred, n_gold = (float(x) for x in sums["entities"])
-            m["entity_precision"], m["entity_recall"] = tp / max(n_pred, 1), tp / max(n_gold, 1)
-            m["entity_f1"] = 2 * tp / max(n_pred + n_gold, 1)
-        if task in CONFUSION_TASKS:
-            cm = sums["confusion"].double()
-            tp = cm.diag()
-            precision = tp / cm.sum(0).clamp(min=1)
-            recall = tp / cm.sum(1).clamp(min=1)
-            f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-            m["accuracy"] = float(tp.sum() / cm.sum())
-            m["macro_f1"] = float(f1.mean())
-            names = list(self.data.label_names or range(len(tp)))
-            m["per_class"] = {str(names[i]): {"precision": float(precision[i]), "recall": float(recall[i]),
-                                              "f1": float(f1[i]), "support": int(cm.sum(1)[i])}
-                              for i in range(len(tp))}
-            m["confusion_matrix"] = cm.long().tolist()
-            if task == "segmentation":  # per class IoU = tp / (tp + fp + fn), over the classes that occur
-                union = cm.sum(0) + cm.sum(1) - tp
-                m["pixel_accuracy"] = m["accuracy"]
-                m["miou"] = float((tp[union > 0] / union[union > 0]).mean())
-        elif task == "multilabel":
-            tp, fp, fn = (sums[k].double() for k in ("tp", "fp", "fn"))
-            f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)
-            m["micro_f1"] = float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum()).clamp(min=1))
-            m["macro_f1"] = float(f1.mean())
-            m["exact_match"] = float(sums["exact"]) / n
-        else:
-            m["mae"] = float(sums["abs_err"]) / n
-            m["rmse"] = (float(sums["sq_err"]) / n) ** 0.5
-        return m
+        return {"loss": float(sums["loss_sum"]) / float(sums["count"]), **self.task.compute_metrics(sums)}
 
     def predict(self, model, inputs):
-        import torch
-
-        names = list(self.data.label_names or [])
-        if self.data.task == "token_classification":
-            return _tag_words(model, inputs, names)
-        if self.data.task == "segmentation":
-            return _segment(model, inputs, names)
-        outputs = model(inputs).float()
-        if self.data.task == "regression":
-            return [{"value": float(v)} for v in outputs.reshape(-1)]
-        if self.data.task == "multilabel":
-            probs = torch.sigmoid(outputs)
-            return [{"labels": [names[j] for j in range(len(names)) if p[j] > 0.5],
-                     "probabilities": {names[j]: float(p[j]) for j in range(len(names))}} for p in probs]
-        probs = torch.softmax(outputs, 1)
-        top = probs.topk(min(3, probs.shape[1]), dim=1)
-        return [{"label": names[int(i[0])], "probability": float(p[0]),
-                 "top": [{"label": names[int(j)], "probability": float(q)} for q, j in zip(p, i)]}
-                for p, i in zip(top.values, top.indices)]
+        return self.task.predict(model, inputs)
 
     def export(self, model, directory):
         """backbone/ in its family's native format, and head.safetensors."""
@@ -346,6 +242,80 @@ class Supervised(Strategy):
         self.backbone.export(str(Path(directory, "backbone")))
         save_file(clean_state_dict(self.model.head.state_dict()),
                   str(Path(directory, "head.safetensors")))
+
+
+def task_for(data, where: str) -> Task:
+    """The task plugin ``data.task`` names, instantiated on ``data``. Raises GraftError naming ``where`` and the
+    tasks that exist when there is none of that name (the data of a language-model strategy, a missing plugin)."""
+    registry = get_registry()
+    try:
+        cls = registry.get("task", data.task)
+    except GraftError as e:
+        raise GraftError(f"{where} does not handle data task {data.task!r}: {e} A task is a plugin (`graft list "
+                         f"task`); language-model data (mlm, sft) goes with [strategy] plugin = \"mlm\" or "
+                         f"\"clm\".") from None
+    task = cls(data=data)
+    task.name = data.task
+    return task
+
+
+def map_channels(backbone) -> list[int]:
+    """Channels of each feature map of a "maps" backbone, from one blank image through it."""
+    import torch
+
+    cfg = backbone.image_config()
+    module = backbone.module
+    was_training = module.training
+    module.eval()  # a probe in train mode would move BatchNorm's running statistics towards a blank image
+    try:
+        with torch.no_grad():
+            maps = module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
+    finally:
+        module.train(was_training)
+    return [m.shape[1] for m in maps]
+
+
+def check_class_ids(targets, data, task: str) -> None:
+    """Class ids (any shape) must index ``data``'s labels, or be UNLABELLED: an id past them would fail deep inside
+    the loss (an index error, or a device-side assert on a GPU). Class-probability targets (floats) pass. Raises
+    GraftError naming the data plugin."""
+    if targets.is_floating_point():
+        return
+    k = data.num_outputs
+    bad = targets[(targets != UNLABELLED) & ((targets < 0) | (targets >= k))]
+    if len(bad):
+        names = [str(n) for n in (data.label_names or [])]
+        raise GraftError(f"[data] plugin = \"{data.name}\" gives class id {int(bad[0])} for the {task} task, but "
+                         f"it has {k} labels ({', '.join(names[:8])}{' ...' if k > 8 else ''}): a target must be one "
+                         f"of 0..{k - 1}, or {UNLABELLED} for no label. Check the data's labels.")
+
+
+def confusion_sums(outputs, y) -> dict:
+    """Class logits ``[N, K]`` against class ids ``[N]`` (UNLABELLED ones left out): ``count`` and the ``[K, K]``
+    ``confusion`` matrix (rows: truth, columns: prediction)."""
+    import torch
+
+    if not bool((y != UNLABELLED).all()):
+        outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
+    k = outputs.shape[1]
+    return {"count": torch.tensor(float(y.shape[0]), device=outputs.device),
+            "confusion": torch.bincount(y * k + outputs.argmax(1), minlength=k * k).reshape(k, k)}
+
+
+def confusion_metrics(sums: dict, label_names) -> dict:
+    """accuracy, macro_f1, per_class (precision, recall, f1, support) and confusion_matrix of summed
+    ``confusion_sums``."""
+    cm = sums["confusion"].double()
+    tp = cm.diag()
+    precision = tp / cm.sum(0).clamp(min=1)
+    recall = tp / cm.sum(1).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    m = {"accuracy": float(tp.sum() / cm.sum()), "macro_f1": float(f1.mean())}
+    names = list(label_names or range(len(tp)))
+    m["per_class"] = {str(names[i]): {"precision": float(precision[i]), "recall": float(recall[i]),
+                                      "f1": float(f1[i]), "support": int(cm.sum(1)[i])} for i in range(len(tp))}
+    m["confusion_matrix"] = cm.long().tolist()
+    return m
 
 
 def flatten_dense(outputs, y):
@@ -389,7 +359,7 @@ def outside_tag(names) -> str | None:
     return "O" if "O" in names or any(str(n).startswith(ENTITY_PREFIXES) for n in names) else None
 
 
-def _tag_words(model, inputs, names):
+def tag_words(model, inputs, names):
     """One tag per input word, in order: the prediction at the word's first piece. A word with no piece at all
     (the tokenizer normalises it away: U+200B, U+00AD ...) gets the outside tag "O" when the tags have one (or are
     an entity scheme), else None; a word cut off by max_length gets None (probability None for both).
@@ -426,7 +396,7 @@ def _tag_words(model, inputs, names):
     return out
 
 
-def _segment(model, inputs, names):
+def segment_masks(model, inputs, names):
     """One mask per image, as class-index rows, with its pixels per class. ``inputs``: the images ``[B, C, H, W]``,
     or ``{"images": that, "sizes": [B, 2]}`` with each image's own (height, width): its mask is resized there by
     nearest neighbour (class indices stay classes), as the masks it was trained on were resized to the model's."""
@@ -445,3 +415,18 @@ def _segment(model, inputs, names):
         counts = torch.bincount(m.flatten(), minlength=len(names)).tolist()
         out.append({"mask": m.tolist(), "pixels": {names[c]: n for c, n in enumerate(counts) if n}})
     return out
+
+
+def write_mask(mask, item: str, folder: str) -> str:
+    """``mask`` (``[H, W]`` class indices, nested lists) as ``folder``/STEM.mask.png (8-bit, one class index per
+    pixel) for the input ``item``; returns its path. Raises GraftError when it cannot be written."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(folder) / f"{Path(item).stem}.mask.png"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").save(path)
+    except OSError as e:
+        raise GraftError(f"Cannot write {path}: {e.strerror or e}. Choose another --mask-dir.") from None
+    return str(path)

@@ -14,7 +14,7 @@ def test_list_shows_every_kind_with_builtins():
     entries = {(e["kind"], e["name"]) for e in json.loads(out)}
     for item in [("backbone", "timm"), ("strategy", "finetune"), ("loss", "cross_entropy"), ("data", "digits")]:
         assert item in entries
-    assert {k for k, _ in entries} == {"backbone", "strategy", "loss", "data", "adapter", "logger"}
+    assert {k for k, _ in entries} == {"backbone", "strategy", "loss", "data", "adapter", "logger", "task"}
     text = graft("list", "loss", check=True).stdout
     assert "cross_entropy" in text and "timm" not in text
     assert graft("list", "loss", "b*", check=True).stdout.count("\n") == 2  # header + bce

@@ -19,7 +19,7 @@ EXAMPLE = ROOT / "examples" / "plugins" / "graft-ema-teacher"
 
 def test_every_hook_is_documented():
     docs = (ROOT / "docs" / "plugins.md").read_text()
-    assert len(HOOKS) == 6
+    assert len(HOOKS) == 7
     for hook in HOOKS:
         assert re.search(rf"^### `{hook}\(register\)`", docs, re.M), f"{hook} has no section in docs/plugins.md"
 
@@ -28,9 +28,10 @@ def test_every_hook_is_documented():
 def test_every_hook_registers_through_pluggy(hook, tmp_path):
     """A module implementing just this hook, loaded as an entry point would be, provides a usable plugin."""
     kind = {"register_backbones": "backbone", "register_strategies": "strategy", "register_losses": "loss",
-            "register_datasources": "data", "register_adapters": "adapter", "register_loggers": "logger"}[hook]
+            "register_datasources": "data", "register_adapters": "adapter", "register_loggers": "logger",
+            "register_tasks": "task"}[hook]
     base = {"backbone": "Backbone", "strategy": "Strategy", "loss": "Loss", "data": "DataSource",
-            "adapter": "Adapter", "logger": "Logger"}[kind]
+            "adapter": "Adapter", "logger": "Logger", "task": "Task"}[kind]
     pkg = tmp_path / "site"
     pkg.mkdir()
     (pkg / f"hook_{kind}.py").write_text(

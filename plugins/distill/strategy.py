@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, GraftError, SoftTargetLoss, create, option
-from graft.supervised import Supervised, SupervisedOptions, flatten_dense
+from graft.supervised import Supervised, SupervisedOptions
 
 from . import cache as teacher_cache
 from .teacher import load_teacher, same_view, teacher_view
@@ -54,12 +54,16 @@ class Distill(Supervised):
         from torch import nn
 
         o = self.options
-        self.dense = self.data.task in ("token_classification", "segmentation")
-        if self.data.task != "classification" and not self.dense:
-            hint = (" To distil a language model, use [strategy] plugin = \"clm\" with teacher = \"runs/<clm run>\" "
-                    "and [loss] plugin = \"kd\"." if self.data.task in ("mlm", "sft") else "")
-            raise GraftError("[strategy] plugin = \"distill\" distils classifiers, token taggers and segmenters; the "
-                             f"[data] task is {self.data.task!r}.{hint}")
+        try:
+            task = self.task
+        except GraftError as e:
+            raise GraftError(f"{e} To distil a language model, use [strategy] plugin = \"clm\" with teacher = "
+                             f"\"runs/<clm run>\" and [loss] plugin = \"kd\".") from None
+        if not task.distillable:
+            raise GraftError("[strategy] plugin = \"distill\" distils tasks whose outputs are class logits "
+                             "(classification, token classification, segmentation, a task plugin with distillable = "
+                             f"True); the [data] task is {self.data.task!r}.")
+        self.dense = task.features != "pooled"  # per token / per pixel: outputs as large as the inputs
         if self.dense and (o.feature_layers or o.cache == "on"):
             raise GraftError("[strategy] distill of a per-token / per-pixel task takes no feature_layers and no cache "
                              "= \"on\" (the teacher runs online: its outputs are as large as the inputs).")
@@ -69,7 +73,7 @@ class Distill(Supervised):
         if self.predicting:  # the student alone: no teacher, no data to view
             self.projections, self.use_cache = [], False
             return super().build()
-        teacher = load_teacher(o, self.data)
+        teacher = load_teacher(o, self.data, task.outputs())
         self.teacher, self.teacher_backbone_obj, self.teacher_conf = teacher.model, teacher.backbone, teacher.config
         self.teacher_data = teacher_view(self.data, teacher, o.teacher)
         model = super().build()
@@ -98,7 +102,7 @@ class Distill(Supervised):
         self.cache: dict | None = None
         self.progress = 0.0
         self.same_view = same_view(self.data, self.backbone, self.teacher_data, self.teacher_backbone_obj)
-        if self.data.task == "token_classification" and not self.same_view:
+        if task.features == "tokens" and not self.same_view:
             raise GraftError("[strategy] per-token distillation needs the teacher's tokens: give the student the "
                              "teacher's tokenizer ([backbone] tokenizer = \"<teacher run>/backbone\") and the same "
                              "[data] options, so both see the same pieces.")
@@ -160,32 +164,29 @@ class Distill(Supervised):
     def on_step_start(self, step, total_steps):
         self.progress = step / max(1, total_steps - 1)
 
-    def _dense(self, logits, t_logits, y):
-        """Per-token / per-pixel logits of student and teacher at the labelled positions, as ``[N, K]`` (a teacher
-        segmenting another image size is resized to the student's: both saw the same crop and flip)."""
-        import torch.nn.functional as F
-
-        if logits.ndim == 4 and t_logits.shape[-2:] != logits.shape[-2:]:
-            t_logits = F.interpolate(t_logits, size=logits.shape[-2:], mode="bilinear", align_corners=False)
-        s, y_flat = flatten_dense(logits, y)
-        t, _ = flatten_dense(t_logits, y)
-        keep = y_flat != UNLABELLED
-        return s[keep], t[keep], y_flat[keep]
+    def _logits(self, outputs, t_logits, y):
+        """Student and teacher outputs as class logits ``[N, K]`` at targets ``[N]`` (``Task.distill_logits``); of a
+        per-token / per-pixel task only the labelled positions."""
+        s, t, y = self.task.distill_logits(outputs, t_logits, y)
+        if self.dense:
+            keep = y != UNLABELLED
+            s, t, y = s[keep], t[keep], y[keep]
+        return s, t, y
 
     def training_step(self, model, batch):
         t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
         if self.dense:  # soft targets at every labelled token or pixel, normalised over the whole step
-            s, t, y = self._dense(model(batch["inputs"]), t_logits, batch["targets"])
+            s, t, y = self._logits(model(batch["inputs"]), t_logits, batch["targets"])
             if not len(y):
                 return {"loss": s.sum() * 0.0}
             kd = self.loss(s, {"teacher": t, "labels": y, "progress": self.progress})
             return {"loss": kd * len(y) / batch["step_targets"]}
-        targets = {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress}
         if not self.options.feature_layers:
-            logits = model(batch["inputs"])
-            return {"loss": self.loss(logits, targets)}
+            s, t, y = self._logits(model(batch["inputs"]), t_logits, batch["targets"])
+            return {"loss": self.loss(s, {"teacher": t, "labels": y, "progress": self.progress})}
         logits, hidden = model(batch["inputs"], hidden=True)
-        kd = self.loss(logits, targets)
+        student, teacher, y = self._logits(logits, t_logits, batch["targets"])
+        kd = self.loss(student, {"teacher": teacher, "labels": y, "progress": self.progress})
         proj = self.model.projections
         feat = sum(self.feature_loss(proj[i](hidden[s]), t_hidden[i]) for i, (s, _) in enumerate(self.pairs))
         feat = feat / len(self.pairs)
@@ -194,18 +195,15 @@ class Distill(Supervised):
     def eval_step(self, model, batch):
         outputs = model(batch["inputs"]).float()
         t_logits, _ = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
-        if self.dense:
-            s, t, y = self._dense(outputs, t_logits, batch["targets"])
-            kd = self.loss(s, {"teacher": t, "labels": y, "progress": self.progress}) if len(y) else s.sum() * 0.0
-            sums = self.dense_sums(outputs, batch["targets"], loss=kd)
-            sums["teacher_correct"] = (t.argmax(1) == y).sum()
-            sums["agree"] = (t.argmax(1) == s.argmax(1)).sum()
-            return sums
-        kd = self.loss(outputs, {"teacher": t_logits, "labels": batch["targets"], "progress": self.progress})
+        s, t, y = self._logits(outputs, t_logits, batch["targets"])
+        if len(y) or not self.dense:
+            kd = self.loss(s, {"teacher": t, "labels": y, "progress": self.progress})
+        else:
+            kd = s.sum() * 0.0
         sums = self.eval_sums(outputs, batch["targets"], loss=kd)
-        labelled = batch["targets"] != UNLABELLED  # the same examples eval_sums counts
-        sums["teacher_correct"] = (t_logits.argmax(1) == batch["targets"]).sum()
-        sums["agree"] = ((t_logits.argmax(1) == outputs.argmax(1)) & labelled).sum()
+        labelled = y != UNLABELLED  # the same targets eval_sums counts
+        sums["teacher_correct"] = (t.argmax(1) == y).sum()
+        sums["agree"] = ((t.argmax(1) == s.argmax(1)) & labelled).sum()
         return sums
 
     def compute_metrics(self, sums):

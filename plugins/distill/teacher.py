@@ -17,16 +17,17 @@ class Teacher:
     labels: list
 
 
-def load_teacher(options, data) -> Teacher:
-    """The teacher of ``options`` (DistillOptions) for student data ``data``, on the CPU, in eval mode, frozen.
-    Raises GraftError when it predicts other labels than the data has."""
+def load_teacher(options, data, outputs: int) -> Teacher:
+    """The teacher of ``options`` (DistillOptions) for student data ``data``, on the CPU, in eval mode, frozen
+    (``outputs``: the width of the task's head, for a teacher given as tables). Raises GraftError when it predicts
+    other labels than the data has."""
     if options.teacher:
         from graft import load_run
 
         run = load_run(Path(options.teacher), for_prediction=True, device="cpu")
         teacher = Teacher(run.model, run.backbone, run.config, list(run.data.label_names or []))
     else:
-        model, backbone = from_tables(options.teacher_backbone, options.teacher_head, data.num_outputs)
+        model, backbone = from_tables(options.teacher_backbone, options.teacher_head, outputs)
         teacher = Teacher(model, backbone, None, list(data.label_names or []))
     if teacher.labels != list(data.label_names or []):
         raise GraftError(f"[strategy] teacher {options.teacher!r} predicts labels {teacher.labels}, but the data has "
