@@ -157,11 +157,11 @@ def interrupted_and_resumed(cfg, tmp_path, lines=40):
 def one_step_weights(conf, tmp_path, *layouts):
     """Final weights of ``conf(batch, accum)`` for each (batch, accum) in ``layouts``, each trained into its own
     folder (an in-process run)."""
-    from graft.config import resolve
-    from graft.loop import train
+    from graft import load_config
+    from graft import train
 
     out = []
     for batch, accum in layouts:
-        train(resolve(conf(batch, accum), "c.toml"), tmp_path / f"b{batch}x{accum}", echo=lambda m: None)
+        train(load_config(conf(batch, accum), where="c.toml"), tmp_path / f"b{batch}x{accum}", echo=lambda m: None)
         out.append(weights(tmp_path / f"b{batch}x{accum}"))
     return out

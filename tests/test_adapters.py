@@ -11,8 +11,8 @@ from conftest import (TINY_VIT, assert_same_records, assert_same_weights, interr
                       reviews, tiny_config, weights, write_config)
 from test_user_files import assert_bad_input, cli_run
 from graft import Adapter, GraftError, load_run
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.testing import check_adapter, registry_with
 
 
@@ -25,7 +25,7 @@ def text_conf(bert, tmp_path, adapter, **tables):
 def lora_run(tmp_path, bert, **adapter):
     conf = text_conf(bert, tmp_path, {"plugin": "lora", "r": 4, **adapter},
                      train={"max_steps": 6, "lr": 1e-2})
-    summary = train(resolve(conf, "lora.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="lora.toml"), tmp_path / "run", echo=lambda m: None)
     return summary, tmp_path / "run"
 
 
@@ -117,9 +117,10 @@ def test_adapter_conflicts_and_strategies_that_cannot_use_one(tmp_path):
     with pytest.raises(GraftError, match="does not train its backbone"):
         from graft.run import Run
 
-        Run(resolve(tiny_config(strategy={"plugin": "probe"}, loss=None, adapter={"plugin": "lora"}), "x", reg))
+        Run(load_config(tiny_config(strategy={"plugin": "probe"}, loss=None, adapter={"plugin": "lora"}),
+                        registry=reg, where="x"))
     with pytest.raises(GraftError, match="freeze = \"backbone\" would freeze the \\[adapter\\]"):
-        train(resolve(tiny_config(strategy={"freeze": "backbone"}, adapter={"plugin": "lora"}), "x"),
+        train(load_config(tiny_config(strategy={"freeze": "backbone"}, adapter={"plugin": "lora"}), where="x"),
               tmp_path / "r", echo=lambda m: None)
 
 
@@ -127,10 +128,10 @@ def test_adapter_conflicts_and_strategies_that_cannot_use_one(tmp_path):
                                            ({"plugin": "lora", "use_dora": True}, "lora_")])
 def test_ia3_bitfit_and_dora_train_only_their_parameters(tmp_path, tiny_bert, adapter, only):
     conf = text_conf(tiny_bert, tmp_path, adapter, train={"max_steps": 3, "lr": 1e-2})
-    r = train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    r = train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
     from graft.run import Run
 
-    run = Run(resolve(conf, "x"))
+    run = Run(load_config(conf, where="x"))
     names = [n for n, p in run.model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
     assert names and all(only in n for n in names), names
     assert r["parameters"]["trainable"] < r["parameters"]["total"]
@@ -146,7 +147,7 @@ def test_lora_on_image_backbones(tmp_path, backbone):
     precision = "fp32" if backbone == "timm_cnn" else "bf16"
     conf = tiny_config(backbone=table, adapter={"plugin": "lora"}, train={"max_steps": 3, "precision": precision},
                        data={"image_size": 8 if backbone != "timm_cnn" else 16})
-    summary = train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
     assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -157,15 +158,16 @@ def test_lora_with_masked_lm_and_on_a_distill_student(tmp_path, tiny_bert):
     mlm = {"backbone": {"plugin": "hf", "weights": str(tiny_bert)}, "strategy": {"plugin": "mlm"},
            "adapter": {"plugin": "lora"}, "data": {"plugin": "corpus", "path": str(corpus), "block_size": 16},
            "train": {"max_steps": 3, "batch_size": 8, "progress": False, "plot": False}}
-    s = train(resolve(mlm, "m"), tmp_path / "mlm", echo=lambda m: None)
+    s = train(load_config(mlm, where="m"), tmp_path / "mlm", echo=lambda m: None)
     assert s["parameters"]["trainable"] < s["parameters"]["total"] and (tmp_path / "mlm" / "adapter").is_dir()
-    teacher = train(resolve(text_conf(tiny_bert, tmp_path, None, train={"max_steps": 3}), "t"), tmp_path / "t",
+    teacher = train(load_config(text_conf(tiny_bert, tmp_path, None, train={"max_steps": 3}), where="t"),
+                    tmp_path / "t",
                     echo=lambda m: None)
     assert teacher["steps"] == 3
     student = text_conf(tiny_bert, tmp_path, {"plugin": "lora"}, loss={"plugin": "kd"},
                         strategy={"plugin": "distill", "teacher": str(tmp_path / "t"),
                                   "cache_dir": str(tmp_path / "cache")}, train={"max_steps": 3})
-    s = train(resolve(student, "s"), tmp_path / "s", echo=lambda m: None)
+    s = train(load_config(student, where="s"), tmp_path / "s", echo=lambda m: None)
     assert s["parameters"]["trainable"] < s["parameters"]["total"] / 5  # the student's adapter and head only
 
 

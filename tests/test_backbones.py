@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from conftest import TINY_VIT, graft, reviews, tiny_config, write_config
 from test_user_files import cli_run
 from graft import GraftError
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 
 BACKBONES = {
@@ -30,13 +30,13 @@ BACKBONES = {
 def test_same_finetune_config_runs_with_each_backbone(tmp_path, name):
     conf = tiny_config(train={"max_steps": 3, "eval_every": 3})
     conf["backbone"] = BACKBONES[name]  # the only line that changes
-    summary = train(resolve(conf, f"{name}.toml"), tmp_path / name, echo=lambda m: None)
+    summary = train(load_config(conf, where=f"{name}.toml"), tmp_path / name, echo=lambda m: None)
     assert summary["steps"] == 3 and 0 <= summary["test"]["accuracy"] <= 1
     assert (tmp_path / name / "backbone").is_dir()
 
 
 def test_timm_layer_groups_ordered_and_complete():
-    r = Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}), "x"))
+    r = Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}), where="x"))
     groups = r.backbone.layer_groups()
     assert groups[0][0].startswith("model.conv1") or "stem" in groups[0][0] or "conv1" in groups[0][0]
     assert sum(len(g) for g in groups) == len(list(r.backbone.module.parameters()))
@@ -47,8 +47,8 @@ def test_timm_weights_file_and_export_round_trip(tmp_path):
 
     src = timm.create_model("test_resnet", num_classes=7)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    r = Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
-                                          "weights": str(tmp_path / "w.safetensors")}), "x"))
+    r = Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(tmp_path / "w.safetensors")}), where="x"))
     got = r.backbone.timm_model.state_dict()
     assert torch.equal(got["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
     (tmp_path / "exp").mkdir()
@@ -64,8 +64,8 @@ def test_timm_weights_torch_file_loaded_weights_only(tmp_path):
 
     src = timm.create_model("test_resnet")
     torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
-    r = Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
-                                          "weights": str(tmp_path / "w.pth")}), "x"))
+    r = Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(tmp_path / "w.pth")}), where="x"))
     assert torch.equal(r.backbone.timm_model.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
 
     class Evil:
@@ -74,8 +74,8 @@ def test_timm_weights_torch_file_loaded_weights_only(tmp_path):
 
     torch.save({"x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(GraftError, match="weights_only"):
-        Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
-                                          "weights": str(tmp_path / "evil.pth")}), "x"))
+        Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(tmp_path / "evil.pth")}), where="x"))
 
 
 def test_timm_foreign_checkpoint_remapped_by_order_with_shapes_checked(tmp_path):
@@ -85,14 +85,14 @@ def test_timm_foreign_checkpoint_remapped_by_order_with_shapes_checked(tmp_path)
     # other names, same order, no BatchNorm counters: like torchvision weights for a timm architecture
     foreign = {f"net.{i}": v for i, v in enumerate(v for v in src.state_dict().values() if v.ndim)}
     torch.save(foreign, tmp_path / "f.pth")
-    r = Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
-                                          "weights": str(tmp_path / "f.pth")}), "x"))
+    r = Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(tmp_path / "f.pth")}), where="x"))
     assert torch.equal(r.backbone.timm_model.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
     foreign["net.0"] = torch.zeros(1, 2, 3)
     torch.save(foreign, tmp_path / "bad.pth")
     with pytest.raises(GraftError, match="does not fit"):
-        Run(resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
-                                          "weights": str(tmp_path / "bad.pth")}), "x"))
+        Run(load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet",
+                                              "weights": str(tmp_path / "bad.pth")}), where="x"))
 
 
 @pytest.mark.parametrize("table,match", [
@@ -113,7 +113,7 @@ def test_hf_text_backbone_finetunes_and_exports(tmp_path, tiny_bert):
         "data": {"plugin": "text", "path": str(reviews(tmp_path / "r.jsonl")), "max_length": 16},
     }
     conf["train"].update(epochs=6, batch_size=16, lr=3e-3)
-    summary = train(resolve(conf, "bert.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="bert.toml"), tmp_path / "run", echo=lambda m: None)
     assert summary["test"]["accuracy"] >= 0.9  # the toy task is separable by one word
     from transformers import AutoModel, AutoTokenizer
 
@@ -129,7 +129,7 @@ def test_hf_text_backbone_finetunes_and_exports(tmp_path, tiny_bert):
 def test_hf_layer_groups(tiny_bert):
     conf = tiny_config(backbone=None) | {"backbone": {"plugin": "hf", "weights": str(tiny_bert)}}
     conf["data"] = {"plugin": "text", "path": "unused"}
-    spec = resolve(conf, "x").plugins["backbone"]
+    spec = load_config(conf, where="x").plugins["backbone"]
     b = spec.cls(spec.options)
     b.build()
     groups = b.layer_groups()
@@ -140,9 +140,9 @@ def test_hf_layer_groups(tiny_bert):
 
 def test_run_directory_hands_off_as_weights(tmp_path):
     conf = tiny_config(train={"max_steps": 2})
-    train(resolve(conf, "a.toml"), tmp_path / "a", echo=lambda m: None)
+    train(load_config(conf, where="a.toml"), tmp_path / "a", echo=lambda m: None)
     conf["backbone"] = {**TINY_VIT, "weights": str(tmp_path / "a")}
-    r = Run(resolve(conf, "b.toml"))
+    r = Run(load_config(conf, where="b.toml"))
     trained = load_file(str(tmp_path / "a" / "model.safetensors"))
     key = "patch_embed.proj.weight"
     assert torch.equal(r.backbone.timm_model.state_dict()[key], trained[f"backbone.model.{key}"])
@@ -177,8 +177,8 @@ def _timm_run(path, backbone=None):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run = Run(resolve(tiny_config(backbone=backbone or {"plugin": "timm", "model": "test_resnet",
-                                                            "weights": str(path)}), "x"))
+        run = Run(load_config(tiny_config(backbone=backbone or {"plugin": "timm", "model": "test_resnet",
+                                                                "weights": str(path)}), where="x"))
     notes = [str(w.message) for w in caught if issubclass(w.category, GraftWarning)]
     assert len(notes) <= 1, notes
     return run, notes[0] if notes else ""

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import assert_same_weights, one_step_weights, read_metrics, tiny_config, write_config
 from test_user_files import assert_bad_input, cli_run
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -31,7 +31,7 @@ def gpt2_config(corpus, **train_options):
 
 
 def test_clm_from_scratch_lowers_held_out_perplexity_and_generates(corpus, tmp_path):
-    summary = train(resolve(gpt2_config(corpus), "c.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(gpt2_config(corpus), where="c.toml"), tmp_path / "run", echo=lambda m: None)
     val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
     assert val[0]["perplexity"] > 50 and val[-1]["perplexity"] < val[0]["perplexity"] / 4, val
     assert summary["metric"] == "perplexity" and (tmp_path / "run" / "lm" / "config.json").is_file()
@@ -63,7 +63,7 @@ def test_clm_accumulation_matches_the_large_batch(corpus, tmp_path):
 def test_clm_with_a_lora_adapter(corpus, tmp_path):
     conf = gpt2_config(corpus, max_steps=3, eval_at_start=False)
     conf["adapter"] = {"plugin": "lora", "r": 4}  # GPT-2's default target: the attention's c_attn (a Conv1D)
-    summary = train(resolve(conf, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     code, out = cli_run("generate", tmp_path / "run", "the film", "--max-new-tokens", "3", "--json")
@@ -77,7 +77,8 @@ def teacher(tmp_path_factory):
     path = tmp / "c.txt"
     path.write_text("".join(f"the film number {i % 9} was good and the movie {i % 4} was very bad\n"
                             for i in range(400)))
-    train(resolve(gpt2_config(path, max_steps=20, eval_at_start=False), "t.toml"), tmp / "run", echo=lambda m: None)
+    train(load_config(gpt2_config(path, max_steps=20, eval_at_start=False), where="t.toml"), tmp / "run",
+          echo=lambda m: None)
     return tmp / "run", path
 
 
@@ -95,14 +96,14 @@ def test_decoder_distillation_compares_next_token_distributions(teacher, tmp_pat
     run, corpus = teacher
     losses = {}
     for alpha in (1.0, 0.0):
-        train(resolve(kd_config(run, corpus, alpha), "k.toml"), tmp_path / f"a{alpha}", echo=lambda m: None)
+        train(load_config(kd_config(run, corpus, alpha), where="k.toml"), tmp_path / f"a{alpha}", echo=lambda m: None)
         losses[alpha] = [r["loss"] for r in read_metrics(tmp_path / f"a{alpha}") if r["split"] == "train"][0]
     assert losses[1.0] < 1e-5 < 0.3 < losses[0.0], losses
     small = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 16, "n_layer": 1,
                                         "n_head": 2, "n_positions": 64}, "tokenizer": str(run)}
     conf = kd_config(run, corpus, 0.5, **small)
     conf["train"].update(max_steps=30, eval_every=30, eval_at_start=True)
-    train(resolve(conf, "k.toml"), tmp_path / "student", echo=lambda m: None)
+    train(load_config(conf, where="k.toml"), tmp_path / "student", echo=lambda m: None)
     val = [r for r in read_metrics(tmp_path / "student") if r["split"] == "val"]
     assert val[-1]["perplexity"] < val[0]["perplexity"] / 2, val
 

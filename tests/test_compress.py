@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import graft, reviews, tiny_config, write_config
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 
 pytest.importorskip("onnxruntime")
 
@@ -18,7 +18,7 @@ QUIET = lambda m: None  # noqa: E731
 
 
 def _train(conf: dict, out: Path) -> Path:
-    train(resolve(conf, "c.toml"), out, echo=QUIET)
+    train(load_config(conf, where="c.toml"), out, echo=QUIET)
     return out
 
 

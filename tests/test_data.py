@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_records, assert_same_weights, read_metrics, tiny_config, weights
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 
 RESNET = {"plugin": "timm", "model": "test_resnet"}
@@ -15,7 +15,7 @@ RESNET = {"plugin": "timm", "model": "test_resnet"}
 
 def digits(size=8, backbone=RESNET, seed=0, **options):
     conf = tiny_config(backbone=backbone, data={"image_size": size, **options}, train={"seed": seed})
-    return Run(resolve(conf, "d.toml")).data
+    return Run(load_config(conf, where="d.toml")).data
 
 
 def corr(a, b):
@@ -81,7 +81,7 @@ def test_augmented_runs_are_the_same_with_loader_workers(tmp_path, source):
     runs = {}
     for workers in (0, 2):
         conf = tiny_config(data=data, train={"epochs": 2, "batch_size": 16, "num_workers": workers})
-        train(resolve(conf, "w.toml"), tmp_path / f"w{workers}", echo=lambda m: None)
+        train(load_config(conf, where="w.toml"), tmp_path / f"w{workers}", echo=lambda m: None)
         runs[workers] = tmp_path / f"w{workers}"
     assert_same_records(read_metrics(runs[0]), read_metrics(runs[2]))
     assert_same_weights(weights(runs[0]), weights(runs[2]), atol=0)
@@ -89,10 +89,10 @@ def test_augmented_runs_are_the_same_with_loader_workers(tmp_path, source):
 
 def test_distill_teacher_sees_the_same_augmentation_at_its_own_size(tmp_path):
     teacher_conf = tiny_config(backbone=RESNET, data={"image_size": 16, "augment": True}, train={"max_steps": 2})
-    train(resolve(teacher_conf, "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(teacher_conf, where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
     conf = tiny_config(strategy={"plugin": "distill", "teacher": str(tmp_path / "teacher")},
                        loss={"plugin": "kd"}, data={"image_size": 8, "augment": True})
-    r = Run(resolve(conf, "s.toml"))
+    r = Run(load_config(conf, where="s.toml"))
     s = r.strategy
     assert not s.use_cache and not s.same_view  # 8 vs 16 pixels: the teacher needs its own, online view
     for epoch in (2, 5):
@@ -133,21 +133,21 @@ def test_teacher_trained_on_few_labels_teaches_every_training_example(tmp_path):
     the teacher's view takes its image size from its run and which examples from the student's config."""
     few = {"train_fraction": 0.2}
     teacher_conf = tiny_config(backbone=RESNET, data={"image_size": 16, **few}, train={"max_steps": 2})
-    train(resolve(teacher_conf, "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(teacher_conf, where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
     conf = tiny_config(strategy={"plugin": "distill", "teacher": str(tmp_path / "teacher"),
                                  "cache_dir": str(tmp_path / "cache")},
                        loss={"plugin": "kd", "alpha": 0.5}, data={"unlabelled": "keep", **few},
                        train={"epochs": 1, "batch_size": 8})  # small batches: some hold no labelled example
-    r = Run(resolve(conf, "s.toml"))
+    r = Run(load_config(conf, where="s.toml"))
     n_train = len(digits().splits["train"])
     assert len(r.strategy.teacher_data.dataset("train")) == len(r.data.dataset("train")) == n_train
     assert r.strategy.teacher_data.options.image_size == 16 and r.data.options.image_size == 8
-    summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    summary = train(load_config(conf, where="s.toml"), tmp_path / "student", echo=lambda m: None)
     assert summary["skipped_steps"] == 0 and np.isfinite(summary["test"]["loss"])
-    r = Run(resolve(conf, "s.toml"))
+    r = Run(load_config(conf, where="s.toml"))
     on_train = r.evaluate(r.model, "train")  # `graft eval --split train` scores the labelled examples only
     assert 0 <= on_train["agreement"] <= 1 and 0 <= on_train["accuracy"] <= 1
     assert sum(sum(row) for row in on_train["confusion_matrix"]) == len(digits(train_fraction=0.2).splits["train"])
-    alone = train(resolve(tiny_config(data={"unlabelled": "keep", **few}, train={"epochs": 1, "batch_size": 8}),
-                          "a.toml"), tmp_path / "alone", echo=lambda m: None)
+    alone = train(load_config(tiny_config(data={"unlabelled": "keep", **few}, train={"epochs": 1, "batch_size": 8}),
+                              where="a.toml"), tmp_path / "alone", echo=lambda m: None)
     assert np.isfinite(alone["test"]["loss"])  # finetune trains on the labelled ones, no NaN from empty batches

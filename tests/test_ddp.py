@@ -5,8 +5,8 @@ crash DDP's reducer nor change the result: 2 processes with batch B end where 1 
 import pytest
 
 from conftest import TINY_VIT, assert_same_weights, graft, reviews, tiny_config, weights, write_config
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -20,7 +20,7 @@ def family_tables(family, tmp_path, bert):
 
 def teacher_run(family, tmp_path, bert):
     conf = tiny_config(**family_tables(family, tmp_path, bert), train={"max_steps": 3})
-    train(resolve(conf, "teacher.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(conf, where="teacher.toml"), tmp_path / "teacher", echo=lambda m: None)
     return tmp_path / "teacher"
 
 

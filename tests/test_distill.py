@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_VIT, graft, tiny_config, write_config
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 from graft.plugins.losses import KD, kd_loss
 
@@ -67,7 +67,7 @@ def teacher(tmp_path_factory):
     d = tmp_path_factory.mktemp("teacher")
     conf = tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
                        train={"epochs": 2, "batch_size": 64})
-    train(resolve(conf, "teacher.toml"), d / "run", echo=lambda m: None)
+    train(load_config(conf, where="teacher.toml"), d / "run", echo=lambda m: None)
     return d / "run"
 
 
@@ -80,14 +80,14 @@ def student_conf(teacher, tmp_path, **strategy):
 
 def test_cache_is_built_once_and_reused(tmp_path, teacher):
     conf = student_conf(teacher, tmp_path)
-    first = train(resolve(conf, "s.toml"), tmp_path / "a", echo=lambda m: None)
+    first = train(load_config(conf, where="s.toml"), tmp_path / "a", echo=lambda m: None)
     files = list((tmp_path / "cache" / "teacher").glob("*.safetensors"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
-    second = train(resolve(conf, "s.toml"), tmp_path / "b", echo=lambda m: None)
+    second = train(load_config(conf, where="s.toml"), tmp_path / "b", echo=lambda m: None)
     assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
     assert second["test"]["accuracy"] == first["test"]["accuracy"]
-    online = train(resolve(student_conf(teacher, tmp_path, cache="off"), "s.toml"), tmp_path / "c",
+    online = train(load_config(student_conf(teacher, tmp_path, cache="off"), where="s.toml"), tmp_path / "c",
                    echo=lambda m: None)
     assert online["test"]["accuracy"] == pytest.approx(first["test"]["accuracy"])  # same teacher outputs
     report = first["distill"]
@@ -104,11 +104,11 @@ def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
     out = tmp_path / "hf"
     from graft.optim import build_optimizer
 
-    r = Run(resolve(conf, "s.toml"))
+    r = Run(load_config(conf, where="s.toml"))
     optimized = {id(p) for g in build_optimizer(r.config.train, r.strategy.param_groups(r.model)).param_groups
                  for p in g["params"]}
     assert all(id(p) in optimized for p in r.model.projections.parameters())  # the projections learn
-    summary = train(resolve(conf, "s.toml"), out, echo=lambda m: None)
+    summary = train(load_config(conf, where="s.toml"), out, echo=lambda m: None)
     from safetensors.torch import load_file
 
     trained = load_file(str(out / "last.safetensors"))
@@ -155,7 +155,7 @@ def test_teacher_from_backbone_table_and_head(tmp_path, teacher):
     from_run = student_conf(teacher, tmp_path)
     from_run["data"]["image_size"] = 16
     from_run["backbone"] = {"plugin": "timm", "model": "test_resnet"}
-    a = train(resolve(from_run, "a.toml"), tmp_path / "a", echo=lambda m: None)
+    a = train(load_config(from_run, where="a.toml"), tmp_path / "a", echo=lambda m: None)
     tables = student_conf(teacher, tmp_path)
     tables["data"]["image_size"] = 16
     tables["backbone"] = {"plugin": "timm", "model": "test_resnet"}
@@ -163,7 +163,7 @@ def test_teacher_from_backbone_table_and_head(tmp_path, teacher):
     tables["strategy"]["teacher_backbone"] = {"plugin": "timm", "model": "test_resnet",
                                               "weights": str(teacher / "backbone" / "model.safetensors")}
     tables["strategy"]["teacher_head"] = str(teacher / "head.safetensors")
-    b = train(resolve(tables, "b.toml"), tmp_path / "b", echo=lambda m: None)
+    b = train(load_config(tables, where="b.toml"), tmp_path / "b", echo=lambda m: None)
     assert b["test"]["teacher_accuracy"] == a["test"]["teacher_accuracy"] > 0.5
     assert b["test"]["accuracy"] == pytest.approx(a["test"]["accuracy"])
     assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1  # same weights: one cache
@@ -187,7 +187,7 @@ def test_online_teacher_sees_the_students_augmented_view(tmp_path, teacher):
     conf["data"] = {"plugin": "imagefolder", "path": str(root), "image_size": 16, "augment": True}
     from graft.run import Run
 
-    r = Run(resolve(conf, "aug.toml"))
+    r = Run(load_config(conf, where="aug.toml"))
     s = r.strategy
     # the teacher run used other data, so its view of these folders takes the student's options: the same view
     assert not s.use_cache and s.same_view
@@ -204,18 +204,18 @@ def test_teacher_trained_with_another_seed_is_warned_about(tmp_path, teacher):
     conf = student_conf(teacher, tmp_path)
     conf["train"]["seed"] = 1  # another split: the teacher's training examples may be this run's test examples
     with pytest.warns(UserWarning, match="seed 0 there, 1 here"):
-        Run(resolve(conf, "s.toml"))
+        Run(load_config(conf, where="s.toml"))
     conf = student_conf(teacher, tmp_path)
     conf["data"]["test_fraction"] = 0.3  # another test split, same seed
     with pytest.warns(UserWarning, match="test_fraction = 0.2 there, 0.3 here"):
-        Run(resolve(conf, "s.toml"))
+        Run(load_config(conf, where="s.toml"))
     import warnings
 
     conf = student_conf(teacher, tmp_path)
     conf["data"].update(train_fraction=0.5, unlabelled="keep", augment=True)  # the training split only: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Run(resolve(conf, "s.toml"))
+        Run(load_config(conf, where="s.toml"))
 
 
 def test_timm_student_from_hf_teacher(tmp_path):
@@ -223,10 +223,10 @@ def test_timm_student_from_hf_teacher(tmp_path):
     hf_vit = {"plugin": "hf", "config": {"model_type": "vit", "image_size": 16, "patch_size": 4, "hidden_size": 32,
                                          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}}
     teacher_conf = tiny_config(backbone=hf_vit, data={"image_size": 16}, train={"max_steps": 4})
-    train(resolve(teacher_conf, "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(teacher_conf, where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
     conf = student_conf(tmp_path / "teacher", tmp_path)
     conf["backbone"] = {"plugin": "timm", "model": "test_resnet"}
-    summary = train(resolve(conf, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    summary = train(load_config(conf, where="s.toml"), tmp_path / "student", echo=lambda m: None)
     teacher_test = json.loads((tmp_path / "teacher" / "summary.json").read_text())["test"]["accuracy"]
     assert summary["test"]["teacher_accuracy"] == pytest.approx(teacher_test)  # the hf run, rebuilt, teaches
     assert summary["distill"]["teacher_params"] != summary["distill"]["student_params"]

@@ -9,14 +9,14 @@ import torch
 
 from conftest import (TINY_VIT, assert_same_records, assert_same_weights, graft, read_metrics, reviews, start_train,
                       tiny_config, wait_for_lines, weights, write_config)
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.optim import build_optimizer
 from graft.run import Run
 
 
 def build(**strategy):
-    r = Run(resolve(tiny_config(strategy=strategy), "x.toml"))
+    r = Run(load_config(tiny_config(strategy=strategy), where="x.toml"))
     return r, r.strategy
 
 
@@ -26,7 +26,7 @@ def trainable(strategy):
 
 def frozen_after_training(tmp_path, name, strategy, epochs=2):
     """Train, then return the names whose weights did not change from initialisation."""
-    conf = resolve(tiny_config(strategy=strategy, train={"epochs": epochs, "batch_size": 64}), f"{name}.toml")
+    conf = load_config(tiny_config(strategy=strategy, train={"epochs": epochs, "batch_size": 64}), where=f"{name}.toml")
     init = {k: v.clone() for k, v in Run(conf).model.state_dict().items()}  # same seed -> same init
     train(conf, tmp_path / name, echo=lambda m: None)
     after = weights(tmp_path / name)
@@ -116,8 +116,8 @@ def test_unfreezing_schedule_survives_resume(tmp_path):
 
 
 def test_mlp_head_and_label_smoothing(tmp_path):
-    conf = resolve(tiny_config(strategy={"head": "mlp", "head_hidden": 16, "dropout": 0.1},
-                               loss={"label_smoothing": 0.1}, train={"max_steps": 3}), "x")
+    conf = load_config(tiny_config(strategy={"head": "mlp", "head_hidden": 16, "dropout": 0.1},
+                                   loss={"label_smoothing": 0.1}, train={"max_steps": 3}), where="x")
     r = Run(conf)
     assert [type(m).__name__ for m in r.strategy.model.head] == ["Linear", "GELU", "Dropout", "Linear"]
     assert train(conf, tmp_path / "mlp", echo=lambda m: None)["steps"] == 3
@@ -140,7 +140,7 @@ def test_multilabel_head(tmp_path, tiny_bert):
     conf = _text_conf(tiny_bert, path, task="multilabel")
     conf["loss"] = {"plugin": "bce"}
     conf["train"]["metric"] = "micro_f1"
-    summary = train(resolve(conf, "ml.toml"), tmp_path / "ml", echo=lambda m: None)
+    summary = train(load_config(conf, where="ml.toml"), tmp_path / "ml", echo=lambda m: None)
     assert summary["test"]["micro_f1"] > 0.8
     preds = graft("predict", tmp_path / "ml", "good film was very", "--json", check=True).stdout
     assert set(json.loads(preds)["labels"]) == {"pos", "film"}
@@ -155,7 +155,7 @@ def test_regression_head(tmp_path, tiny_bert):
             w.writerow([f"{'good' if i % 2 else 'bad'} movie was very", 4.0 if i % 2 else 1.0])
     conf = _text_conf(tiny_bert, path, task="regression", label_column="score")
     conf["loss"] = {"plugin": "mse"}
-    summary = train(resolve(conf, "reg.toml"), tmp_path / "reg", echo=lambda m: None)
+    summary = train(load_config(conf, where="reg.toml"), tmp_path / "reg", echo=lambda m: None)
     assert summary["metric"] == "rmse" and summary["test"]["rmse"] < 0.7 and "mae" in summary["test"]
 
 
@@ -221,8 +221,8 @@ def test_matches_hand_written_reference_loop(tmp_path):
                        data={"image_size": 16},
                        train={"seed": seed, "max_steps": steps, "batch_size": batch, "lr": lr, "weight_decay": 0.0,
                               "eval_every": 1000})
-    run = Run(resolve(conf, "ref.toml"))
-    train(resolve(conf, "ref.toml"), tmp_path / "graft", echo=lambda m: None)
+    run = Run(load_config(conf, where="ref.toml"))
+    train(load_config(conf, where="ref.toml"), tmp_path / "graft", echo=lambda m: None)
     ours = [r["loss"] for r in read_metrics(tmp_path / "graft") if r["split"] == "train"]
 
     # --- the classic recipe ---
@@ -267,7 +267,7 @@ def test_imagefolder_train_and_predict(tmp_path):
             folder / f"{i}.png")
     conf = tiny_config(data={"plugin": "imagefolder", "path": str(root), "image_size": 8, "augment": True},
                        train={"max_steps": 4, "eval_every": 4})
-    summary = train(resolve(conf, "img.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="img.toml"), tmp_path / "run", echo=lambda m: None)
     assert summary["test"]["per_class"].keys() == {"class0", "class1", "class2"}
     assert sum(r["support"] for r in summary["test"]["per_class"].values()) == 18  # 20% of 90, stratified
     out = graft("predict", tmp_path / "run", next((root / "class1").iterdir()), "--json", check=True).stdout

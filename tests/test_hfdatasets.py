@@ -7,8 +7,8 @@ import pytest
 
 from conftest import graft, reviews, tiny_config, write_config
 from graft import GraftError
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 
 datasets = pytest.importorskip("datasets")
@@ -33,7 +33,7 @@ def digits_disk(tmp_path_factory):
 def test_save_to_disk_folder_with_its_own_test_split(digits_disk, tmp_path):
     data = {"plugin": "hfdatasets", "path": str(digits_disk), "image_column": "picture", "label_column": "digit",
             "image_size": 8, "val_fraction": 0.1}
-    summary = train(resolve(tiny_config(data=data, train={"epochs": 2}), "c.toml"), tmp_path / "run",
+    summary = train(load_config(tiny_config(data=data, train={"epochs": 2}), where="c.toml"), tmp_path / "run",
                     echo=lambda m: None)
     report = json.loads((tmp_path / "run" / "data.json").read_text())
     own = datasets.load_from_disk(str(digits_disk))
@@ -52,14 +52,14 @@ def test_local_parquet_text_with_few_labels(tmp_path, tiny_bert):
     data = {"plugin": "hfdatasets", "path": str(tmp_path / "r.parquet"), "text_column": "review",
             "label_column": "sentiment", "max_length": 16}
     conf = tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)}, data=data)
-    whole, few = Run(resolve(conf, "c.toml")), Run(resolve(tiny_config(**{**conf, "data": {**data, "train_fraction":
-                                                                                           0.25}}), "c.toml"))
+    whole = Run(load_config(conf, where="c.toml"))
+    few = Run(load_config(tiny_config(**{**conf, "data": {**data, "train_fraction": 0.25}}), where="c.toml"))
     sizes = {s: len(whole.data.dataset(s)) for s in ("train", "val", "test")}
     assert sum(sizes.values()) == 120 and sizes["test"] == 24  # no own splits: the seeded stratified 70/10/20
     assert abs(len(few.data.dataset("train")) - sizes["train"] / 4) <= 2 and whole.data.label_names == ["neg", "pos"]
     assert [len(few.data.dataset(s)) for s in ("val", "test")] == [sizes["val"], sizes["test"]]
     conf["train"].update(epochs=4, batch_size=16, lr=3e-3)
-    summary = train(resolve(conf, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     assert summary["test"]["accuracy"] >= 0.75
 
 
@@ -102,10 +102,10 @@ def test_splits_class_encoded_one_by_one_are_scored_by_name(tmp_path):
     for path in (one_by_one, together):
         data = {"plugin": "hfdatasets", "path": str(path), "image_column": "picture", "label_column": "digit",
                 "image_size": 8}
-        summary = train(resolve(tiny_config(data=data, train={"epochs": 2}), "c.toml"), tmp_path / path.name,
+        summary = train(load_config(tiny_config(data=data, train={"epochs": 2}), where="c.toml"), tmp_path / path.name,
                         echo=lambda m: None)
         scores.append(summary["test"]["accuracy"])
-    run = Run(resolve(tiny_config(data={**data, "path": str(one_by_one)}), "c.toml"))
+    run = Run(load_config(tiny_config(data={**data, "path": str(one_by_one)}), where="c.toml"))
     names = run.data.label_names
     assert names == [f"d{i}" for i in range(10)]
     test = datasets.load_from_disk(str(one_by_one))["test"]

@@ -10,8 +10,8 @@ import pytest
 from conftest import assert_same_weights, one_step_weights, read_metrics
 from test_clm import NO_DROPOUT
 from test_user_files import assert_bad_input, build, cli_run
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -29,7 +29,7 @@ def decoder(tmp_path_factory):
             "strategy": {"plugin": "clm"},
             "data": {"plugin": "corpus", "path": str(corpus), "block_size": 32},
             "train": {"max_steps": 2, "batch_size": 8, "progress": False, "plot": False}}
-    train(resolve(conf, "c.toml"), tmp / "pre", echo=lambda m: None)
+    train(load_config(conf, where="c.toml"), tmp / "pre", echo=lambda m: None)
     return tmp / "pre"
 
 
@@ -110,7 +110,7 @@ def test_sft_lowers_the_response_loss_reports_rouge_and_generates_in_its_templat
     path = write_pairs(tmp_path / "i.jsonl", n=80)
     conf = sft_config(decoder, path, max_steps=80, eval_every=80)
     conf["strategy"].update(rouge_examples=4, max_new_tokens=8)
-    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    train(load_config(conf, where="s.toml"), tmp_path / "run", echo=lambda m: None)
     val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
     assert val[-1]["loss"] < val[0]["loss"] / 2, val
     assert val[-1]["rougeL"] > val[0]["rougeL"] and val[-1]["rougeL"] >= 0.5, val
@@ -307,7 +307,7 @@ def test_a_chatml_run_stops_at_im_end_in_generate_and_rouge(decoder, tmp_path):
     conf = chat_config(tmp_path / "tok", path, val_fraction=0.1)
     conf["strategy"].update(rouge_examples=4, max_new_tokens=16)
     conf["train"].update(max_steps=80, batch_size=8, lr=3e-3, eval_every=80)
-    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    train(load_config(conf, where="s.toml"), tmp_path / "run", echo=lambda m: None)
     assert read_metrics(tmp_path / "run")[-1]["rougeL"] >= 0.7
     code, out = cli_run("generate", tmp_path / "run", "say number 4", "--max-new-tokens", "16", "--json")
     assert code == 0, out
@@ -378,7 +378,7 @@ def test_a_run_on_a_template_ending_in_a_space_answers_with_its_first_word(tmp_p
     path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS * 20))
     conf = chat_config(tmp_path / "tok", path)
     conf["train"].update(max_steps=150, batch_size=8, lr=3e-3)
-    train(resolve(conf, "s.toml"), tmp_path / "run", echo=lambda m: None)
+    train(load_config(conf, where="s.toml"), tmp_path / "run", echo=lambda m: None)
     for prompt, response in PAIRS:
         code, out = cli_run("generate", tmp_path / "run", prompt, "--max-new-tokens", "12", "--json")
         assert code == 0 and json.loads(out.splitlines()[-1])["text"] == response, out

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import graft, read_metrics, tiny_config, write_config
 from graft import Logger
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.testing import registry_with
 
 QUIET = lambda m: None  # noqa: E731
@@ -23,7 +23,7 @@ def test_tensorboard_and_mlflow_hold_what_metrics_jsonl_holds(tmp_path):
     pytest.importorskip("mlflow")
     conf = tiny_config(train={"epochs": 2, "log_every": 5, "loggers": ["tensorboard", "mlflow"]})
     run = tmp_path / "runs" / "a"
-    summary = train(resolve(conf, "c.toml"), run, echo=QUIET)
+    summary = train(load_config(conf, where="c.toml"), run, echo=QUIET)
     records = read_metrics(run)
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,7 +94,7 @@ def test_after_a_kill_and_resume_trackers_hold_what_metrics_jsonl_holds(tmp_path
     tb, mlf, client, first = _tracked(run)
     assert max(r["step"] for r in cut) > 20 and (("train/loss", 21) in mlf)  # the kill landed past the checkpoint
 
-    summary = train(resolve(conf, str(cfg)), run, resume=True, echo=QUIET)
+    summary = train(load_config(conf, where=str(cfg)), run, resume=True, echo=QUIET)
     records = read_metrics(run)
     expected = {}
     for r in records:
@@ -137,7 +137,8 @@ class Pruner(Logger):
 def test_a_third_party_logger_can_end_training(tmp_path):
     Pruner.seen = []
     conf = tiny_config(train={"epochs": 3, "eval_every": 5, "loggers": ["pruner"]})
-    summary = train(resolve(conf, "c.toml", registry_with(Pruner, "logger", "pruner")), tmp_path / "run", echo=QUIET)
+    summary = train(load_config(conf, registry=registry_with(Pruner, "logger", "pruner"), where="c.toml"),
+                    tmp_path / "run", echo=QUIET)
     assert summary["stopped_early"] and summary["steps"] == 10
     assert Pruner.seen.count("val") == 2 and Pruner.seen[-1] == "test"
 

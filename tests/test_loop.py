@@ -15,16 +15,16 @@ from conftest import (start_train, wait_for_lines, assert_same_records, assert_s
                       tiny_config, weights, write_config)
 from graft import GraftError, Loss
 from graft import checkpoint as ckpt
-from graft.config import resolve
+from graft import load_config
 from graft.device import select_device
-from graft.loop import train
+from graft import train
 from graft.optim import lr_lambda
 from graft.run import Run
 from graft.registry import Entry, get_registry
 
 
 def run(tmp_path, name, **tables):
-    conf = resolve(tiny_config(**tables), f"{name}.toml")
+    conf = load_config(tiny_config(**tables), where=f"{name}.toml")
     out = tmp_path / name
     summary = train(conf, out, echo=lambda m: None)
     return out, summary
@@ -129,7 +129,7 @@ def test_nan_loss_skip(tmp_path, nan_loss):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_on_cpu(tmp_path, precision):
-    conf = resolve(tiny_config(train={"precision": precision}), "x.toml")
+    conf = load_config(tiny_config(train={"precision": precision}), where="x.toml")
     r = Run(conf)
     x = torch.randn(4, 3, 8, 8)
     with r.autocast():
@@ -212,11 +212,11 @@ def test_device_selection():
 
 
 def test_schedules_with_warmup():
-    conf = resolve(tiny_config(train={"scheduler": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}), "x")
+    conf = load_config(tiny_config(train={"scheduler": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}), where="x")
     f = lr_lambda(conf.train, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
-    conf = resolve(tiny_config(train={"scheduler": "linear", "warmup_ratio": 0.5}), "x")
+    conf = load_config(tiny_config(train={"scheduler": "linear", "warmup_ratio": 0.5}), where="x")
     f = lr_lambda(conf.train, 100)
     assert f(49) == pytest.approx(1.0) and f(75) == pytest.approx(0.5)
 
@@ -258,14 +258,14 @@ def test_fresh_run_in_a_used_directory_starts_a_fresh_log(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 999, "split": "train", "loss": 1.0}\n')
-    conf = resolve(tiny_config(train={"max_steps": 2}), "x.toml")
+    conf = load_config(tiny_config(train={"max_steps": 2}), where="x.toml")
     train(conf, out, echo=lambda m: None)
     assert all(r["step"] <= 2 for r in read_metrics(out))
 
 
 def test_channels_last_cnn(tmp_path):
-    conf = resolve(tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
-                               train={"channels_last": True, "max_steps": 2}), "x.toml")
+    conf = load_config(tiny_config(backbone={"plugin": "timm", "model": "test_resnet"}, data={"image_size": 16},
+                                   train={"channels_last": True, "max_steps": 2}), where="x.toml")
     r = Run(conf)
     conv = r.model.backbone.model.conv1[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -281,16 +281,17 @@ def test_steps_after_the_last_evaluation_are_evaluated(tmp_path):
 
 
 def test_resume_of_an_early_stopped_run_does_not_train_on(tmp_path):
-    conf = resolve(tiny_config(train={"epochs": 6, "metric": "loss", "metric_mode": "max", "patience": 1}), "x")
+    conf = load_config(tiny_config(train={"epochs": 6, "metric": "loss", "metric_mode": "max", "patience": 1}),
+                       where="x")
     first = train(conf, tmp_path / "r", echo=lambda m: None)
     again = train(conf, tmp_path / "r", resume=True, echo=lambda m: None)
     assert first["stopped_early"] and again["stopped_early"] and again["steps"] == first["steps"]
 
 
 def test_resume_with_another_batch_layout_is_refused(tmp_path):
-    conf = resolve(tiny_config(train={"max_steps": 3}), "x")
+    conf = load_config(tiny_config(train={"max_steps": 3}), where="x")
     train(conf, tmp_path / "r", echo=lambda m: None)
-    other = resolve(tiny_config(train={"max_steps": 6, "batch_size": 16}), "x")
+    other = load_config(tiny_config(train={"max_steps": 6, "batch_size": 16}), where="x")
     with pytest.raises(GraftError, match="batch_size = 32, this config says batch_size = 16"):
         train(other, tmp_path / "r", resume=True, echo=lambda m: None)
 
@@ -310,4 +311,4 @@ def test_checkpoint_resave_same_step_and_damaged_files(tmp_path):
 def test_bad_train_values_are_config_errors(tmp_path):
     for key, value in (("clip_grad_norm", -1.0), ("momentum", 1.5), ("betas", [0.9, 1.2])):
         with pytest.raises(GraftError, match=key):
-            resolve(tiny_config(train={key: value}), "x.toml")
+            load_config(tiny_config(train={key: value}), where="x.toml")

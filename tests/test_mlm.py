@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 from graft.plugins.mlm import mask_tokens
 
@@ -105,7 +105,7 @@ def scratch_config(corpus, **strategy):
 
 
 def test_corpus_blocks_and_word_ids_from_the_fast_tokenizer(corpus):
-    r = Run(resolve(scratch_config(corpus, whole_word=True), "m.toml"))
+    r = Run(load_config(scratch_config(corpus, whole_word=True), where="m.toml"))
     tok = r.backbone.tokenizer()
     assert tok is not None and len(tok) <= 120  # trained on the corpus, within the model's vocabulary
     ds = r.data.dataset("train")
@@ -119,7 +119,7 @@ def test_corpus_blocks_and_word_ids_from_the_fast_tokenizer(corpus):
 
 
 def test_from_scratch_learns_and_hands_off_to_finetune(tmp_path, corpus):
-    summary = train(resolve(scratch_config(corpus), "m.toml"), tmp_path / "mlm", echo=lambda m: None)
+    summary = train(load_config(scratch_config(corpus), where="m.toml"), tmp_path / "mlm", echo=lambda m: None)
     vals = [json.loads(x) for x in (tmp_path / "mlm" / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["split"] == "val"]
     assert vals[0]["step"] == 0 and vals[-1]["perplexity"] < vals[0]["perplexity"] / 2
@@ -137,24 +137,24 @@ def test_from_scratch_learns_and_hands_off_to_finetune(tmp_path, corpus):
                             for t in ["and god said", "and the earth", "and god saw", "and the light"] * 10))
     conf = tiny_config(backbone={"plugin": "hf", "weights": str(tmp_path / "mlm")},
                        data={"plugin": "text", "path": str(data), "max_length": 16}, train={"max_steps": 2})
-    r = Run(resolve(conf, "ft.toml"))
+    r = Run(load_config(conf, where="ft.toml"))
     mlm_state = AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm" / "mlm").state_dict()
     key = "embeddings.word_embeddings.weight"
     assert torch.equal(r.backbone.hf_model.state_dict()[key], mlm_state[f"bert.{key}"])
     assert len(r.backbone.tokenizer()) == len(AutoTokenizer.from_pretrained(tmp_path / "mlm" / "backbone"))
-    train(resolve(conf, "ft.toml"), tmp_path / "ft", echo=lambda m: None)
+    train(load_config(conf, where="ft.toml"), tmp_path / "ft", echo=lambda m: None)
 
 
 def test_continued_pretraining_keeps_a_pretrained_tokenizer(tmp_path, corpus, tiny_bert):
     conf = scratch_config(corpus)
     conf["backbone"] = {"plugin": "hf", "weights": str(tiny_bert)}
-    r = Run(resolve(conf, "m.toml"))
+    r = Run(load_config(conf, where="m.toml"))
     assert len(r.backbone.tokenizer()) == 20  # the saved toy vocabulary, not a new one
     assert r.strategy.model.bert is r.backbone.hf_model  # the MLM model trains the backbone itself
 
 
 def test_a_batch_without_masked_tokens_gives_zero_loss_not_nan(corpus):
-    r = Run(resolve(scratch_config(corpus, mlm_probability=1e-9), "m.toml"))
+    r = Run(load_config(scratch_config(corpus, mlm_probability=1e-9), where="m.toml"))
     ds = r.data.dataset("train")
     batch = r.data.collate([ds[i] for i in range(2)])
     loss = r.strategy.training_step(r.model, batch)["loss"]
@@ -174,7 +174,7 @@ def test_accumulation_normalises_masked_tokens_over_the_whole_step(corpus, tmp_p
                           eval_at_start=False, eval_every=0)
         return c
 
-    r = Run(resolve(conf(3, 2), "m.toml"))
+    r = Run(load_config(conf(3, 2), where="m.toml"))
     order = r.loader("train", train=True)
     order.sampler.set_epoch(0)
     first, second = list(iter(order))[:2]

@@ -8,14 +8,14 @@ import torch
 from conftest import TINY_VIT, tiny_config
 from test_clm import gpt2_config
 from test_user_files import assert_bad_input, cli_run
-from graft.config import resolve
+from graft import load_config
 from graft.run import Run
 
 
 def step(conf, checkpointing):
     """(loss, {name: grad}, bytes of tensors autograd kept for backward) of one training step's first batch."""
     conf = {**conf, "train": {**conf["train"], "gradient_checkpointing": checkpointing}}
-    run = Run(resolve(conf, "c.toml"))
+    run = Run(load_config(conf, where="c.toml"))
     run.model.train()
     batch = next(iter(run.loader("train", train=True)))
     kept = []

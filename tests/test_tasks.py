@@ -51,11 +51,11 @@ def test_core_and_distill_never_branch_on_a_task_name():
 
 
 def test_unknown_task_names_the_tasks_that_exist(tmp_path):
-    from graft.config import resolve
+    from graft import load_config
     from graft.errors import GraftError
     from graft.run import Run
 
-    conf = resolve(tiny_config(train={"max_steps": 1}), "x")
+    conf = load_config(tiny_config(train={"max_steps": 1}), where="x")
     run_data = conf.plugins["data"]
     run_data.cls = type("Odd", (run_data.cls,), {"task": "ordinl"})
     with pytest.raises(GraftError, match="does not handle data task 'ordinl'.*Available: classification"):

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import graft, write_config
 from graft import UNLABELLED, load_config
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 from graft.run import Run
 
 pytest.importorskip("seqeval")
@@ -53,7 +53,7 @@ def test_first_piece_carries_the_tag(ner_tokenizer, tmp_path):
     """Hand-checked: "annas" is two pieces (anna ##s); only the first is labelled, specials never are."""
     path = tmp_path / "one.conll"
     path.write_text("annas B-PER\nwent O\nto O\nromey B-LOC\n")
-    r = Run(resolve(conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0), "c.toml"))
+    r = Run(load_config(conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0), where="c.toml"))
     tok = r.backbone.tokenizer()
     ids, labels = r.data.dataset("train")[0]
     assert tok.convert_ids_to_tokens(ids) == ["[CLS]", "anna", "##s", "went", "to", "rome", "##y", "[SEP]"]
@@ -79,7 +79,7 @@ def test_words_without_pieces_are_no_targets_and_keep_every_tag_in_place(ner_tok
     path.write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in s) for s in sentences) + "\n")
     c = conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0, val_path=str(path), max_length=6)
     with pytest.warns(GraftWarning, match="12 words give no sub-word piece .*e.g. '.u200b'.* such a word O"):
-        r = Run(resolve(c, "c.toml"))
+        r = Run(load_config(c, where="c.toml"))
     assert r.data.report() == {"sentences": {"train": 3, "val": 3, "test": 0}, "words_past_max_length": 2,
                                "words_without_pieces": 12}  # train and val, the same file
     tok = r.backbone.tokenizer()
@@ -98,7 +98,7 @@ def test_words_without_pieces_are_no_targets_and_keep_every_tag_in_place(ner_tok
     pos = tmp_path / "pos.conll"
     pos.write_text("\u200b PUNCT\nanna PROPN\nwent VERB\n\u00ad PUNCT\n")
     with pytest.warns(GraftWarning, match="2 words give .* tags such a word with none"):
-        r = Run(resolve(conf(ner_tokenizer, pos, val_fraction=0.0, test_fraction=0.0), "p.toml"))
+        r = Run(load_config(conf(ner_tokenizer, pos, val_fraction=0.0, test_fraction=0.0), where="p.toml"))
     tags = predict(r, ["\u200b anna went \u00ad"])[0]["tags"]
     assert tags[0] is None and tags[3] is None and {tags[1], tags[2]} <= {"PROPN", "VERB", "PUNCT"}
 
@@ -112,7 +112,7 @@ def test_a_split_without_any_word_piece_exits_2(ner_tokenizer, tmp_path):
     val.write_text("\u200b O\n\u00ad O\n\n\u200b O\n")
     c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=20), val_path=str(val))
     with pytest.raises(GraftError, match=f"no word of the val split \\({val}\\) has a sub-word piece"):
-        Run(resolve(c, "c.toml"))
+        Run(load_config(c, where="c.toml"))
 
 
 def test_entity_counts_match_seqeval_and_a_hand_count():
@@ -154,9 +154,10 @@ def test_conllu_reads_forms_and_upos(ner_tokenizer, tmp_path):
             "2\twent\tgo\tVERB\tVBD\t_\t0\troot\t_\t_", "3\tto\tto\tADP\tIN\t_\t4\tcase\t_\t_",
             "3.1\tx\t_\t_\t_\t_\t_\t_\t_\t_", "4\trome\trome\tPROPN\tNNP\t_\t2\tobl\t_\t_", ""]
     path.write_text(("\n".join(rows) + "\n") * 3)
-    r = Run(resolve(conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0), "c.toml"))
+    r = Run(load_config(conf(ner_tokenizer, path, val_fraction=0.0, test_fraction=0.0), where="c.toml"))
     assert r.data.label_names == ["ADP", "PROPN", "VERB"] and len(r.data.dataset("train")) == 3
-    r = Run(resolve(conf(ner_tokenizer, path, conllu_tag="xpos", val_fraction=0.0, test_fraction=0.0), "c.toml"))
+    r = Run(load_config(conf(ner_tokenizer, path, conllu_tag="xpos", val_fraction=0.0, test_fraction=0.0),
+                        where="c.toml"))
     assert r.data.label_names == ["IN", "NNP", "VBD"]
     assert r.strategy.primary_metric == "accuracy"  # POS tags: token accuracy, no entities
 
@@ -172,7 +173,7 @@ def test_bad_files_exit_2_naming_file_and_line(ner_tokenizer, tmp_path):
     bad = tmp_path / "bad.conllu"
     bad.write_text("1\tanna\tanna\tPROPN\n")
     with pytest.raises(GraftError, match=f"{bad}, line 1: a CoNLL-U word line has 10 tab-separated columns"):
-        Run(resolve(conf(ner_tokenizer, bad), "d.toml"))
+        Run(load_config(conf(ner_tokenizer, bad), where="d.toml"))
 
 
 def test_a_backbone_without_token_features_is_refused(ner_tokenizer, tmp_path):
@@ -189,7 +190,7 @@ def test_a_backbone_without_token_features_is_refused(ner_tokenizer, tmp_path):
     c = conf(ner_tokenizer, ner_file(tmp_path / "n.conll", n=20))
     c["backbone"]["plugin"] = "pooled"
     with pytest.raises(GraftError, match="one feature vector per token.*'pooled' gives none"):
-        Run(resolve(c, "c.toml", registry_with(Pooled, "backbone", "pooled")))
+        Run(load_config(c, registry=registry_with(Pooled, "backbone", "pooled"), where="c.toml"))
 
 
 def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
@@ -202,8 +203,8 @@ def test_lora_and_layer_decay_on_a_token_task(ner_tokenizer, tmp_path):
     c["adapter"] = {"plugin": "lora", "r": 4, "target_modules": ["query", "value"]}
     c["strategy"]["layer_decay"] = 0.8
     c["train"].update(max_steps=6, eval_every=6)
-    before = Run(resolve(c, "c.toml")).model.state_dict()
-    summary = train(resolve(c, "c.toml"), tmp_path / "run", echo=lambda m: None)
+    before = Run(load_config(c, where="c.toml")).model.state_dict()
+    summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     after = load_file(str(tmp_path / "run" / "last.safetensors"))
     base = [k for k in after if "lora_" not in k and k.startswith("backbone.") and "weight" in k]
     assert base and all(before[k].equal(after[k]) for k in base)
@@ -232,16 +233,16 @@ def test_per_token_distillation(ner_tokenizer, tmp_path):
     """A 1-layer student learns the 2-layer teacher's tags from its per-token soft targets (same tokenizer); a
     student with another tokenizer is refused with the fix."""
     path = ner_file(tmp_path / "n.conll")
-    train(resolve(conf(ner_tokenizer, path), "t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    train(load_config(conf(ner_tokenizer, path), where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
     c = conf(ner_tokenizer, path)
     c["backbone"]["config"]["num_hidden_layers"] = 1
     c["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher")}
     c["loss"] = {"plugin": "kd", "temperature": 2.0, "alpha": 0.5}
-    summary = train(resolve(c, "s.toml"), tmp_path / "student", echo=lambda m: None)
+    summary = train(load_config(c, where="s.toml"), tmp_path / "student", echo=lambda m: None)
     assert summary["test"]["teacher_accuracy"] >= 0.9 and summary["test"]["agreement"] >= 0.9
     assert summary["test"]["entity_f1"] >= 0.8
     c["data"]["max_length"] = 5  # other pieces than the teacher's
     from graft import GraftError
 
     with pytest.raises(GraftError, match="per-token distillation needs the teacher's tokens"):
-        Run(resolve(c, "s.toml"))
+        Run(load_config(c, where="s.toml"))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import reviews, tiny_config, write_config
 from graft import UNLABELLED, GraftError
 from graft.cli import cli
-from graft.config import resolve
+from graft import load_config
 
 
 def cli_run(*args):
@@ -29,7 +29,7 @@ def assert_bad_input(code, out, *needles):
 
 def build(conf: dict):
     """(backbone, data source) of a config, the source set up as a run would."""
-    conf = resolve(conf, "t.toml")
+    conf = load_config(conf, where="t.toml")
     b, d = conf.plugins["backbone"], conf.plugins["data"]
     backbone, data = b.cls(b.options), d.cls(d.options)
     backbone.name, data.name = b.name, d.name

@@ -16,8 +16,8 @@ from conftest import (assert_same_records, assert_same_weights, graft, read_metr
                       wait_for_lines, weights, write_config)
 from test_user_files import assert_bad_input, build, cli_run
 from graft import checkpoint as ckpt
-from graft.config import resolve
-from graft.loop import train
+from graft import load_config
+from graft import train
 
 
 def test_resume_after_sigkill_inside_an_accumulation_window(tmp_path):
@@ -52,7 +52,7 @@ def test_resume_after_gradual_unfreezing_changed_the_trainable_set(tmp_path):
 
 
 def test_resume_from_a_truncated_latest_checkpoint_falls_back(tmp_path):
-    conf = resolve(tiny_config(train={"epochs": 3, "batch_size": 64}), "x")
+    conf = load_config(tiny_config(train={"epochs": 3, "batch_size": 64}), where="x")
     train(conf, tmp_path / "full", echo=lambda m: None)
     train(conf, tmp_path / "cut", echo=lambda m: None)
     latest = ckpt.latest(tmp_path / "cut" / "checkpoints")
@@ -69,14 +69,14 @@ def test_a_damaged_checkpoint_is_set_aside_and_not_counted(tmp_path):
     the checkpoints, where it counted against keep_checkpoints (a good one was deleted in its place) and stayed the
     newest one on disk."""
     conf = tiny_config(train={"epochs": 1, "checkpoint_every": 10, "keep_checkpoints": 2})
-    train(resolve(conf, "x"), tmp_path / "cut", echo=lambda m: None)
+    train(load_config(conf, where="x"), tmp_path / "cut", echo=lambda m: None)
     directory = tmp_path / "cut" / "checkpoints"
     latest = ckpt.latest(directory)
     model = latest / "model.safetensors"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 3])
     conf["train"]["max_steps"] = int(latest.name.split("-")[1]) - 5  # the resumed run ends before that step
     said = []
-    train(resolve(conf, "x"), tmp_path / "cut", resume=True, echo=said.append)
+    train(load_config(conf, where="x"), tmp_path / "cut", resume=True, echo=said.append)
     steps = sorted(p.name for p in directory.glob("step-*"))
     assert len(steps) == 2 and all(ckpt.load(directory / name) for name in steps), steps
     assert (directory / f"damaged-{latest.name}").is_dir() and ckpt.latest(directory).name == steps[-1]
