@@ -49,11 +49,39 @@ def write_config(path: Path, conf: dict) -> Path:
     return path
 
 
-def graft(*args, env=None, check=False, cwd=None) -> subprocess.CompletedProcess:
-    """Run the real `graft` command in a subprocess."""
+def graft(*args, env=None, check=False, cwd=None, subprocess_=False) -> subprocess.CompletedProcess:
+    """Run the real `graft` command: in this process through click's runner (each start-up of a new Python costs
+    seconds of imports), or in a subprocess when ``env`` or ``cwd`` is given (installed plugins, working folders) or
+    ``subprocess_`` asks for one (signals, exit paths of the process itself)."""
+    if env is None and cwd is None and not subprocess_:
+        return _graft_in_process(args, check)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "graft.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"graft {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def _graft_in_process(args, check) -> subprocess.CompletedProcess:
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from graft.cli import cli
+
+    saved_env, saved_show = dict(os.environ), warnings.showwarning
+    try:
+        result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="graft")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)  # --debug sets GRAFT_DEBUG
+        warnings.showwarning = saved_show
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))  # what a subprocess would have printed
+    proc = subprocess.CompletedProcess(["graft", *map(str, args)], result.exit_code, result.stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"graft {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
