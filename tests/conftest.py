@@ -52,8 +52,9 @@ def write_config(path: Path, conf: dict) -> Path:
 def graft(*args, env=None, check=False, cwd=None, subprocess_=False) -> subprocess.CompletedProcess:
     """Run the real `graft` command: in this process through click's runner (each start-up of a new Python costs
     seconds of imports), or in a subprocess when ``env`` or ``cwd`` is given (installed plugins, working folders) or
-    ``subprocess_`` asks for one (signals, exit paths of the process itself)."""
-    if env is None and cwd is None and not subprocess_:
+    ``subprocess_`` asks for one (signals, exit paths of the process itself), and for ``--nproc`` (the launched
+    processes print to the real standard streams)."""
+    if env is None and cwd is None and not subprocess_ and "--nproc" not in map(str, args):
         return _graft_in_process(args, check)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "graft.cli", *map(str, args)], capture_output=True, text=True,
