@@ -327,13 +327,16 @@ def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
 def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, trust_remote_code):
     """Continue PROMPT with a finished language-model run (strategy clm), streaming the text. A run tuned on
     instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself)."""
+    from .capabilities import TextGeneration, require
     from .run import load_run
 
     if not prompt.strip():
         raise GraftError("The prompt is empty: give the text to continue, e.g. graft generate RUN \"Once upon a time\".")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
-    text = run.strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream, raw=raw)
+    strategy = require(run.strategy, TextGeneration, "graft generate",
+                       "graft generate needs a run of a language model strategy (clm).")
+    text = strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream, raw=raw)
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "text": text}))
     else:

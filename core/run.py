@@ -122,7 +122,10 @@ def rebuilt_alone(run: Run, weights: Path) -> Run:
     handed over."""
     info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
     plain = Run(run.config, dist=distributed.Dist(), device=torch.device("cpu"), data_info=info, reseed=False)
-    if run.backbone.modality == "text" and run.backbone.tokenizer() is not None:
+    from .capabilities import SettableTokenizer
+
+    if isinstance(plain.backbone, SettableTokenizer) and run.backbone.modality == "text" and \
+            run.backbone.tokenizer() is not None:
         plain.backbone.set_tokenizer(run.backbone.tokenizer())
     _load(plain, ckpt.load_weights(weights), weights)
     return plain
