@@ -115,4 +115,5 @@ def require(plugin, capability: type, asked: str, fix: str = ""):
     cls = plugin if isinstance(plugin, type) else type(plugin)
     kind = next((k for base, k in _KINDS if issubclass(cls, base)), "plugin")
     does = capability.__doc__.strip().splitlines()[0].rstrip(".").replace("``", "")
-    raise GraftError(f"{asked}: {kind} {plugin.name!r} does not {does[0].lower()}{does[1:]}. {fix}".rstrip())
+    name = plugin.name or cls.__name__  # a class's registered name is set on the instances a run builds
+    raise GraftError(f"{asked}: {kind} {name!r} does not {does[0].lower()}{does[1:]}. {fix}".rstrip())

@@ -2,8 +2,8 @@
 ``task.py``; what only some plugins provide, in ``graft.capabilities``). ``docs/plugins.md`` explains each kind.
 
 Importing this module never imports torch (``graft list`` / ``describe`` import plugins without paying for it);
-implementations import torch inside methods. A plugin's ``name`` is the name it was registered under: the registry
-sets it on the class, a run on the instance it builds from a config table.
+implementations import torch inside methods. A plugin's ``name`` is the name it was registered under: ``create``
+sets it on the instance it builds from a config table (a class keeps its own ``name``, "" unless it sets one).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Plugin:
     """Base of every plugin class. ``Options`` is a dataclass: each field is one key of the config table."""
 
     Options: ClassVar[type] = NoOptions
-    #: set by the registry to the name the class was registered under
+    #: the name it was registered under, set on the instances a run builds (``create``)
     name: ClassVar[str] = ""
 
     def __init__(self, options=None):
