@@ -293,8 +293,8 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .files import read_text
-    from .task import Task
     from .run import load_run, predict as run_predict
+    from .task import Task
 
     lines = []
     if input_file == "-":
