@@ -17,9 +17,9 @@ from .config import create, load_config
 from .errors import GraftError, GraftWarning, did_you_mean, warn
 from .files import read_text
 from .hookspecs import hookimpl
-from .interfaces import (UNLABELLED, Adapter, Backbone, DataSource, Logger, Loss, Plugin, SoftTargetLoss,
-                         Strategy, Task)
+from .interfaces import UNLABELLED, Adapter, Backbone, DataSource, Logger, Loss, Plugin, SoftTargetLoss, Strategy
 from .options import option
+from .task import Task
 
 __version__ = "0.1.0"
 

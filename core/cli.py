@@ -293,8 +293,8 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .files import read_text
-    from .interfaces import Task
     from .run import load_run, predict as run_predict
+    from .task import Task
 
     lines = []
     if input_file == "-":
@@ -327,13 +327,16 @@ def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
 def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, trust_remote_code):
     """Continue PROMPT with a finished language-model run (strategy clm), streaming the text. A run tuned on
     instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself)."""
+    from .capabilities import TextGeneration, require
     from .run import load_run
 
     if not prompt.strip():
         raise GraftError("The prompt is empty: give the text to continue, e.g. graft generate RUN \"Once upon a time\".")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
-    text = run.strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream, raw=raw)
+    strategy = require(run.strategy, TextGeneration, "graft generate",
+                       "graft generate needs a run of a language model strategy (clm).")
+    text = strategy.generate(run.model, prompt, max_new_tokens, temperature, top_p, stream=stream, raw=raw)
     if as_json:
         click.echo(json.dumps({"prompt": prompt, "text": text}))
     else:

@@ -84,6 +84,34 @@ def check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size must be 0 (the backbone's own) or 1 to {MAX_IMAGE_SIZE}, got {image_size}.")
 
 
+def check_limits(backbone, *, where: str, tokens: int | None = None, tokens_key: str = "", tokenizer=None,
+                 image_size: tuple[int, int] | None = None, image_key: str = "") -> int | None:
+    """Check what a data source will feed ``backbone`` against ``backbone.limits()``: ``tokens`` per example
+    (option ``tokens_key``), the ``tokenizer``'s vocabulary, and ``image_size`` (option ``image_key``).
+
+    Returns the backbone's usable token count (None: no limit). Raises GraftError naming ``where``, both numbers
+    and the key to change when something does not fit -- an index error in the first step otherwise.
+    """
+    limits = backbone.limits()
+    max_tokens = limits.get("max_tokens")
+    if tokens is not None and max_tokens is not None and tokens > max_tokens:
+        raise GraftError(f"{where}: {tokens_key} = {tokens}, but backbone {backbone.name!r} takes at most "
+                         f"{max_tokens} tokens per example{limits.get('max_tokens_why', '')}. Set {tokens_key} "
+                         f"to {max_tokens} or less.")
+    vocab = limits.get("vocab_size")
+    if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:
+        raise GraftError(f"{where}: the tokenizer has {len(tokenizer)} tokens, but backbone {backbone.name!r}'s "
+                         f"embedding table has {vocab} rows, so some token ids would not exist. Use the model's "
+                         f"own tokenizer ([backbone] tokenizer = \"DIR\") or a model with vocab_size >= "
+                         f"{len(tokenizer)}.")
+    fixed = limits.get("image_size")
+    if image_size is not None and fixed is not None and tuple(image_size) != tuple(fixed):
+        raise GraftError(f"{where}: {image_key} = {image_size[0]} gives {image_size[0]}x{image_size[1]} images, "
+                         f"but backbone {backbone.name!r} takes only {fixed[0]}x{fixed[1]}. Set {image_key} = "
+                         f"{fixed[0]} (or 0 for the backbone's own size).")
+    return max_tokens
+
+
 def image_transform(backbone, image_size: int) -> "ImageTransform":
     """Tensor [C0, H, W] in [0, 1] -> the backbone's input: resized, channels matched, normalised."""
     import torch

@@ -29,7 +29,7 @@ from .supervised import Supervised
 FORMATS = ("native", "onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 IMAGE_INPUT = "pixel_values"
-PREPROCESSING = "preprocessing"  # folder of an export: Backbone.save_preprocessing's files
+PREPROCESSING = "preprocessing"  # folder of an export: save_preprocessing's files
 EXPORT_INFO = "export.json"
 #: above this many bytes of weights an ONNX file keeps them in model.onnx.data (protobuf's 2 GiB limit)
 EXTERNAL_DATA_BYTES = 1 << 30
@@ -267,7 +267,7 @@ def copy_run_files(run_dir: Path, out: Path, run: Run) -> None:
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
     (out / PREPROCESSING).mkdir(exist_ok=True)
-    run.backbone.save_preprocessing(str(out / PREPROCESSING))
+    save_preprocessing(run.backbone, out / PREPROCESSING)
 
 
 def export(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
@@ -298,8 +298,24 @@ def export(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
     return info
 
 
+def save_preprocessing(backbone: Backbone, directory: Path) -> None:
+    """Write what encoding raw inputs for ``backbone`` takes into the (existing) ``directory``: ``preprocessing.json``
+    (modality, ``limits()``, and ``image_config()`` for image models) and, for text models, the tokenizer's own files
+    (its ``save_pretrained``). An exported network (ONNX) is served from these without the network itself
+    (``SavedPreprocessing``). Raises GraftError when a text model has no tokenizer."""
+    info = {"backbone": backbone.name, "modality": backbone.modality, "limits": backbone.limits()}
+    if backbone.modality == "image":
+        info["image_config"] = backbone.image_config()
+    else:
+        tokenizer = backbone.tokenizer()
+        if tokenizer is None:
+            raise GraftError(f"backbone {backbone.name!r} has no tokenizer to save beside its export.")
+        tokenizer.save_pretrained(str(directory))
+    Path(directory, "preprocessing.json").write_text(json.dumps(info, indent=2))
+
+
 class SavedPreprocessing(Backbone):
-    """The preprocessing of an exported network, read from the files ``Backbone.save_preprocessing`` wrote:
+    """The preprocessing of an exported network, read from the files ``save_preprocessing`` wrote:
     modality, image config, input limits, tokenizer (loaded by the backbone family's ``load_tokenizer``). Data
     sources encode inputs with it as with the backbone; it has no network."""
 
@@ -329,7 +345,10 @@ class SavedPreprocessing(Backbone):
         if self.modality != "text":
             return super().tokenizer()
         if self._tokenizer is None:
-            self._tokenizer = self.family.load_tokenizer(str(self.directory))
+            from .capabilities import SavedTokenizer, require
+
+            family = require(self.family, SavedTokenizer, f"serving the export in {self.directory.parent}")
+            self._tokenizer = family.load_tokenizer(str(self.directory))
         return self._tokenizer
 
 

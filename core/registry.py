@@ -24,7 +24,8 @@ import pluggy
 
 from . import hookspecs
 from .errors import GraftError, did_you_mean
-from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy, Task
+from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
+from .task import Task
 
 ENTRY_POINT_GROUP = "graft"
 

@@ -120,9 +120,12 @@ def rebuilt_alone(run: Run, weights: Path) -> Run:
     """``run``'s model built again in this process alone on the CPU, holding ``weights`` (a safetensors file): the
     exports of a sharded run need a whole model. No data is read; the tokenizer (one trained on a corpus, say) is
     handed over."""
+    from .capabilities import SettableTokenizer
+
     info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
     plain = Run(run.config, dist=distributed.Dist(), device=torch.device("cpu"), data_info=info, reseed=False)
-    if run.backbone.modality == "text" and run.backbone.tokenizer() is not None:
+    if isinstance(plain.backbone, SettableTokenizer) and run.backbone.modality == "text" and \
+            run.backbone.tokenizer() is not None:
         plain.backbone.set_tokenizer(run.backbone.tokenizer())
     _load(plain, ckpt.load_weights(weights), weights)
     return plain

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import GraftError
-from .interfaces import UNLABELLED, Strategy, Task
+from .interfaces import UNLABELLED, Strategy
 from .options import option
 from .registry import get_registry
+from .task import Task
 
 #: tag prefixes of entity schemes (BIO / IOB2, BIOES / IOBES): tags like "B-PER" get entity-level metrics
 ENTITY_PREFIXES = ("B-", "I-", "E-", "S-")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graft import UNLABELLED, GraftError, SoftTargetLoss, Strategy, hookimpl, option
+from graft.capabilities import TaskModel, require
 
 
 @dataclass
@@ -58,7 +59,8 @@ class CLM(Strategy):
                              "[data] plugin = \"instructions\".")
         # built once here: a missing package is bad input now, not an error at the first evaluation
         self.scorer = self._scorer() if o.rouge_examples else None
-        self.model = self.backbone.task_model("causal-lm")
+        self.model = require(self.backbone, TaskModel, "[strategy] plugin = \"clm\"",
+                             "Use an hf text backbone.").task_model("causal-lm")
         self.teacher, self.progress = None, 0.0
         if o.teacher:
             self.teacher = self._load_teacher(o.teacher)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text, warn
-from graft.data import ENCODING_HELP, SplitOptions, check_encoding, few_labels, pad_tokens, stratified_split
+from graft.data import (ENCODING_HELP, SplitOptions, check_encoding, check_limits, few_labels, pad_tokens,
+                        stratified_split)
 from graft.supervised import outside_tag
 
 CONLLU_TAGS = {"upos": 3, "xpos": 4}
@@ -126,8 +127,8 @@ class CoNLL(DataSource):
         if tok is None or not getattr(tok, "is_fast", False):
             raise GraftError(f"{where}: backbone {backbone.name!r} needs a fast (Rust) tokenizer: the alignment of "
                              f"words to pieces reads its word_ids().")
-        limit = self.check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length", tokenizer=tok,
-                                  where=where)
+        limit = check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length", tokenizer=tok,
+                             where=where)
         self.max_length = o.max_length or min(256, limit or 256)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         parts = {"": read_sentences(o.path, o, where)}

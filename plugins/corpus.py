@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import DataSource, GraftError, hookimpl, option, read_text
-from graft.data import ENCODING_HELP, check_encoding
+from graft.capabilities import SettableTokenizer, require
+from graft.data import ENCODING_HELP, check_encoding, check_limits
 
 
 @dataclass
@@ -185,8 +186,9 @@ class Corpus(DataSource):
                                  f"vocab_size (or [data] vocab_size) to 257 or more, or tokenizer_type = "
                                  f"\"wordpiece\".")
             tok = cached_tokenizer(split_docs["train"], size, kind)
-            backbone.set_tokenizer(tok)
-        self.check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
+            require(backbone, SettableTokenizer, f"{where} (training a tokenizer for a model without one)",
+                    "Give the backbone a tokenizer of its own.").set_tokenizer(tok)
+        check_limits(backbone, tokens=o.block_size, tokens_key="block_size", tokenizer=tok, where=where)
         self.tokenizer = tok
         self.special_ids = sorted(set(tok.all_special_ids))
         self.blocks = {s: self._blocks(tok, d) for s, d in split_docs.items()}

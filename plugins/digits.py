@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graft import UNLABELLED, DataSource, hookimpl, option
-from graft.data import (SplitOptions, check_image_size, few_labels, image_transform, open_image,
-                        stratified_split)
+from graft.data import (SplitOptions, check_image_size, check_limits, few_labels, image_transform,
+                        open_image, stratified_split)
 
 
 @dataclass
@@ -33,8 +33,8 @@ class Digits(DataSource):
         import torch
 
         self.require(backbone, "image")
-        self.check_limits(backbone, image_size=(self.options.image_size,) * 2 if self.options.image_size else None,
-                          image_key="image_size", where="[data] plugin = \"digits\"")
+        check_limits(backbone, image_size=(self.options.image_size,) * 2 if self.options.image_size else None,
+                     image_key="image_size", where="[data] plugin = \"digits\"")
         from sklearn.datasets import load_digits
 
         d = load_digits()

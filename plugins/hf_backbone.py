@@ -69,9 +69,17 @@ _LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
 class HFBackbone(Backbone):
-    """Any Hugging Face AutoModel (text or vision) from a local directory, or random init from a config."""
+    """Any Hugging Face AutoModel (text or vision) from a local directory, or random init from a config.
+
+    Beyond ``graft.Backbone`` it has the capabilities (``graft.capabilities``) ``TaskModel``, ``SettableTokenizer``,
+    ``SavedTokenizer`` and ``PretrainedFolder``.
+    """
 
     Options = HFOptions
+    #: the underlying ``transformers.PreTrainedModel``, set by ``build``
+    hf_model = None
+    #: the local folder the pretrained weights came from (a ``save_pretrained`` folder), or None for random init
+    source_dir = None
 
     def build(self):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
@@ -246,7 +254,7 @@ class HFBackbone(Backbone):
         auto = {"masked-lm": transformers.AutoModelForMaskedLM, "causal-lm": transformers.AutoModelForCausalLM}[task]
         base = self.hf_model
         if self.modality != "text":
-            return super().task_model(task)
+            raise GraftError(f"backbone {self.name!r} has no {task} form; use an hf text backbone.")
         try:
             model = auto.from_config(base.config)
         except ValueError as e:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, warn
-from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, image_transform, open_image,
-                        pad_tokens, stratified_split)
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, check_limits, few_labels, image_transform,
+                        open_image, pad_tokens, stratified_split)
 
 #: split names taken for each role when the split options leave it open; a dataset without a training split of
 #: these names stops rather than train on whatever split it has (test data is never trained on unasked)
@@ -213,8 +213,8 @@ class HFDatasets(DataSource):
             tok = backbone.tokenizer()
             if tok is None:
                 raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer; set [backbone] tokenizer.")
-            limit = self.check_limits(backbone, tokens=self.options.max_length or None, tokens_key="max_length",
-                                      tokenizer=tok, where=where)
+            limit = check_limits(backbone, tokens=self.options.max_length or None, tokens_key="max_length",
+                                 tokenizer=tok, where=where)
             self.max_length = self.options.max_length or min(256, limit or 256)
             self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
             columns = {id(ds): ds[column] for ds, _, _ in items}  # one read per split, not one per row

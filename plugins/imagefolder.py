@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
-from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, few_labels, image_problem, open_image,
-                        stratified_split)
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, check_limits, few_labels, image_problem,
+                        open_image, stratified_split)
 
 
 @dataclass
@@ -66,8 +66,8 @@ class ImageFolder(DataSource):
         if not root.is_dir():
             raise GraftError(f"{where}: path {o.path!r} is not a folder.")
         self.require(backbone, "image")
-        self.check_limits(backbone, image_size=(o.image_size,) * 2 if o.image_size else None, image_key="image_size",
-                          where=where)
+        check_limits(backbone, image_size=(o.image_size,) * 2 if o.image_size else None, image_key="image_size",
+                     where=where)
         if (root / "train").is_dir():
             parts = {s: list_images(root / s) for s in ("train", "val", "test") if (root / s).is_dir()}
         else:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import DataSource, GraftError, hookimpl, option, read_text, warn
-from graft.data import ENCODING_HELP, check_encoding
+from graft.data import ENCODING_HELP, check_encoding, check_limits
 
 IGNORE = -100  # torch's cross-entropy ignore_index: a token that is context, not a target
 ROLES = ("system", "user", "assistant")
@@ -219,6 +219,7 @@ class Instructions(DataSource):
     Options = InstructionsOptions
     task = "sft"
     view_options = ("max_length",)
+    training_options = ()
 
     def setup(self, backbone, seed):
         import numpy as np
@@ -230,8 +231,8 @@ class Instructions(DataSource):
         if tok is None:
             raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer. Instruction tuning starts from a "
                              f"language model: pass its folder (weights = \"DIR\"), or tokenizer = \"DIR\".")
-        limit = self.check_limits(backbone, where=where, tokens=o.max_length or None, tokens_key="max_length",
-                                  tokenizer=tok)
+        limit = check_limits(backbone, where=where, tokens=o.max_length or None, tokens_key="max_length",
+                             tokenizer=tok)
         self.max_length = o.max_length or limit or 2048
         self.renderer = Renderer(tok, o.template, where)
         self.tokenizer = tok

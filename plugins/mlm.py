@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graft import GraftError, Strategy, hookimpl, option
+from graft.capabilities import TaskModel, require
 
 
 # -- masking --------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class MLM(Strategy):
     def build(self):
         if self.data.task != "mlm":
             raise GraftError("[strategy] plugin = \"mlm\" needs [data] plugin = \"corpus\" (unlabelled text).")
-        self.model = self.backbone.task_model("masked-lm")
+        self.model = require(self.backbone, TaskModel, "[strategy] plugin = \"mlm\"",
+                             "Use an hf text backbone.").task_model("masked-lm")
         self.mask_id = self.backbone.tokenizer().mask_token_id  # the corpus gave a random-init backbone its own
         if self.mask_id is None:
             raise GraftError("[strategy] plugin = \"mlm\": the tokenizer has no mask token, so it cannot do masked-LM "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import Adapter, GraftError, did_you_mean, hookimpl, option
+from graft.capabilities import PretrainedFolder
 
 #: leaf names of a timm vision transformer's attention input projection
 _VIT_QKV = "qkv"
@@ -87,7 +88,8 @@ class PeftAdapter(Adapter):
         state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.config.base_model_name_or_path = str(backbone.source_dir) if backbone.source_dir else None
+        folder = backbone.source_dir if isinstance(backbone, PretrainedFolder) else None
+        self.config.base_model_name_or_path = str(folder) if folder else None
         self.config.save_pretrained(str(out))
         save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         return sum(f.stat().st_size for f in out.iterdir() if f.is_file())

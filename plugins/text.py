@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, read_text, warn
-from graft.data import (ENCODING_HELP, IMAGE_SUFFIXES, SplitOptions, check_encoding, few_labels, pad_tokens,
-                        stratified_split)
+from graft.data import (ENCODING_HELP, IMAGE_SUFFIXES, SplitOptions, check_encoding, check_limits, few_labels,
+                        pad_tokens, stratified_split)
 
 
 @dataclass
@@ -155,8 +155,8 @@ class Text(DataSource):
         if o.missing_labels == "unlabelled" and o.task != "classification":
             raise GraftError(f"{where}: missing_labels = \"unlabelled\" needs task = \"classification\"; use "
                              f"\"drop\" or fill in the labels.")
-        max_length = self.check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length",
-                                       tokenizer=tok, where=where)
+        max_length = check_limits(backbone, tokens=o.max_length or None, tokens_key="max_length",
+                                  tokenizer=tok, where=where)
         max_length = o.max_length or min(256, max_length or 256)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         parts = {"": read_records(o.path, o, where)}

@@ -10,7 +10,7 @@ import graft
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = {"graft", "graft.data", "graft.supervised"}
+PUBLIC_MODULES = {"graft", "graft.capabilities", "graft.data", "graft.supervised"}
 
 
 def import_problems(path: Path, in_package: bool) -> list[str]:

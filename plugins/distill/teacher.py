@@ -1,4 +1,5 @@
-"""The teacher: a finished run (or a backbone table with a linear head's weights) and its own view of the data."""
+"""The teacher: a finished run (or a backbone table with a linear head's weights) and its own view of the data
+(a second instance of the student's data source, set up with the teacher's backbone)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from graft import GraftError, create, warn
+from graft.capabilities import Views
 from graft.supervised import classifier
 
 
@@ -67,13 +69,55 @@ def teacher_view(data, teacher: Teacher, teacher_name: str):
     differently (it may then have trained on the student's validation and test examples)."""
     spec = teacher.config.plugins["data"] if teacher.config is not None else None
     if spec is None or spec.name != data.name:
-        return data.view(teacher.backbone)
-    why = data.split_differences(spec.options, teacher.config.train.seed)
+        return view(data, teacher.backbone)
+    why = split_differences(data, spec.options, teacher.config.train.seed)
     if why:
         warn(f"[strategy] teacher {teacher_name!r} split its data differently ({'; '.join(why)}), so it may have "
              f"trained on this run's validation and test examples and flatter the student. Use the teacher run's "
              f"[train] seed and [data] split settings.")
-    return data.view(teacher.backbone, prepared_like=spec.options)
+    return view(data, teacher.backbone, prepared_like=spec.options)
+
+
+def option_names(data) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The source's ``view_options`` and ``training_options`` (``graft.capabilities.Views``); none for a source
+    without them: the teacher then sees the student's options, and every difference of options counts."""
+    return (data.view_options, data.training_options) if isinstance(data, Views) else ((), ())
+
+
+def view(data, backbone, prepared_like=None):
+    """The same examples prepared for another ``backbone`` (the teacher's view): a new, set-up instance of ``data``'s
+    source with its seed and options, except the view options (how examples are prepared, e.g. ``image_size``),
+    taken from ``prepared_like`` -- the options of another run of this source -- when given. Example i of every
+    split is then the same example in both; augmentation draws match through ``example_seed``. Raises GraftError
+    when the new instance splits differently (a source whose splits depend on the backbone)."""
+    import dataclasses
+
+    options = data.options
+    if prepared_like is not None:
+        options = dataclasses.replace(options, **{k: getattr(prepared_like, k) for k in option_names(data)[0]})
+    other = type(data)(options)
+    other.name, other.seed = data.name, data.seed
+    other.setup(backbone, data.seed)
+    for split in ("train", "val", "test"):
+        a, b = data.dataset(split), other.dataset(split)
+        if (a is None) != (b is None) or (a is not None and len(a) != len(b)):
+            raise GraftError(f"The view of data source {data.name!r} for backbone {backbone.name!r} splits "
+                             f"differently ({split}: {len(b) if b else 0} vs {len(a) if a else 0} examples): a "
+                             f"data source must split the same way whatever the backbone.")
+    return other
+
+
+def split_differences(data, options, seed: int) -> list[str]:
+    """Why a run of ``data``'s source with ``options`` and ``seed`` could have put other examples in validation or
+    test than ``data`` (one phrase per difference; empty when the splits match): another seed, or another value of
+    an option that is neither a view option nor a training option."""
+    import dataclasses
+
+    ignored = sum(option_names(data), ())
+    diffs = [f"seed {seed} there, {data.seed} here"] if seed != data.seed else []
+    return diffs + [f"[data] {f.name} = {getattr(options, f.name, None)!r} there, "
+                    f"{getattr(data.options, f.name)!r} here" for f in dataclasses.fields(data.options)
+                    if f.name not in ignored and getattr(options, f.name, None) != getattr(data.options, f.name)]
 
 
 def same_view(data, backbone, teacher_data, teacher_backbone) -> bool:

@@ -1,0 +1,119 @@
+"""Optional capabilities: what only some plugins provide, beyond their interface (``graft.interfaces``).
+
+A capability is a ``typing.Protocol``: a plugin has it by defining its members, without inheriting anything. Code
+that needs one asks ``isinstance(plugin, Capability)``, or ``require(plugin, Capability, asked)``, which raises a
+GraftError naming the plugin and what the config asked for. ``docs/plugins.md`` lists who uses each. Importing this
+module never imports torch.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .errors import GraftError
+from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+__all__ = ["PretrainedFolder", "SavedTokenizer", "SettableTokenizer", "TaskModel", "TextGeneration", "Views",
+           "require"]
+
+
+# -- backbones ---------------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class TaskModel(Protocol):
+    """Give its network with a pretraining head (``task_model``).
+
+    ``task_model(task)``: this network with the head of ``task`` ("masked-lm" or "causal-lm"), sharing the backbone's
+    own modules (training it trains the backbone), with the pretrained head when the weights had one, and parameters
+    it does not use (a pooler) frozen. Its forward takes ``input_ids`` and ``attention_mask`` ``[batch, tokens]`` and
+    returns ``.logits`` ``[batch, tokens, vocab]``; GraftError when the network has no such form. ``mlm`` and ``clm``
+    train it (the hf backbone has it).
+    """
+
+    def task_model(self, task: str) -> "nn.Module": ...
+
+
+@runtime_checkable
+class SettableTokenizer(Protocol):
+    """Take a tokenizer made elsewhere (``set_tokenizer``).
+
+    ``set_tokenizer(tokenizer)``: from now on ``tokenizer()`` returns it. The ``corpus`` source trains one for a
+    random-init text model; a run rebuilt in one process after sharded training hands its tokenizer over.
+    """
+
+    def set_tokenizer(self, tokenizer: Any) -> None: ...
+
+
+@runtime_checkable
+class SavedTokenizer(Protocol):
+    """Load its tokenizer from saved files (``load_tokenizer``).
+
+    The classmethod ``load_tokenizer(directory)`` reads back what the tokenizer's ``save_pretrained`` wrote into
+    ``directory`` (an export's ``preprocessing/``): an ONNX export of a text model is served with it.
+    """
+
+    @classmethod
+    def load_tokenizer(cls, directory: str) -> Any: ...
+
+
+@runtime_checkable
+class PretrainedFolder(Protocol):
+    """Name the local folder its pretrained weights came from (``source_dir``).
+
+    ``source_dir``: that folder (a ``save_pretrained`` folder), or None for a random-init network. A peft adapter
+    records it as its base model.
+    """
+
+    source_dir: Any
+
+
+# -- strategies --------------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class TextGeneration(Protocol):
+    """Generate text (``generate``).
+
+    ``generate(model, prompt, max_new_tokens, temperature, top_p, stream, raw)``: text continuing ``prompt`` (greedy
+    at temperature 0); ``stream(text)`` receives it as it is made; ``raw`` passes the prompt as it is, without the
+    template of the run's instruction data. ``graft generate`` calls it (``clm`` has it).
+    """
+
+    def generate(self, model: "nn.Module", prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
+                 top_p: float = 1.0, stream=None, raw: bool = False) -> str: ...
+
+
+# -- data sources ------------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Views(Protocol):
+    """Say which options prepare examples for one backbone (``view_options``, ``training_options``).
+
+    Class attributes (tuples of option names): ``view_options`` say how examples are prepared for one backbone (image
+    size, token length); ``training_options`` change only the training split (which training examples, their labels,
+    augmentation), never validation or test. ``distill`` gives its teacher a second instance of the source, set up
+    with the teacher's backbone: it takes the view options from the teacher's run (when that used the same source)
+    and warns when an option that is neither differs between the runs (they split differently). A source without
+    them is viewed with all of the student's options, and any difference counts.
+    """
+
+    view_options: tuple[str, ...]
+    training_options: tuple[str, ...]
+
+
+_KINDS = ((Backbone, "backbone"), (Strategy, "strategy"), (DataSource, "data source"), (Adapter, "adapter"),
+          (Loss, "loss"), (Logger, "logger"))
+
+
+def require(plugin, capability: type, asked: str, fix: str = ""):
+    """``plugin`` (an instance, or a class for classmethods) when it has ``capability``. Otherwise raises GraftError:
+    ``asked`` (what the config or command asked for, e.g. ``[strategy] plugin = "mlm"``), the plugin that lacks it,
+    what it lacks (the capability's first docstring line) and ``fix``."""
+    if isinstance(plugin, capability):
+        return plugin
+    cls = plugin if isinstance(plugin, type) else type(plugin)
+    kind = next((k for base, k in _KINDS if issubclass(cls, base)), "plugin")
+    does = capability.__doc__.strip().splitlines()[0].rstrip(".").replace("``", "")
+    name = plugin.name or cls.__name__  # a class's registered name is set on the instances a run builds
+    raise GraftError(f"{asked}: {kind} {name!r} does not {does[0].lower()}{does[1:]}. {fix}".rstrip())
