@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import graft, tiny_config, write_config
-from graft.config import load
+from graft import load_config
 from graft.loop import train
 
 optuna = pytest.importorskip("optuna")
@@ -45,9 +45,9 @@ def test_eight_trials_prune_and_the_best_reproduces_alone(tmp_path):
     assert summary["stopped_early"] and summary["steps"] < 80  # ended at a validation, like early stopping
     best = result["best"]
     assert best["value"] == max(t["value"] for t in result["trials"] if t["state"] == "COMPLETE")
-    alone = train(load(best["config"]), tmp_path / "alone", echo=lambda m: None)
+    alone = train(load_config(best["config"]), tmp_path / "alone", echo=lambda m: None)
     assert alone["best"] == pytest.approx(best["value"], abs=1e-9)
-    trial_conf = load(best["config"])
+    trial_conf = load_config(best["config"])
     assert trial_conf.train.lr == pytest.approx(best["params"]["train.lr"])
     assert trial_conf.plugins["loss"].options.label_smoothing == pytest.approx(best["params"]["loss.label_smoothing"])
     assert {"optimization_history.png", "intermediate_values.png"} <= set(result["plots"])
