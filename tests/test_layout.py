@@ -163,10 +163,34 @@ def test_core_has_no_import_cycle_even_through_function_level_imports(tmp_path):
     failed there with [['export', 'run', 'export']]."""
     paths = {p.stem: p for p in (ROOT / "core").glob("*.py")}
     graph = {name: core_imports(path, set(paths)) for name, path in paths.items()}
-    assert {"run", "rundir", "config"} <= graph["export"] and "export" not in graph["run"]
-    assert not import_cycles(graph)
+    assert "run" in graph["export"] and "config" in graph["loop"]  # the walk sees the imports
+    assert import_cycles(graph) == []
     # the check can fail: a function-level import back is found
     (tmp_path / "a.py").write_text("from . import b\n")
     (tmp_path / "b.py").write_text("def f():\n    from .a import g\n")
     fake = {p.stem: core_imports(p, {"a", "b"}) for p in tmp_path.glob("*.py")}
     assert import_cycles(fake) == [["a", "b", "a"]]
+
+
+def test_a_resolved_config_is_immutable_and_replace_gives_a_changed_copy():
+    """Issue 26: the old code edited resolved configs in place (sweep's metric and pruning logger, load_run's device
+    and backbone options, the ONNX run's precision), so a holder of the config saw it change; here
+    ``conf.train.metric = ...`` went through without an error (pytest: DID NOT RAISE)."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    conf = graft.load_config(tiny_config())
+    for edit in (lambda: setattr(conf.train, "metric", "f1"), lambda: setattr(conf, "path", "x"),
+                 lambda: conf.plugins.update(loss=None), lambda: conf.plugins.pop("loss"),
+                 lambda: setattr(conf.plugins["backbone"], "options", None)):
+        with pytest.raises((dataclasses.FrozenInstanceError, TypeError)):
+            edit()
+    logger = graft.load_config(tiny_config(train={"loggers": ["tensorboard"]})).loggers[0]
+    changed = conf.replace(train={"metric": "f1", "lr": 0.5}, loggers=[logger])
+    assert (changed.train.metric, changed.train.lr, [s.name for s in changed.loggers]) == ("f1", 0.5, ["tensorboard"])
+    assert (conf.train.metric, conf.train.lr, conf.loggers) == ("", tiny_config()["train"].get("lr", 1e-3), ())
+    assert changed.to_dict()["backbone"] == conf.to_dict()["backbone"] and changed.path == conf.path
+    import pickle
+
+    assert pickle.loads(pickle.dumps(changed)).to_dict() == changed.to_dict()  # DataLoader workers pickle sources
