@@ -24,8 +24,8 @@ from .task import Task
 __version__ = "0.1.0"
 
 #: names that import torch, loaded on first use: name -> module
-_LAZY = {"train": "loop", "load_run": "run", "predict": "run", "Run": "run", "move": "batches",
-         "clean_state_dict": "checkpoint", "exported_backbone": "checkpoint", "read_metrics": "rundir"}
+_LAZY = {"train": "loop", "load_run": "export", "predict": "run", "Run": "run", "move": "batches",
+         "clean_state_dict": "checkpoint", "exported_backbone": "rundir", "read_metrics": "rundir"}
 
 __all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
            "SoftTargetLoss", "Strategy", "Task", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",

@@ -12,7 +12,6 @@ checkpoint whole and pointed to.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import GraftError
+from .files import fsync_dir, fsync_file, atomic_write_text
 
 def clean_key(key: str) -> str:
     """Drop the wrappers' prefixes: torch.compile's ``_orig_mod.`` (wherever a compiled submodule sits) and
@@ -93,41 +93,16 @@ def unpack(obj, tensors: dict):
     return obj
 
 
-def _fsync_file(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path):
-    try:
-        _fsync_file(path)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None):
     """safetensors ``save_file`` through a temporary name, fsync and rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def save(directory: Path, step: int, model_state: dict, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(directory: Path, step: int, model_state: dict, state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step-<step>`` under ``directory`` and point ``latest`` at it."""
     tmp = _fresh_tmp(directory, step)
     save_file(clean_state_dict(model_state), str(tmp / "model.safetensors"))
@@ -152,21 +127,21 @@ def _publish(directory: Path, tmp: Path, step: int, state: dict, keep: int) -> P
     (tmp / "state.json").write_text(json.dumps(skeleton))
     for f in tmp.rglob("*"):
         if f.is_file():
-            _fsync_file(f)
+            fsync_file(f)
     for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
-        _fsync_dir(d)
+        fsync_dir(d)
     if final.exists():
         # Re-saving a step (the end of a run right after a periodic save): at every moment `latest` must name a
         # whole checkpoint, so the new one goes live under another name before the old one is removed.
         fresh = directory / f"{final.name}.new"
         shutil.rmtree(fresh, ignore_errors=True)
         os.replace(tmp, fresh)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         atomic_write_text(directory / "latest", fresh.name + "\n")
         shutil.rmtree(final)
         tmp = fresh
     os.replace(tmp, final)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     atomic_write_text(directory / "latest", final.name + "\n")
     old = sorted(p for p in directory.glob("step-*") if p.is_dir() and p != final and not p.name.endswith(".new"))
     for p in old[: max(0, len(old) - (keep - 1))]:
@@ -196,7 +171,7 @@ def load_latest(directory: Path, echo=print, set_aside: bool = False) -> tuple[P
     errors = []
     for path in candidates:
         try:
-            model_state, state = load(path)
+            model_state, state = load_checkpoint(path)
         except GraftError as e:
             errors.append(str(e))
             continue
@@ -217,42 +192,7 @@ def load_latest(directory: Path, echo=print, set_aside: bool = False) -> tuple[P
     return None
 
 
-class RunLock:
-    """An exclusive lock on a run directory for the length of a run: a second ``graft train`` (or ``--resume``) on
-    the same directory refuses instead of interleaving checkpoints. The operating system drops it when the process
-    ends, however it ends, so no stale lock survives a kill."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self.file = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks; runs are not protected there
-            return self
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self.file.close()
-            self.file = None
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return self  # a filesystem without flock (some network mounts): run unprotected rather than refuse
-            raise GraftError(f"Run directory {self.path.parent} is in use by another graft process (it holds "
-                             f"{self.path}). Wait for it to finish, or choose another --out.") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()  # closing releases the lock
-
-
-def load(path: Path) -> tuple[dict, dict]:
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(model state dict, state) of a checkpoint directory; the model state is None for a sharded checkpoint (its
     model and optimizer are in ``dcp/``, torch.distributed.checkpoint's format)."""
     try:
@@ -272,25 +212,6 @@ def load_weights(path: Path) -> dict:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors' own error is no OSError/ValueError
         raise GraftError(f"Cannot read weights {path}: {e}.") from None
-
-
-def exported_backbone(path: Path) -> Path:
-    """A graft run directory stands for the backbone it exported (``<run>/backbone``); other paths are themselves.
-
-    This is the hand-off between runs: ``weights = "runs/<mlm-run>"`` continues from that run's backbone. Raises
-    GraftError for a run directory without ``backbone/``: not finished, or made by a strategy that exports none."""
-    path = Path(path)
-    if path.is_dir() and (path / "config.toml").is_file() and (path / "metrics.jsonl").is_file():
-        if (path / "backbone").is_dir():
-            return path / "backbone"
-        summary = path / "summary.json"
-        strategy = json.loads(summary.read_text()).get("strategy", "?") if summary.is_file() else None
-        why = (f"its strategy {strategy!r} exported no backbone (a strategy hands its backbone on by writing "
-               f"RUN/backbone in export(): docs/plugins.md, \"Handing the backbone on\")" if strategy else
-               "the run has not finished (backbone/ is written at its end; resume it with --resume)")
-        raise GraftError(f"weights = {str(path)!r} is a graft run directory without backbone/: {why}. Point "
-                         f"weights at a run that has one, or at a weights file.")
-    return path
 
 
 # -- the training state a checkpoint holds --------------------------------------------------------------------
@@ -355,7 +276,8 @@ def save_training(directory: Path, state: TrainState, model, optimizer, schedule
         if dist.is_main:
             _publish(directory, tmp, state.step, extra, keep)
     elif dist.is_main:
-        save(directory, state.step, model.state_dict(), {"optimizer": optimizer.state_dict(), **extra}, keep=keep)
+        save_checkpoint(directory, state.step, model.state_dict(), {"optimizer": optimizer.state_dict(), **extra},
+                        keep=keep)
     distributed.barrier(dist)
 
 

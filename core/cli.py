@@ -194,7 +194,7 @@ def _default_run_dir(config_path: str) -> Path:
     return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@cli.command()
+@cli.command("train")
 @click.argument("config_path", metavar="CONFIG")
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override a config value (a TOML literal, e.g. --set train.lr=3e-4). Repeatable.")
@@ -203,11 +203,11 @@ def _default_run_dir(config_path: str) -> Path:
               help="Continue the run in RUN_DIR from its latest checkpoint.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes to launch on this machine (distributed data parallel).")
-def train(config_path, overrides, out, resume, nproc):
+def train_cmd(config_path, overrides, out, resume, nproc):
     """Train with the config file CONFIG; writes a run directory."""
     from . import config as cfg
 
-    conf = cfg.load(config_path, overrides)  # validate before starting anything heavy
+    conf = cfg.load_config(config_path, overrides)  # validate before starting anything heavy
     if resume and out and Path(out).resolve() != Path(resume).resolve():
         raise GraftError("Give either --resume RUN_DIR or --out DIR, not two different directories.")
     run_dir = Path(resume or out or _default_run_dir(config_path))
@@ -258,7 +258,7 @@ def _show_metrics(results: dict) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_code):
     """Evaluate a finished run's best weights again, on its data or on other data (--data / --set)."""
-    from .run import load_run
+    from .export import load_run
 
     run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides],
                    trust_remote_code=trust_remote_code)
@@ -280,7 +280,7 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
             click.echo(_table(rows, ["LABEL", "PRECISION", "RECALL", "F1", "SUPPORT"]))
 
 
-@cli.command()
+@cli.command("predict")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1)
 @click.option("--file", "input_file", metavar="FILE", help="Read inputs from a UTF-8 text file, one per line ('-': "
@@ -290,10 +290,11 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
               help="Where predictions that are files go (segmentation: INPUT_NAME.mask.png, class "
               "indices).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def predict(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
+def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""
     from .files import read_text
-    from .run import load_run, predict as run_predict
+    from .export import load_run
+    from .run import predict as run_predict
     from .task import Task
 
     lines = []
@@ -328,7 +329,7 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, 
     """Continue PROMPT with a finished language-model run (strategy clm), streaming the text. A run tuned on
     instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself)."""
     from .capabilities import TextGeneration, require
-    from .run import load_run
+    from .export import load_run
 
     if not prompt.strip():
         raise GraftError("The prompt is empty: give the text to continue, e.g. graft generate RUN \"Once upon a time\".")
@@ -343,7 +344,7 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, 
         click.echo()
 
 
-@cli.command()
+@cli.command("pipeline")
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="Folder of the stages' run directories (default: "
               "[pipeline] out, else runs/<file name>).")
@@ -352,7 +353,7 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, 
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Change every stage's config, e.g. --set train.seed=1 (a stage's own set wins). Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved stages and what would run; run nothing.")
-def pipeline(pipeline_file, out, start, only, overrides, dry_run):
+def pipeline_cmd(pipeline_file, out, start, only, overrides, dry_run):
     """Run the [[stage]] tables of PIPELINE_FILE in order: each a graft config that may use an earlier stage's run
     ("@NAME"). Finished stages with unchanged configs are skipped, an interrupted one resumes; then a report
     (pipeline.json, pipeline.png and a table) compares the stages."""
@@ -360,14 +361,14 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
 
     if start and only:
         raise GraftError("--from and --only exclude each other: give one.")
-    stages = pl.load(pipeline_file, out, _registry(), list(overrides))
+    stages = pl.read_pipeline(pipeline_file, out, _registry(), list(overrides))
     if dry_run:
         for s in stages:
             uses = f" (uses {', '.join(s.uses)})" if s.uses else ""
             body = s.config.to_toml() if s.config is not None else json.dumps(s.compress)
             click.echo(f"# stage {s.name}: {s.status} -> {s.run_dir}{uses}\n{body}")
         return
-    rep = pl.run(stages, start, only, echo=click.echo)
+    rep = pl.run_stages(stages, start, only, echo=click.echo)
     if rep is None:
         sys.exit(0)
     root = stages[0].run_dir.parent
@@ -377,7 +378,7 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
     click.echo(f"Report: {root / 'pipeline.json'}")
 
 
-@cli.command()
+@cli.command("sweep")
 @click.argument("config_path", metavar="CONFIG")
 @click.option("--space", "space_path", required=True, metavar="SPACE.toml", help="The searched keys and their "
               "distributions ([train.lr] distribution = \"log-uniform\", low = 1e-4, high = 1e-2), and [sweep].")
@@ -387,7 +388,7 @@ def pipeline(pipeline_file, out, start, only, overrides, dry_run):
               "runs/sweep-<config>).")
 @click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help="Change the config for every "
               "trial. Repeatable.")
-def sweep(config_path, space_path, trials, out, overrides):
+def sweep_cmd(config_path, space_path, trials, out, overrides):
     """Search hyper-parameters of CONFIG with Optuna (TPE, median pruning on the validations): each trial a normal
     run directory, the study in OUT/study.db so that a rerun continues it; then a table, sweep.json (the best trial
     and its config) and Optuna's plots as PNG."""
@@ -419,14 +420,14 @@ def export_cmd(run_dir, fmt, merge, out, trust_remote_code):
     predict take an ONNX export like a run."""
     import contextlib
 
-    from .run import load_run
+    from .export import load_run
 
     if fmt != "native":
-        from .export import export
+        from .export import export_run
 
         run = load_run(run_dir, device="cpu", overrides=["train.precision=fp32"],
                        trust_remote_code=trust_remote_code)
-        info = export(run, Path(run_dir), fmt, Path(out or Path(run_dir) / fmt))
+        info = export_run(run, Path(run_dir), fmt, Path(out or Path(run_dir) / fmt))
         click.echo(f"Wrote {Path(out or Path(run_dir) / fmt) / info['file']} ({info['size_bytes'] / 2**20:.1f} MiB); "
                    f"max abs difference from PyTorch on {info['checked_examples']} examples: "
                    f"{info['max_abs_difference']:.2e}")
@@ -447,7 +448,7 @@ def export_cmd(run_dir, fmt, merge, out, trust_remote_code):
     click.echo(f"Wrote {target}")
 
 
-@cli.command()
+@cli.command("compress")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--quantize", type=click.Choice(["dynamic-int8", "static-int8"]), help="int8 ONNX with onnxruntime: "
               "dynamic (linear layers, embeddings; text models) or static (calibrated on the training split; CNNs).")
@@ -465,14 +466,14 @@ def export_cmd(run_dir, fmt, merge, out, trust_remote_code):
               help="Intra-op threads of the latency measurement (PyTorch and onnxruntime alike).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder to write (default RUN_DIR/compressed-...).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def compress(run_dir, quantize, prune, finetune_steps, finetune_lr, calibration_samples, calibration_method, threads,
-             out, trust_remote_code):
+def compress_cmd(run_dir, quantize, prune, finetune_steps, finetune_lr, calibration_samples, calibration_method,
+                 threads, out, trust_remote_code):
     """Prune and/or quantize a finished classifier run into a run-like folder that graft eval / predict take. Its
     summary.json holds test metrics, size on disk and warm CPU latency (batch 1, p50 / p95) beside the source run's,
     measured here with the same data and threads."""
-    from .compress import compress as run_compress, rows
+    from .compress import compress_run, rows
 
-    summary = run_compress(run_dir, out, quantize, prune, finetune_steps, finetune_lr, calibration_samples,
+    summary = compress_run(run_dir, out, quantize, prune, finetune_steps, finetune_lr, calibration_samples,
                            calibration_method, threads, trust_remote_code, echo=click.echo)
     metric = summary["metric"]
     click.echo(_table(rows(summary), ["MODEL", f"{metric.upper()} ({summary['compressed']['split']})", "SIZE",

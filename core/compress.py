@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from . import export as ex
-from .checkpoint import atomic_save_file, atomic_write_text, clean_state_dict, load_weights
+from . import rundir
+from .checkpoint import atomic_save_file, clean_state_dict, load_weights
 from .errors import GraftError
-from .run import Run, load_run, scalars
+from .run import Run, scalars
 
 QUANTIZE = ("dynamic-int8", "static-int8")
 
@@ -102,25 +103,24 @@ def score(run: Run, model, strategy, inputs, threads: int = 1) -> dict:
 def recover(run_dir: Path, out: Path, masks: dict, steps: int, lr: float | None, echo) -> Path:
     """The recovery fine-tune: the source run's config for ``steps`` optimizer steps, starting from its pruned
     weights with the pruned ones held at zero, through the normal loop (resumable) into ``out``/finetune."""
-    from . import config as cfg
     from .loop import train
 
     overrides = [f"train.max_steps={steps}", "train.eval_at_start=true", "train.plot=false",
                  f"train.eval_every={max(1, steps // 4)}"] + ([f"train.lr={lr}"] if lr else [])
-    conf = cfg.load(run_dir / "config.toml", overrides)
+    conf = rundir.read_config(run_dir, overrides)
     target = out / "finetune"
-    state = load_weights(run_dir / "model.safetensors")
+    state = load_weights(run_dir / rundir.WEIGHTS)
 
     def prepare(run):
         run.model.load_state_dict({k: v.to(run.device) for k, v in state.items()})
         apply_masks(run.model, masks, during_training=True)
 
-    resume = (target / "checkpoints" / "latest").is_file() and not (target / "summary.json").is_file()
+    resume = (target / rundir.CHECKPOINTS / "latest").is_file() and not (target / rundir.SUMMARY).is_file()
     echo(f"Recovery fine-tune, {steps} steps: {target}" + (" (resuming)" if resume else ""))
     summary = train(conf, target, resume=resume, echo=echo, prepare=prepare)
     if summary.get("interrupted"):
         raise GraftError("The recovery fine-tune was interrupted; run the same graft compress again to resume it.")
-    return target / "model.safetensors"
+    return target / rundir.WEIGHTS
 
 
 class _Calibration:
@@ -203,7 +203,7 @@ def zipped_size(path: Path) -> int:
     return len(zlib.compress(data, 6))
 
 
-def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: str | None = None,
+def compress_run(run_dir: str | Path, out: str | Path | None = None, quantize_mode: str | None = None,
              prune: str | None = None, finetune_steps: int = 0, finetune_lr: float | None = None,
              calibration: int = 256, calibration_method: str = "percentile", threads: int = 1,
              trust_remote_code: bool = False, echo=print) -> dict:
@@ -225,7 +225,7 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
     foreign = out.exists() and any(not p.name.startswith(".") for p in out.iterdir())  # a pipeline's state file
     if foreign and not (out / "compress.json").is_file():
         raise GraftError(f"{out} exists and was not written by graft compress; choose another --out.")
-    run = load_run(run_dir, overrides=["train.precision=fp32"], device="cpu", trust_remote_code=trust_remote_code)
+    run = ex.load_run(run_dir, overrides=["train.precision=fp32"], device="cpu", trust_remote_code=trust_remote_code)
     serving = ex.serving_strategy(run.strategy, "graft compress: ")
     if amount is not None and run.adapter is not None:
         raise GraftError(f"--prune: run {run_dir} trained an adapter ({run.adapter.name}); pruning would cut its "
@@ -236,14 +236,14 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
                           "finetune_lr": finetune_lr})
     if (out / "compress.json").is_file() and (out / "compress.json").read_text() != request:
         shutil.rmtree(out / "finetune", ignore_errors=True)  # another request's recovery run: never resumed
-    for stale in ("summary.json", "model.onnx", "model.onnx.data", "model.safetensors"):  # an earlier result here
+    for stale in (rundir.SUMMARY, "model.onnx", "model.onnx.data", rundir.WEIGHTS):  # an earlier result here
         (out / stale).unlink(missing_ok=True)
     (out / "compress.json").write_text(request)
     model = run.model.eval()
     one = ex.take(ex.sample_inputs(run), slice(0, 1))
     echo(f"Scoring the source run {run_dir} (PyTorch, CPU; latency with {threads} thread(s))...")
     source = score(run, model, serving, one, threads)
-    source.update(format="pytorch", size_bytes=(run_dir / "model.safetensors").stat().st_size)
+    source.update(format="pytorch", size_bytes=(run_dir / rundir.WEIGHTS).stat().st_size)
     summary = {"source": {"run": str(run_dir.resolve()), **source}, "compression": {"quantize": quantize_mode,
                                                                                     "prune": prune}}
     if amount is not None:
@@ -255,9 +255,9 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
     if quantize_mode is None:  # pruned only: a PyTorch run directory
         _save_pruned(run, run_dir, out)
         result = score(run, model, serving, one, threads)
-        result.update(format="pytorch (pruned)", size_bytes=(out / "model.safetensors").stat().st_size,
-                      zipped_bytes=zipped_size(out / "model.safetensors"))
-        summary["source"]["zipped_bytes"] = zipped_size(run_dir / "model.safetensors")
+        result.update(format="pytorch (pruned)", size_bytes=(out / rundir.WEIGHTS).stat().st_size,
+                      zipped_bytes=zipped_size(out / rundir.WEIGHTS))
+        summary["source"]["zipped_bytes"] = zipped_size(run_dir / rundir.WEIGHTS)
     else:
         import contextlib
 
@@ -268,7 +268,7 @@ def compress(run_dir: str | Path, out: str | Path | None = None, quantize_mode: 
 
 
 def _save_pruned(run: Run, run_dir: Path, out: Path) -> None:
-    atomic_save_file(clean_state_dict(run.model.state_dict()), out / "model.safetensors")
+    atomic_save_file(clean_state_dict(run.model.state_dict()), out / rundir.WEIGHTS)
     ex.copy_run_files(run_dir, out, run)
     run.strategy.export(run.model, str(out))
 
@@ -301,7 +301,7 @@ def _finish(run, out, summary, result, serving) -> dict:
         change={f"{metric}": result["metrics"].get(metric, float("nan")) - src["metrics"].get(metric, float("nan")),
                 "size_ratio": result["size_bytes"] / src["size_bytes"],
                 "latency_p50_ratio": result["latency"]["p50_ms"] / src["latency"]["p50_ms"]})
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    rundir.write_summary(out, summary)
     return summary
 
 

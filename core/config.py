@@ -24,9 +24,10 @@ from .options import option
 from .registry import KINDS, Registry, get_registry
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainOptions:
-    """The [train] table: everything about running, shared by every strategy."""
+    """The [train] table: everything about running, shared by every strategy. Frozen, as the whole resolved config:
+    ``Config.replace(train={...})`` gives a changed copy."""
 
     seed: int = option(0, "Seed for Python, NumPy and torch RNGs and for data order.")
     deterministic: bool = option(False, "Ask torch for deterministic algorithms (slower on GPU).")
@@ -104,8 +105,11 @@ PLUGIN_TABLES = tuple(k for k in KINDS if k not in ("logger", "task"))  # backbo
 TABLES = PLUGIN_TABLES + ("train", "loggers")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PluginSpec:
+    """One resolved plugin table: the plugin's class and its checked options. ``instantiate`` makes the plugin;
+    ``dataclasses.replace(spec, options=...)`` a changed copy."""
+
     kind: str
     name: str
     cls: type
@@ -114,7 +118,7 @@ class PluginSpec:
     def table(self) -> dict:
         return {"plugin": self.name, **dataclasses.asdict(self.options)}
 
-    def create(self, **kwargs):
+    def instantiate(self, **kwargs):
         """The plugin instance, named (strategies take ``backbone=``, ``loss=``, ``data=``)."""
         obj = self.cls(self.options, **kwargs)
         obj.name = self.name
@@ -154,15 +158,42 @@ def create(kind: str, table: dict, *, where: str = "", registry: Registry | None
     from .registry import canonical_kind
 
     kind = canonical_kind(kind)
-    return plugin_spec(kind, table, where or "graft.create", registry).create(**kwargs)
+    return plugin_spec(kind, table, where or "graft.create", registry).instantiate(**kwargs)
 
 
-@dataclasses.dataclass
+class FrozenDict(dict):
+    """A dict that refuses changes: a resolved config's ``plugins``."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("A resolved config is immutable: Config.replace(plugins={...}) gives a changed copy.")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return FrozenDict, (dict(self),)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
+    """A resolved config: immutable once resolved, so every holder (a run, a sweep's trials, a pipeline's
+    fingerprint) sees the config that was checked. ``replace`` gives a changed copy."""
+
     path: str
     train: TrainOptions
     plugins: dict[str, PluginSpec]
-    loggers: list[PluginSpec] = dataclasses.field(default_factory=list)  # [train] loggers, in order
+    loggers: tuple[PluginSpec, ...] = ()  # [train] loggers, in order
+
+    def __post_init__(self):
+        object.__setattr__(self, "plugins", FrozenDict(self.plugins))
+        object.__setattr__(self, "loggers", tuple(self.loggers))
+
+    def replace(self, *, train: dict | None = None, plugins: dict | None = None, loggers=None) -> Config:
+        """A copy with ``train`` keys changed (``{"metric": "f1"}``), ``plugins`` entries swapped (kind ->
+        PluginSpec) and ``loggers`` (PluginSpecs) in place of the list. Nothing is validated again: the caller
+        changes what it knows to be valid."""
+        return Config(path=self.path, train=dataclasses.replace(self.train, **(train or {})),
+                      plugins={**self.plugins, **(plugins or {})},
+                      loggers=self.loggers if loggers is None else tuple(loggers))
 
     def to_dict(self) -> dict:
         out = {k: spec.table() for k, spec in self.plugins.items()}
@@ -261,11 +292,6 @@ def _loggers(train: TrainOptions, tables: dict, where: str, registry: Registry) 
     return specs
 
 
-def load(path: str | Path, overrides: list[str] = (), registry: Registry | None = None) -> Config:
-    data = apply_overrides(read_toml(path), list(overrides))
-    return resolve(data, str(path), registry)
-
-
 def load_config(source, overrides: list[str] = (), registry: Registry | None = None, where: str = "") -> Config:
     """The public way to get a resolved config (``graft.load_config``): ``source`` is a TOML file's path or the
     same tables as a dict (``{"backbone": {...}, "strategy": {...}, "train": {...}}``); ``overrides`` are
@@ -275,7 +301,7 @@ def load_config(source, overrides: list[str] = (), registry: Registry | None = N
         import copy
 
         return resolve(apply_overrides(copy.deepcopy(source), list(overrides)), where or "<config dict>", registry)
-    return load(source, overrides, registry)
+    return resolve(apply_overrides(read_toml(source), list(overrides)), where or str(source), registry)
 
 
 # -- a small TOML writer for resolved configs (plain values, lists and tables only) ---------------------

@@ -1,5 +1,6 @@
 """Serving formats of a finished classifier run: ONNX (checked against PyTorch in onnxruntime) and TorchScript, the
-preprocessing saved beside them, and ONNX exports loaded back as runs for ``graft eval`` / ``predict``.
+preprocessing saved beside them, and ONNX exports loaded back as runs for ``graft eval`` / ``predict``: whether a run
+directory is served from ONNX or PyTorch is decided here, in ``load_run`` (``graft.load_run``).
 
 ONNX comes from ``torch.onnx.export`` (the torch.export-based exporter) with dynamic batch -- and, for text,
 sequence -- axes, and runs in onnxruntime; TorchScript from ``torch.jit.trace`` (which torch deprecates in favour of
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import rundir
 from .config import Config, create
 from .errors import GraftError
 from .interfaces import Backbone, SoftTargetLoss
-from .run import Run
+from .run import Run, load_trained
 from .supervised import Supervised
 
 FORMATS = ("native", "onnx", "torchscript")
@@ -263,14 +264,14 @@ def files_size(directory: Path, names: list[str]) -> int:
 
 def copy_run_files(run_dir: Path, out: Path, run: Run) -> None:
     """The source run's config and labels, and the preprocessing the network needs, into ``out``."""
-    for name in ("config.toml", "labels.json"):
+    for name in (rundir.CONFIG, rundir.LABELS):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
     (out / PREPROCESSING).mkdir(exist_ok=True)
     save_preprocessing(run.backbone, out / PREPROCESSING)
 
 
-def export(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
+def export_run(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
     """Write ``run`` (loaded with its data) in ``fmt`` ("onnx" or "torchscript") into ``out`` with its preprocessing,
     config and labels, check the file against the PyTorch model on real examples, and return (and write as
     export.json) the facts: format, files, inputs, parity (max abs difference of logits), sizes."""
@@ -353,32 +354,39 @@ class SavedPreprocessing(Backbone):
 
 
 class ExportedRun(Run):
-    """A run served from an ONNX file (an export or a compression): the config's data source reads and encodes
-    data through the saved preprocessing, ``model`` is an onnxruntime session, and ``strategy`` is the serving
-    ``Supervised``. ``evaluate`` and ``graft.predict`` work as on a trained run."""
+    """A run served from an ONNX file (an export or a compression), assembled by ``Run`` in mode ``serve``: the
+    config's data source reads and encodes data through the saved preprocessing, ``model`` is an onnxruntime session,
+    and ``strategy`` is the serving ``Supervised``. ``evaluate`` and ``graft.predict`` work as on a trained run."""
 
     def __init__(self, config: Config, directory: Path, data_info: dict | None = None):
-        self.config, self.dist, self.device = config, distributed.Dist(), torch.device("cpu")
-        config.train.precision = "fp32"
-        specs = config.plugins
-        self.backbone = SavedPreprocessing(directory / PREPROCESSING, specs["backbone"].cls)
-        self.adapter = None
-        self.data = specs["data"].create()
-        self.data.seed = config.train.seed
-        if data_info is None:
-            self.data.setup(self.backbone, config.train.seed)
-        else:
-            self.data.task, self.data.label_names = data_info["task"], data_info["label_names"]
-        loss = specs["loss"].create() if "loss" in specs else None
-        strategy = specs["strategy"].create(backbone=self.backbone, loss=loss, data=self.data)
-        self.strategy = serving_strategy(strategy)
-        self.loss = self.strategy.loss
-        self.model = OnnxModel(directory / MODEL_FILES["onnx"])
+        self.directory = Path(directory)
+        super().__init__(config.replace(train={"precision": "fp32"}), mode="serve", data_info=data_info)
+
+    def _backbone(self):
+        return SavedPreprocessing(self.directory / PREPROCESSING, self.config.plugins["backbone"].cls)
+
+    def _strategy(self, strategy):
+        serving = serving_strategy(strategy)
+        self.loss = serving.loss
+        return serving
+
+    def _model(self):
+        return OnnxModel(self.directory / MODEL_FILES["onnx"])
 
 
-def load_exported(run_dir: Path, overrides=(), for_prediction: bool = False, registry=None) -> ExportedRun:
-    from . import config as cfg
+def holds_onnx(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is served from ONNX (an export, or a quantized compression) rather than PyTorch weights."""
+    return (run_dir / rundir.CONFIG).is_file() and (run_dir / MODEL_FILES["onnx"]).is_file()
 
-    conf = cfg.load(run_dir / "config.toml", overrides, registry)
-    info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
-    return ExportedRun(conf, run_dir, info if for_prediction else None)
+
+def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
+             registry=None, trust_remote_code: bool = False) -> Run:
+    """A finished run loaded back to evaluate or predict (``graft.load_run``): an ONNX export or compression as an
+    ``ExportedRun`` (on the CPU), else the PyTorch run with its best weights (``graft.run.load_trained``).
+    ``for_prediction``: no data is read (labels.json says the task and labels). Global RNG state is left as it was.
+    Raises GraftError when ``run_dir`` is neither."""
+    run_dir = Path(run_dir)
+    if not holds_onnx(run_dir):
+        return load_trained(run_dir, overrides, for_prediction, device, registry, trust_remote_code)
+    conf = rundir.read_config(run_dir, overrides, registry)
+    return ExportedRun(conf, run_dir, rundir.read_labels(run_dir) if for_prediction else None)

@@ -1,4 +1,5 @@
-"""Reading users' text files: byte-order marks, a chosen encoding, and undecodable bytes reported as bad input.
+"""Reading users' text files: byte-order marks, a chosen encoding, and undecodable bytes reported as bad input;
+and writing graft's own files atomically.
 
 Every data source that reads text goes through ``read_text``, so a file saved by Excel ("CSV UTF-8" starts with a
 byte-order mark), a Latin-1 export or a UTF-16 file behaves the same in all of them.
@@ -7,6 +8,7 @@ byte-order mark), a Latin-1 export or a UTF-16 file behaves the same in all of t
 from __future__ import annotations
 
 import codecs
+import os
 from pathlib import Path
 
 from .errors import GraftError
@@ -56,3 +58,29 @@ def read_text(path: str | Path, encoding: str = "utf-8", where: str = "", fix: s
                       "in that table, or save the file as UTF-8.")
         raise GraftError(f"{where}: {path}, line {line}, column {column}: byte 0x{data[start]:02x} is not valid "
                          f"{encoding}. {fix}") from None
+
+
+# -- atomic writes: a kill at any moment leaves the old file or the new one, never half of one ----------------
+def fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path):
+    try:
+        fsync_file(path)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
+        pass
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -28,7 +28,8 @@ from .device import peak_memory, select_device, training_state_bytes
 from .errors import GraftError
 from .optim import build_optimizer, lr_lambda
 from .run import Run, rebuilt_alone, scalars
-from .rundir import RunDir
+from . import rundir
+from .rundir import RunDir, RunLock
 
 
 def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print, prepare=None) -> dict:
@@ -43,7 +44,7 @@ def train(config: Config, run_dir: str | Path, resume: bool = False, echo=print,
             if dist.is_main:  # before anything slow: a second run on this directory, or an unwritable one, fails now
                 try:
                     run_dir.mkdir(parents=True, exist_ok=True)
-                    stack.enter_context(ckpt.RunLock(run_dir))
+                    stack.enter_context(RunLock(run_dir))
                 except OSError as e:
                     raise GraftError(f"Cannot write the run directory {run_dir}: {e.strerror or e}. Choose another "
                                      f"--out (a folder you can write to).") from None
@@ -113,8 +114,8 @@ class Loop:
                            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}.")
         self.out.start(self.state.step if resume else None)
         if run.data.report():
-            self.out.write_json("data.json", run.data.report())
-        self.out.write_text("config.toml", run.config.to_toml())
+            self.out.write_data_report(run.data.report())
+        self.out.write_config(run.config)
 
     def _checkpointed(self):
         return self.base, self.optimizer, self.scheduler, self.scaler, self.strategy
@@ -139,7 +140,7 @@ class Loop:
         self.grads_of = self.trainable()
 
     def save_checkpoint(self) -> None:
-        ckpt.save_training(self.run_dir / "checkpoints", self.state, *self._checkpointed(), self.dist,
+        ckpt.save_training(self.run_dir / rundir.CHECKPOINTS, self.state, *self._checkpointed(), self.dist,
                            self.t.keep_checkpoints, self.sharded)
 
     def save_weights(self, name: str) -> None:
@@ -162,7 +163,7 @@ class Loop:
         value = metrics[self.metric]
         if s.best is None or (value > s.best if self.mode == "max" else value < s.best):
             s.best, s.bad_evals = value, 0
-            self.save_weights("model.safetensors")
+            self.save_weights(rundir.WEIGHTS)
         else:
             s.bad_evals += 1
         return bool(self.t.patience) and s.bad_evals >= self.t.patience or self.out.should_stop(self.dist, self.base)
@@ -306,42 +307,33 @@ class Loop:
         if not s.stopped_early and s.last_eval_step not in (-1, s.step):
             self.evaluate_and_track()  # the steps since the last evaluation count too
         self.save_checkpoint()
-        self.save_weights("last.safetensors")
+        self.save_weights(rundir.LAST_WEIGHTS)
+        best = self.run_dir / rundir.WEIGHTS
         if s.best is None:
-            self.save_weights("model.safetensors")
+            self.save_weights(rundir.WEIGHTS)
         elif self.sharded:
-            distributed.load_full_state_dict(self.base, ckpt.load_weights(self.run_dir / "model.safetensors"))
+            distributed.load_full_state_dict(self.base, ckpt.load_weights(best))
         else:
-            self.base.load_state_dict(ckpt.load_weights(self.run_dir / "model.safetensors"))
+            self.base.load_state_dict(ckpt.load_weights(best))
         results = {split: run.evaluate(self.base, split) for split in ("val", "test")}
-        summary = {
-            "run_dir": str(self.run_dir), "strategy": self.strategy.name, "backbone": run.backbone.name,
-            "steps": s.step, "epochs_completed": s.epoch, "world_size": self.dist.world_size,
-            "device": str(run.device), "precision": self.t.precision, "metric": self.metric, "best": s.best,
-            "stopped_early": s.stopped_early, "skipped_steps": s.skipped_steps, "train_time_s": s.train_time,
-            "wall_time_s": time.perf_counter() - self.t_start,
-            "train_samples_per_s": s.samples / max(s.train_time, 1e-9),
-            "weights": "model.safetensors" if s.best is None else "model.safetensors (best on val)",
-            **{k: v for k, v in results.items() if v is not None}, **self.strategy.report(self.base)}
-        if run.data.report():
-            summary["data"] = run.data.report()
-        params = [(p.numel(), p.requires_grad) for p in self.base.parameters()]
-        summary["parameters"] = {"total": sum(n for n, _ in params), "trainable": sum(n for n, t in params if t)}
-        summary["peak_memory_bytes"] = peak_memory(run.device)  # process RSS on CPU, allocated on CUDA
-        summary["training_state_bytes"] = training_state_bytes(self.base, self.optimizer)
+        measured = {"strategy": self.strategy.report(self.base), "wall_time_s": time.perf_counter() - self.t_start,
+                    "peak_memory_bytes": peak_memory(run.device),  # process RSS on CPU, allocated on CUDA
+                    "training_state_bytes": training_state_bytes(self.base, self.optimizer)}
         if self.dist.is_main:
             if self.sharded:  # exports need a whole model: a one-process rebuild holding the best weights
-                run = rebuilt_alone(run, self.run_dir / "model.safetensors")
+                run = rebuilt_alone(run, best)
             if results["test"] is not None:
                 self.out.log({"step": s.step, "epoch": s.epoch, "split": "test", **scalars(results["test"])})
-            self.out.write_json("labels.json", {"task": run.data.task, "label_names": list(run.data.label_names or [])})
+            self.out.write_labels(run.data.task, run.data.label_names)
             if run.adapter is not None:
-                size = run.adapter.save(str(self.run_dir / "adapter"), run.backbone)
-                summary["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": "adapter"}
+                size = run.adapter.save(str(self.run_dir / rundir.ADAPTER), run.backbone)
+                measured["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": rundir.ADAPTER}
             # backbone/ is written merged: a plain model in its family's format, the hand-off to a later run
             with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
                 run.strategy.export(run.model, str(self.run_dir))
-            self.out.write_json("summary.json", summary)
+        summary = rundir.training_summary(self.run, self.state, self.run_dir, self.metric, results, measured)
+        if self.dist.is_main:
+            self.out.write_summary(summary)
             if self.t.plot:
                 self.out.plots(run.data.label_names, results)
             self.out.finish(summary)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as cfg
+from . import rundir
 from .errors import GraftError, did_you_mean
 
 STATE_FILE = ".graft-stage.json"  # in each stage's run directory: the fingerprint it was started with
@@ -75,7 +76,8 @@ def _substitute(value, dirs: dict[str, Path], later: set[str], own: str, at: str
     return value
 
 
-def load(path: str | Path, out: str | Path | None = None, registry=None, overrides: list[str] = ()) -> list[Stage]:
+def read_pipeline(path: str | Path, out: str | Path | None = None, registry=None,
+                  overrides: list[str] = ()) -> list[Stage]:
     """The stages of pipeline file ``path`` (``overrides``: ``TABLE.KEY=VALUE`` for every stage, before each stage's
     own ``set``, which wins), resolved and validated (nothing runs). Raises GraftError naming the
     file and stage for bad input: unknown keys, duplicate or missing names, unknown or later stage references,
@@ -159,15 +161,15 @@ def _compress_options(table: dict, at: str) -> dict:
 def _status(stage: Stage) -> str:
     state = stage.run_dir / STATE_FILE
     same = state.is_file() and json.loads(state.read_text()).get("fingerprint") == stage.fingerprint
-    if same and (stage.run_dir / "summary.json").is_file():
+    if same and (stage.run_dir / rundir.SUMMARY).is_file():
         return "done"
-    checkpoints = stage.run_dir / ("finetune" if stage.compress else "") / "checkpoints" / "latest"
+    checkpoints = stage.run_dir / ("finetune" if stage.compress else "") / rundir.CHECKPOINTS / "latest"
     if same and checkpoints.is_file():
         return "resume"
     return "run"
 
 
-def run(stages: list[Stage], start: str | None = None, only: str | None = None, echo=print) -> dict | None:
+def run_stages(stages: list[Stage], start: str | None = None, only: str | None = None, echo=print) -> dict | None:
     """Run the stages that are not done (``start``: rerun that stage and all after it; ``only``: just that one),
     in order. Returns the pipeline report, or None when a signal interrupted a stage (its checkpoint is kept)."""
     from .loop import train
@@ -200,7 +202,7 @@ def run(stages: list[Stage], start: str | None = None, only: str | None = None, 
         (stage.run_dir / STATE_FILE).write_text(json.dumps({"fingerprint": stage.fingerprint,
                                                             "uses": stage.uses}))
         if stage.compress is not None:
-            _compress(stage, echo)
+            _compress_stage(stage, echo)
             stage.status = "done"
             continue
         echo(f"[{stage.name}] {'resuming' if resume else 'training'} {stage.config.plugins['strategy'].name} -> "
@@ -213,12 +215,12 @@ def run(stages: list[Stage], start: str | None = None, only: str | None = None, 
     return report(stages)
 
 
-def _compress(stage: Stage, echo) -> None:
-    from .compress import compress
+def _compress_stage(stage: Stage, echo) -> None:
+    from .compress import compress_run
 
     o = stage.compress
     echo(f"[{stage.name}] compressing {o['compress']} -> {stage.run_dir}")
-    compress(o["compress"], stage.run_dir, o.get("quantize"), o.get("prune"), o.get("finetune_steps", 0),
+    compress_run(o["compress"], stage.run_dir, o.get("quantize"), o.get("prune"), o.get("finetune_steps", 0),
              o.get("finetune_lr"), o.get("calibration_samples", 256), o.get("calibration_method", "percentile"),
              echo=echo)
 
@@ -228,12 +230,11 @@ def report(stages: list[Stage]) -> dict:
     the size of its weights -- from each finished stage's summary.json."""
     rows = []
     for s in stages:
-        path = s.run_dir / "summary.json"
-        if not path.is_file():
+        summary = rundir.read_summary(s.run_dir)
+        if summary is None:
             rows.append({"stage": s.name, "status": "not run"})
             continue
-        summary = json.loads(path.read_text())
-        weights = s.run_dir / "model.safetensors"
+        weights = s.run_dir / rundir.WEIGHTS
         rows.append({
             "stage": s.name, "status": "done", "run_dir": str(s.run_dir), "strategy": summary.get("strategy"),
             "backbone": summary.get("backbone"), "metric": summary.get("metric"), "best": summary.get("best"),

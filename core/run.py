@@ -1,10 +1,11 @@
-"""A run's objects, built from a config: plugins, model, data, device. Also a finished run loaded back
-(``load_run``) and prediction on raw inputs."""
+"""A run's objects, built from a config in one of its modes (train, eval, predict, rebuild, serve): plugins, model,
+data, device. Also a finished PyTorch run loaded back (``load_trained``; ``graft.load_run`` chooses between it and
+an ONNX export in ``graft.export``) and prediction on raw inputs."""
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import random
 from pathlib import Path
 
@@ -12,51 +13,104 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, rundir
 from .batches import make_loader, move
 from .config import Config
 from .device import autocast_dtype, seed_everything, select_device
 from .errors import GraftError
 
 
+MODES = ("train", "eval", "predict", "rebuild", "serve")
+
+
 class Run:
-    """Everything built from a config, before training: plugins, model, data, device, process info."""
+    """Everything built from a config: plugins, model, data, device, process info. One constructor for every way a
+    run is assembled; ``mode`` says which:
+
+    - ``train``: before training (``graft.train``, ``graft.Run(config)``): processes from the environment, RNGs
+      seeded, the data read.
+    - ``eval``: a finished run loaded back to score (``graft.load_run``): one process, the data read.
+    - ``predict``: a finished run loaded back to predict on raw inputs: one process, no data read when
+      ``data_info`` ({"task", "label_names"}, as a run saves in labels.json) is given.
+    - ``rebuild``: a sharded run's model built again whole in one process on the CPU (``rebuilt_alone``).
+    - ``serve``: a run served from an ONNX file (``graft.export.ExportedRun``, which supplies the network).
+
+    Only ``train`` touches the global RNGs: the others leave them as they were, so loading a run (a teacher, say)
+    inside another changes nothing there. Raises GraftError for a config the plugins refuse."""
 
     def __init__(self, config: Config, dist: distributed.Dist | None = None, device: torch.device | None = None,
-                 data_info: dict | None = None, reseed: bool = True):
-        """``data_info`` ({"task", "label_names"}, as a run saves in labels.json) skips reading the data: enough
-        to rebuild a trained model for prediction."""
-        self.config = config
+                 *, mode: str = "train", data_info: dict | None = None):
+        if mode not in MODES:
+            raise ValueError(f"Run mode {mode!r}: one of {', '.join(MODES)}.")
+        self.config, self.mode = config, mode
         t = config.train
-        self.dist = dist or distributed.from_env()
-        self.device = device or select_device(t.device, self.dist.local_rank)
-        if reseed:
+        self.dist = dist or (distributed.from_env() if mode == "train" else distributed.Dist())
+        on_cpu = mode in ("rebuild", "serve")
+        self.device = device or (torch.device("cpu") if on_cpu else select_device(t.device, self.dist.local_rank))
+        if mode == "train":
             seed_everything(t.seed, t.deterministic)
-        specs = config.plugins
-        self.backbone = specs["backbone"].create()
-        self.backbone.build()
-        if t.gradient_checkpointing:
-            self.backbone.enable_gradient_checkpointing()
+            self._assemble(data_info)
+            return
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            state = random.getstate(), np.random.get_state()
+            self._assemble(data_info)
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+
+    def _assemble(self, data_info: dict | None) -> None:
+        specs, t = self.config.plugins, self.config.train
+        self.backbone = self._backbone()
         self.adapter = None
         if "adapter" in specs:
             if not specs["strategy"].cls.supports_adapters:
                 raise GraftError(f"[adapter] plugin = {specs['adapter'].name!r}: strategy "
                                  f"{specs['strategy'].name!r} does not train its backbone, so an adapter has nothing "
                                  f"to stand in for. Remove the [adapter] table, or use finetune, distill or mlm.")
-            self.adapter = specs["adapter"].create()
-            self.backbone.adapter_frozen = frozenset(self.adapter.apply(self.backbone))
-        self.data = specs["data"].create()
+            if self.mode != "serve":  # a served network has the adapter merged in
+                self.adapter = specs["adapter"].instantiate()
+                self.backbone.adapter_frozen = frozenset(self.adapter.apply(self.backbone))
+        self.data = specs["data"].instantiate()
         self.data.seed = t.seed
         if data_info is None:
             self.data.setup(self.backbone, t.seed)
         else:
             self.data.task, self.data.label_names = data_info["task"], data_info["label_names"]
-        self.loss = specs["loss"].create() if "loss" in specs else None
-        self.strategy = specs["strategy"].create(backbone=self.backbone, loss=self.loss, data=self.data)
+        self.loss = specs["loss"].instantiate() if "loss" in specs else None
+        self.strategy = self._strategy(specs["strategy"].instantiate(backbone=self.backbone, loss=self.loss,
+                                                                     data=self.data))
         self.strategy.predicting = data_info is not None
-        self.model = self.strategy.build().to(self.device)
-        if t.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self._model()
+
+    # The parts a served run (graft.export.ExportedRun) supplies itself: its preprocessing, serving strategy, network.
+    def _backbone(self):
+        backbone = self.config.plugins["backbone"].instantiate()
+        backbone.build()
+        if self.config.train.gradient_checkpointing:
+            backbone.enable_gradient_checkpointing()
+        return backbone
+
+    def _strategy(self, strategy):
+        return strategy
+
+    def _model(self):
+        model = self.strategy.build().to(self.device)
+        if self.config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def load_weights(self, path: Path, state: dict | None = None) -> None:
+        """The weights file ``path`` (or its ``state``, already read) into the model; one rebuilt only to predict may
+        lack modules that only training used (``Strategy.predicting``), but needs every tensor it has. Raises
+        GraftError for a missing or damaged file, or one that lacks tensors of the model."""
+        state = move(ckpt.load_weights(path) if state is None else state, self.device)
+        if not self.strategy.predicting:
+            self.model.load_state_dict(state)
+            return
+        missing = self.model.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise GraftError(f"{path} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: was the run's "
+                             f"config.toml edited?")
 
     def loader(self, split: str, train: bool, batch_size: int | None = None):
         """The DataLoader of ``split`` (None when the split is empty): training order seeded per epoch and split
@@ -123,54 +177,31 @@ def rebuilt_alone(run: Run, weights: Path) -> Run:
     from .capabilities import SettableTokenizer
 
     info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
-    plain = Run(run.config, dist=distributed.Dist(), device=torch.device("cpu"), data_info=info, reseed=False)
+    plain = Run(run.config, mode="rebuild", data_info=info)
     if isinstance(plain.backbone, SettableTokenizer) and run.backbone.modality == "text" and \
             run.backbone.tokenizer() is not None:
         plain.backbone.set_tokenizer(run.backbone.tokenizer())
-    _load(plain, ckpt.load_weights(weights), weights)
+    plain.load_weights(weights)
     return plain
 
 
-def _load(run: Run, state: dict, path: Path) -> None:
-    """``state`` into ``run``'s model; one rebuilt only to predict may lack modules that only training used
-    (``Strategy.predicting``), but needs every tensor it has."""
-    if not run.strategy.predicting:
-        run.model.load_state_dict(state)
-        return
-    missing = run.model.load_state_dict(state, strict=False).missing_keys
-    if missing:
-        raise GraftError(f"{path} lacks {len(missing)} tensors of the model, e.g. {missing[0]}: was the run's "
-                         f"config.toml edited?")
-
-
-def load_run(run_dir: str | Path, overrides=(), for_prediction: bool = False, device: str | None = None,
-             registry=None, trust_remote_code: bool = False) -> Run:
-    """Rebuild a finished run's model with its best weights, from its resolved config.toml. Global RNG state
-    is left as it was, so loading a run (e.g. a teacher) inside another run changes nothing there."""
-    from . import config as cfg
-
+def load_trained(run_dir: Path, overrides=(), for_prediction: bool = False, device: str | None = None,
+                 registry=None, trust_remote_code: bool = False) -> Run:
+    """A finished PyTorch run rebuilt from its resolved config.toml with its best weights (``graft.load_run``, in
+    ``graft.export``, also takes ONNX exports). Raises GraftError when ``run_dir`` is no finished run."""
     run_dir = Path(run_dir)
-    if (run_dir / "config.toml").is_file() and (run_dir / "model.onnx").is_file():  # an ONNX export or compression
-        from .export import load_exported
-
-        return load_exported(run_dir, overrides, for_prediction, registry)
-    if not (run_dir / "config.toml").is_file() or not (run_dir / "model.safetensors").is_file():
-        raise GraftError(f"{run_dir} is not a finished graft run (it needs config.toml and model.safetensors, or "
+    if not rundir.is_finished(run_dir):
+        raise GraftError(f"{run_dir} is not a finished graft run (it needs {rundir.CONFIG} and {rundir.WEIGHTS}, or "
                          f"model.onnx for an export).")
-    conf = cfg.load(run_dir / "config.toml", overrides, registry)
+    conf = rundir.read_config(run_dir, overrides, registry)
     spec = conf.plugins["backbone"]
-    export = run_dir / "backbone"
-    spec.options = spec.cls.reload_options(spec.options, export if export.is_dir() else None, trust_remote_code)
-    if device:
-        conf.train.device = device
-    info = json.loads((run_dir / "labels.json").read_text()) if (run_dir / "labels.json").is_file() else None
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        state = random.getstate(), np.random.get_state()
-        run = Run(conf, dist=distributed.Dist(), data_info=info if for_prediction else None, reseed=False)
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-    _load(run, move(ckpt.load_weights(run_dir / "model.safetensors"), run.device), run_dir / "model.safetensors")
+    export = run_dir / rundir.BACKBONE
+    spec = dataclasses.replace(spec, options=spec.cls.reload_options(spec.options, export if export.is_dir() else None,
+                                                                      trust_remote_code))
+    conf = conf.replace(plugins={"backbone": spec}, train={"device": device} if device else None)
+    info = rundir.read_labels(run_dir)
+    run = Run(conf, mode="predict" if for_prediction else "eval", data_info=info if for_prediction else None)
+    run.load_weights(run_dir / rundir.WEIGHTS)
     run.model.eval()
     return run
 

@@ -131,7 +131,7 @@ class _Pruning(Logger):
 def trial_config(config_path, overrides, params: list[Param], values: dict, where: str) -> cfg.Config:
     sets = [f"{k}={_literal(values[k])}" for k in (p.key for p in params)]
     try:
-        return cfg.load(config_path, list(overrides) + sets)
+        return cfg.load_config(config_path, list(overrides) + sets)
     except GraftError as e:
         raise GraftError(f"{where}: {e}") from None
 
@@ -155,7 +155,7 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
         from .distributed import Dist
         from .run import Run
 
-        strategy = Run(base, dist=Dist(), device=None).strategy
+        strategy = Run(base, dist=Dist()).strategy
         metric = strategy.primary_metric
     mode = base.train.metric_mode if base.train.metric_mode != "auto" else None
     if mode is None and settings.get("direction") is None:
@@ -188,9 +188,10 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
         trial.set_user_attr(OUTCOME, "running")  # a trial that fails still "running" was cut short (a signal)
         values = {p.key: p.suggest(trial) for p in params}
         conf = trial_config(config_path, overrides, params, values, f"trial {trial.number}")
-        conf.train.metric = metric  # the run's best weights, the pruner and the objective: one metric
         pruning = type("Pruning", (_Pruning,), {"trial": trial, "metric": metric})
-        conf.loggers.append(cfg.PluginSpec("logger", "optuna-pruning", pruning, NoOptions()))
+        # the run's best weights, the pruner and the objective: one metric
+        conf = conf.replace(train={"metric": metric}, loggers=[
+            *conf.loggers, cfg.PluginSpec("logger", "optuna-pruning", pruning, NoOptions())])
         run_dir = out / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         echo(f"[trial {trial.number}] " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"

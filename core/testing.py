@@ -45,7 +45,8 @@ def check_strategy(cls, workdir, options: dict | None = None, backbone: dict | N
     from .errors import GraftError
     from .interfaces import Strategy
     from .loop import train
-    from .run import Run, load_run, predict
+    from .export import load_run
+    from .run import Run, predict
 
     workdir = Path(workdir)
     problems: list[str] = []
@@ -183,7 +184,8 @@ def check_adapter(cls, workdir, options: dict | None = None, backbone: dict | No
 
     from .config import resolve
     from .loop import train
-    from .run import Run, load_run
+    from .export import load_run
+    from .run import Run
 
     workdir = Path(workdir)
     reg = registry_with(cls, "adapter", name)

@@ -44,18 +44,19 @@ def cnn_run(tmp_path_factory):
 
 
 def _export(run_dir, fmt, out):
-    from graft.export import export
-    from graft.run import load_run
+    from graft.export import export_run
+    from graft import load_run
 
     run = load_run(run_dir, overrides=["train.precision=fp32"], device="cpu")
-    return export(run, Path(run_dir), fmt, Path(out))
+    return export_run(run, Path(run_dir), fmt, Path(out))
 
 
 @pytest.mark.parametrize("which", ["vit_run", "bert_run"])
 def test_onnx_export_matches_pytorch_and_serves_eval_and_predict(which, request, tmp_path):
     """timm and hf: parity below 1e-4 on real examples (batch 4 and batch 1), and the export, loaded back as a run
     from its own folder (preprocessing saved beside it), scores and predicts exactly like the run."""
-    from graft.run import load_run, predict
+    from graft.run import predict
+    from graft import load_run
 
     run_dir = request.getfixturevalue(which)
     info = _export(run_dir, "onnx", tmp_path / "onnx")
@@ -103,7 +104,8 @@ def test_cli_export_onnx_and_predict_give_the_same_labels(bert_run, tmp_path):
     out = tmp_path / "served"
     proc = graft("export", bert_run, "--format", "onnx", "--out", out, check=True)
     assert "max abs difference" in proc.stdout and (out / "preprocessing" / "tokenizer.json").is_file()
-    from graft.run import load_run, predict
+    from graft.run import predict
+    from graft import load_run
 
     texts = ["good film", "awful movie", "the movie was sad", "very nice film"]
     ours = predict(load_run(bert_run, for_prediction=True), texts)
@@ -133,10 +135,10 @@ def test_torchscript_export_matches_pytorch(vit_run, tmp_path):
 def test_dynamic_int8_quantizes_the_linear_layers_and_is_served(bert_run, tmp_path):
     import onnx
 
-    from graft.compress import compress
-    from graft.run import load_run
+    from graft.compress import compress_run
+    from graft import load_run
 
-    s = compress(bert_run, tmp_path / "q", quantize_mode="dynamic-int8", echo=QUIET)
+    s = compress_run(bert_run, tmp_path / "q", quantize_mode="dynamic-int8", echo=QUIET)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
     assert s["compressed"]["size_bytes"] < s["onnx_fp32"]["size_bytes"]
@@ -151,10 +153,10 @@ def test_dynamic_int8_quantizes_the_linear_layers_and_is_served(bert_run, tmp_pa
 def test_static_int8_calibrates_on_training_examples(cnn_run, tmp_path):
     import onnx
 
-    from graft.compress import compress
-    from graft.run import load_run
+    from graft.compress import compress_run
+    from graft import load_run
 
-    s = compress(cnn_run, tmp_path / "q", quantize_mode="static-int8", calibration=40, echo=QUIET)
+    s = compress_run(cnn_run, tmp_path / "q", quantize_mode="static-int8", calibration=40, echo=QUIET)
     assert s["compression"]["calibration_examples"] == 32  # batches of 16 of one shape: the histograms stack them
     model = onnx.load(str(tmp_path / "q" / "model.onnx"))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
@@ -170,9 +172,9 @@ def test_static_int8_calibrates_on_training_examples(cnn_run, tmp_path):
 def test_static_int8_of_a_text_model_pads_the_calibration_batches(bert_run, tmp_path):
     import onnx
 
-    from graft.compress import compress
+    from graft.compress import compress_run
 
-    s = compress(bert_run, tmp_path / "q", quantize_mode="static-int8", calibration=48, echo=QUIET)
+    s = compress_run(bert_run, tmp_path / "q", quantize_mode="static-int8", calibration=48, echo=QUIET)
     assert s["compression"]["calibration_examples"] == 48
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node)
     assert abs(s["change"]["accuracy"]) <= 0.1
@@ -196,10 +198,10 @@ def test_global_magnitude_pruning_zeroes_the_smallest_weights():
 
 
 def test_pruning_with_recovery_keeps_the_zeros_and_is_a_run(vit_run, tmp_path):
-    from graft.compress import compress
-    from graft.run import load_run
+    from graft.compress import compress_run
+    from graft import load_run
 
-    s = compress(vit_run, tmp_path / "p", prune="magnitude:0.6", finetune_steps=6, echo=QUIET)
+    s = compress_run(vit_run, tmp_path / "p", prune="magnitude:0.6", finetune_steps=6, echo=QUIET)
     assert s["compression"]["sparsity"] == pytest.approx(0.6, abs=0.01)
     records = [json.loads(x) for x in (tmp_path / "p" / "finetune" / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and records[0]["split"] == "val"  # the pruned model before recovery
@@ -238,12 +240,12 @@ def test_bad_inputs_exit_2_with_the_reason(vit_run, tmp_path, tiny_bert):
         proc = graft(*args)
         assert proc.returncode == 2 and "not a finished graft run" in proc.stderr and "Traceback" not in proc.stderr
     from graft import GraftError
-    from graft.compress import compress
+    from graft.compress import compress_run
 
     for kwargs, match in (({"prune": "random:0.5"}, "magnitude:FRACTION"), ({}, "Nothing to do"),
                           ({"finetune_steps": 3, "quantize_mode": "dynamic-int8"}, "give --prune")):
         with pytest.raises(GraftError, match=match):
-            compress(vit_run, tmp_path / "c", **kwargs)
+            compress_run(vit_run, tmp_path / "c", **kwargs)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join("the film was very good and the movie was very bad" for _ in range(40)))
     mlm = _train(tiny_config(backbone={"plugin": "hf", "weights": str(tiny_bert)}, strategy={"plugin": "mlm"},

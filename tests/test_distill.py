@@ -121,7 +121,8 @@ def test_hf_student_from_timm_teacher_with_features(tmp_path, teacher):
 
     # Bug (issue 18): `graft predict` on a distill run failed inside the teacher's view of data it never reads.
     # The student predicts alone, without the feature projections only training used, like the full rebuild.
-    from graft.run import load_run, predict
+    from graft.run import predict
+    from graft import load_run
 
     full, alone = load_run(out), load_run(out, for_prediction=True)
     assert not hasattr(alone.strategy, "teacher") and "projections.0.weight" not in alone.model.state_dict()

@@ -83,7 +83,7 @@ def test_sigkill_during_checkpoints_leaves_a_loadable_one(tmp_path):
         proc.kill()
         proc.communicate()
         latest = ckpt.latest(out / "checkpoints")
-        model_state, state = ckpt.load(latest)
+        model_state, state = ckpt.load_checkpoint(latest)
         assert state["position"]["step"] == int(latest.name.split("-")[1]) and model_state
     proc = graft("train", cfg, "--resume", out, "--set", "train.epochs=1")  # fewer epochs: just finish
     assert proc.returncode == 0, proc.stderr
@@ -116,7 +116,7 @@ def test_nan_loss_stops_and_keeps_good_checkpoint(tmp_path, nan_loss):
         run(tmp_path, "nan", loss={"plugin": "nan_after"}, train={"checkpoint_every": 2, "max_steps": 10})
     latest = ckpt.latest(tmp_path / "nan" / "checkpoints")
     assert latest.name == "step-00000004"
-    model_state, _ = ckpt.load(latest)
+    model_state, _ = ckpt.load_checkpoint(latest)
     assert all(torch.isfinite(v).all() for v in model_state.values())
 
 
@@ -298,14 +298,14 @@ def test_resume_with_another_batch_layout_is_refused(tmp_path):
 
 def test_checkpoint_resave_same_step_and_damaged_files(tmp_path):
     d = tmp_path / "ck"
-    ckpt.save(d, 5, {"w": torch.ones(2)}, {"position": {"step": 5}}, keep=1)
-    ckpt.save(d, 5, {"w": torch.zeros(2)}, {"position": {"step": 5}}, keep=1)
+    ckpt.save_checkpoint(d, 5, {"w": torch.ones(2)}, {"position": {"step": 5}}, keep=1)
+    ckpt.save_checkpoint(d, 5, {"w": torch.zeros(2)}, {"position": {"step": 5}}, keep=1)
     latest = ckpt.latest(d)
     assert latest.name == "step-00000005" and [p.name for p in d.iterdir() if p.is_dir()] == [latest.name]
-    assert torch.equal(ckpt.load(latest)[0]["w"], torch.zeros(2))
+    assert torch.equal(ckpt.load_checkpoint(latest)[0]["w"], torch.zeros(2))
     (latest / "model.safetensors").write_bytes((latest / "model.safetensors").read_bytes()[:20])
     with pytest.raises(GraftError, match="unreadable"):
-        ckpt.load(latest)
+        ckpt.load_checkpoint(latest)
 
 
 def test_bad_train_values_are_config_errors(tmp_path):

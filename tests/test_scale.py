@@ -184,7 +184,7 @@ def test_sigkill_during_sharded_checkpoints_leaves_a_loadable_one(tmp_path):
             pass
     proc.communicate(timeout=60)
     latest = ckpt.latest(out / "checkpoints")
-    model_state, state = ckpt.load(latest)
+    model_state, state = ckpt.load_checkpoint(latest)
     assert model_state is None and (latest / "dcp" / ".metadata").is_file()
     assert state["position"]["step"] == int(latest.name.split("-")[1])
     step = state["position"]["step"]

@@ -175,7 +175,7 @@ def test_real_models_export_to_onnx_within_1e4_and_quantize(which, tmp_path):
     """Issue 18 on the real pretrained networks (a few training steps): ONNX parity below 1e-4 in onnxruntime, and
     the int8 copy (static for the CNN, dynamic for the transformer) at most 0.35x the source's size."""
     pytest.importorskip("onnxruntime")
-    from graft.compress import compress
+    from graft.compress import compress_run
     from graft import train
 
     if which == "mobilenetv2":
@@ -192,7 +192,7 @@ def test_real_models_export_to_onnx_within_1e4_and_quantize(which, tmp_path):
     conf.update(strategy={"plugin": "finetune"}, train={"max_steps": 10, "batch_size": 16, "lr": 1e-4,
                                                           "progress": False, "plot": False})
     train(load_config(conf, where="x"), tmp_path / "run", echo=lambda m: None)
-    s = compress(tmp_path / "run", tmp_path / "q", quantize_mode=mode, calibration=64, echo=lambda m: None)
+    s = compress_run(tmp_path / "run", tmp_path / "q", quantize_mode=mode, calibration=64, echo=lambda m: None)
     assert s["onnx_fp32"]["max_abs_difference"] < 1e-4
     assert s["change"]["size_ratio"] <= 0.35
     assert abs(s["change"]["accuracy"]) <= 0.05

@@ -2,6 +2,7 @@
 instead of comparing task names, and a pip-installed third-party task trains, distils, predicts and exports."""
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_unknown_task_names_the_tasks_that_exist(tmp_path):
 
     conf = load_config(tiny_config(train={"max_steps": 1}), where="x")
     run_data = conf.plugins["data"]
-    run_data.cls = type("Odd", (run_data.cls,), {"task": "ordinl"})
+    conf = conf.replace(plugins={"data": dataclasses.replace(run_data, cls=type("Odd", (run_data.cls,),
+                                                                                   {"task": "ordinl"}))})
     with pytest.raises(GraftError, match="does not handle data task 'ordinl'.*Available: classification"):
         Run(conf)
 

@@ -44,7 +44,7 @@ def test_resume_after_gradual_unfreezing_changed_the_trainable_set(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert "Interrupted at step" in err
-    assert ckpt.load(ckpt.latest(tmp_path / "cut" / "checkpoints"))[1]["position"]["epoch"] >= 1
+    assert ckpt.load_checkpoint(ckpt.latest(tmp_path / "cut" / "checkpoints"))[1]["position"]["epoch"] >= 1
     resumed = graft("train", cfg, "--resume", tmp_path / "cut")
     assert resumed.returncode == 0 and "parameter group" not in resumed.stderr, resumed.stderr
     assert_same_records(read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut"))
@@ -78,7 +78,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_not_counted(tmp_path):
     said = []
     train(load_config(conf, where="x"), tmp_path / "cut", resume=True, echo=said.append)
     steps = sorted(p.name for p in directory.glob("step-*"))
-    assert len(steps) == 2 and all(ckpt.load(directory / name) for name in steps), steps
+    assert len(steps) == 2 and all(ckpt.load_checkpoint(directory / name) for name in steps), steps
     assert (directory / f"damaged-{latest.name}").is_dir() and ckpt.latest(directory).name == steps[-1]
     assert any(f"kept as {directory / ('damaged-' + latest.name)}" in m for m in said), said
 
