@@ -7,6 +7,7 @@ class Multilabel(Task):
     """Any number of labels per example: one sigmoid per label; micro / macro F1 and exact match."""
 
     losses = ("bce",)
+    primary_metric = "micro_f1"  # best weights and early stopping; the strategy's "accuracy" is no multi-label metric
     metric_modes = {"micro_f1": "max", "macro_f1": "max", "exact_match": "max"}
     output_shape = "[batch, labels]"
 

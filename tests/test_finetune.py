@@ -139,8 +139,10 @@ def test_multilabel_head(tmp_path, tiny_bert):
             f.write(json.dumps({"text": " ".join(words), "label": tags}) + "\n")
     conf = _text_conf(tiny_bert, path, task="multilabel")
     conf["loss"] = {"plugin": "bce"}
-    conf["train"]["metric"] = "micro_f1"
+    # no [train] metric: the task's own (the old code took the strategy's "accuracy", which multi-label never
+    # reports: "[train] metric = 'accuracy' is not among the strategy's metrics: loss, micro_f1, ...")
     summary = train(load_config(conf, where="ml.toml"), tmp_path / "ml", echo=lambda m: None)
+    assert summary["metric"] == "micro_f1" and summary["best"] is not None
     assert summary["test"]["micro_f1"] > 0.8
     preds = graft("predict", tmp_path / "ml", "good film was very", "--json", check=True).stdout
     assert set(json.loads(preds)["labels"]) == {"pos", "film"}
