@@ -1,8 +1,8 @@
 """graftkit: plugin-based transfer learning for PyTorch.
 
 The public API for plugin authors and scripts lives here; ``docs/plugins.md`` lists it. Importing ``graft`` never
-imports torch: the names that need it (``train``, ``load_run``, ``predict``, ``move``, ``clean_state_dict``,
-``exported_backbone``, ``read_metrics``) are loaded on first use. Public modules beside these names: ``graft.data`` (splits, few-label
+imports torch: the names that need it (``train``, ``load_run``, ``predict``, ``Run``, ``move``,
+``clean_state_dict``) are loaded on first use. Public modules beside these names: ``graft.data`` (splits, few-label
 subsets, images), ``graft.supervised`` (heads, freezing schedules, metrics), ``graft.testing`` (conformance checks).
 """
 
@@ -19,17 +19,18 @@ from .files import read_text
 from .hookspecs import hookimpl
 from .interfaces import UNLABELLED, Adapter, Backbone, DataSource, Logger, Loss, Plugin, SoftTargetLoss, Strategy
 from .options import option
+from .rundir import exported_backbone, read_metrics
 from .task import Task
 
 __version__ = "0.1.0"
 
 #: names that import torch, loaded on first use: name -> module
 _LAZY = {"train": "loop", "load_run": "export", "predict": "run", "Run": "run", "move": "batches",
-         "clean_state_dict": "checkpoint", "exported_backbone": "rundir", "read_metrics": "rundir"}
+         "clean_state_dict": "checkpoint"}
 
 __all__ = ["Adapter", "Backbone", "DataSource", "GraftError", "GraftWarning", "Logger", "Loss", "Plugin",
            "SoftTargetLoss", "Strategy", "Task", "UNLABELLED", "create", "did_you_mean", "hookimpl", "load_config", "option",
-           "read_text", "warn", "__version__", *_LAZY]
+           "exported_backbone", "read_metrics", "read_text", "warn", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft import Logger, hookimpl, option
+from graft import Logger, hookimpl, option, read_metrics
 
 KEYS = ("step", "epoch", "split")
 STATE = "mlflow.json"  # in the run directory: the MLflow run a resumed graft run continues
@@ -80,8 +80,6 @@ class MLflowLogger(Logger):
             # MLflow cannot delete metric points, and the interrupted attempt logged steps past the checkpoint
             # that the resumed run logs again (mlflow#4248): a new MLflow run replays what metrics.jsonl kept and
             # the earlier one is deleted (MLflow's soft delete; `mlflow gc` purges it).
-            from graft import read_metrics  # imports torch: not at module level (graft list stays light)
-
             metrics = [m for record in read_metrics(run_dir) for m in _metrics(record)]
             for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft import Logger, hookimpl, option
+from graft import Logger, hookimpl, option, read_metrics
 
 KEYS = ("step", "epoch", "split")
 
@@ -33,8 +33,6 @@ class TensorBoardLogger(Logger):
         if resume_step is None:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
         else:
-            from graft import read_metrics  # imports torch: not at module level (graft list stays light)
-
             for record in read_metrics(run_dir):
                 if record["step"] == resume_step:
                     self.log(record)
