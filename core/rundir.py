@@ -235,15 +235,8 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop what was logged after the checkpoint we resume from, so the file reads as one run."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill we are recovering from
-        if record["step"] <= step and record.get("split") != "test":
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [r for r in read_metrics(path.parent) if r["step"] <= step and r.get("split") != "test"]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _pyplot():
