@@ -51,7 +51,8 @@ class Run:
             seed_everything(t.seed, t.deterministic)
             self._assemble(data_info)
             return
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        # only the device this run builds on: forking every GPU's RNG would start CUDA for a CPU rebuild or serve
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             state = random.getstate(), np.random.get_state()
             self._assemble(data_info)

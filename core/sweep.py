@@ -152,14 +152,17 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
     metric = settings.get("metric") or base.train.metric
     strategy = base.plugins["strategy"].cls(base.plugins["strategy"].options, backbone=None, loss=None, data=None)
     if not metric:  # the strategy picks it when it is built (per task: rmse, miou, entity_f1 ...): build it once
-        from .distributed import Dist
+        import torch
+
         from .run import Run
 
-        strategy = Run(base, dist=Dist()).strategy
+        # mode "eval" on the CPU: one process, the sweep's RNGs and the GPU left alone
+        strategy = Run(base, device=torch.device("cpu"), mode="eval").strategy
         metric = strategy.primary_metric
     mode = base.train.metric_mode if base.train.metric_mode != "auto" else None
     if mode is None and settings.get("direction") is None:
         mode = strategy.metric_mode(metric)
+    del strategy  # a probe built to read the metric must not hold its model and data through every trial
     direction = settings.get("direction") or {"max": "maximize", "min": "minimize"}.get(mode or "")
     if direction not in ("maximize", "minimize"):
         raise GraftError(f"{space_path}: [sweep] direction: say \"maximize\" or \"minimize\" for metric {metric!r}.")
@@ -198,8 +201,8 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
                                                     for k, v in values.items()))
         try:
             summary = train(conf, run_dir, echo=lambda m: None)
-        except GraftError:
-            trial.set_user_attr(OUTCOME, "error")  # bad input or a diverged run: running it again would not help
+        except Exception:  # a signal (KeyboardInterrupt) is no Exception: that trial stays "running", to be re-run
+            trial.set_user_attr(OUTCOME, "error")  # bad input, a diverged run, a crash: running it again won't help
             raise
         if summary.get("interrupted"):
             raise KeyboardInterrupt

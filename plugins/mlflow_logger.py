@@ -35,6 +35,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # whole or not at all: a resume reads it back
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
 def _metrics(record: dict) -> list:
     from mlflow.entities import Metric
 
@@ -61,7 +67,10 @@ class MLflowLogger(Logger):
             f"sqlite:///{run_dir.resolve().parent / 'mlflow.db'}"
         self.client = MlflowClient(uri)
         state = run_dir / STATE
-        earlier = json.loads(state.read_text()).get("run_id") if resume_step is not None and state.is_file() else None
+        old = json.loads(state.read_text()) if resume_step is not None and state.is_file() else {}
+        # every MLflow run an earlier attempt made for this run directory (one cut while replaying too)
+        replacing = [r for r in (old.get("run_id"), *old.get("replacing", ())) if r]
+        earlier = replacing[0] if replacing else None
         experiment = self.client.get_experiment_by_name(self.options.experiment)
         if experiment is None:
             artifacts = (run_dir.resolve().parent / "mlflow-artifacts").as_uri() if uri.startswith("sqlite:") else None
@@ -71,23 +80,25 @@ class MLflowLogger(Logger):
         tags = {"graft.run_dir": str(run_dir.resolve()), **({"graft.resumed_from": earlier} if earlier else {})}
         run = self.client.create_run(experiment_id, run_name=self.options.run_name or run_dir.name, tags=tags)
         self.run_id = run.info.run_id
+        _write_state(state, {"run_id": self.run_id, "tracking_uri": uri, "replacing": replacing})
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
-        if earlier:
+        if resume_step is not None:
             # MLflow cannot delete metric points, and the interrupted attempt logged steps past the checkpoint
-            # that the resumed run logs again (mlflow#4248): a new MLflow run replays what metrics.jsonl kept and
-            # the earlier one is deleted (MLflow's soft delete; `mlflow gc` purges it).
+            # that the resumed run logs again (mlflow#4248): this new MLflow run replays what metrics.jsonl kept and
+            # the earlier ones are deleted (MLflow's soft delete; `mlflow gc` purges them).
             metrics = [m for record in read_metrics(run_dir) for m in _metrics(record)]
             for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
-            try:
-                self.client.delete_run(earlier)
-            except Exception:  # noqa: BLE001 - gone already, or another store: the new run holds the truth
-                pass
-        state.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}))
+            for run_id in replacing:
+                try:
+                    self.client.delete_run(run_id)
+                except Exception:  # noqa: BLE001 - gone already, or another store: the new run holds the truth
+                    pass
+            _write_state(state, {"run_id": self.run_id, "tracking_uri": uri})
 
     def log(self, record):
         metrics = _metrics(record)

@@ -25,22 +25,23 @@ class TensorBoardLogger(Logger):
     def start(self, run_dir, config, resume_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: readers drop every event of an earlier attempt at that step or later. That takes the
-        # checkpoint's own step too (its validation, a test record metrics.jsonl no longer holds): what
-        # metrics.jsonl keeps at that step is logged again.
+        # On a resume metrics.jsonl is the truth: an event file may have lost its last unflushed events to a kill,
+        # and holds steps past the checkpoint. purge_step=0 makes readers drop every earlier event; the log replays.
         self.writer = SummaryWriter(self.options.log_dir or str(Path(run_dir) / "tensorboard"),
-                                    purge_step=resume_step)
-        if resume_step is None:
-            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
-        else:
+                                    purge_step=None if resume_step is None else 0)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        if resume_step is not None:
             for record in read_metrics(run_dir):
-                if record["step"] == resume_step:
-                    self.log(record)
+                self._add(record)
+            self.writer.flush()
 
-    def log(self, record):
+    def _add(self, record):
         for key, value in record.items():
             if key not in KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    def log(self, record):
+        self._add(record)
         self.writer.flush()
 
     def finish(self, run_dir, summary):
