@@ -291,16 +291,17 @@ def check_class_ids(targets, data, task: str) -> None:
                          f"of 0..{k - 1}, or {UNLABELLED} for no label. Check the data's labels.")
 
 
-def confusion_sums(outputs, y) -> dict:
-    """Class logits ``[N, K]`` against class ids ``[N]`` (UNLABELLED ones left out): ``count`` and the ``[K, K]``
-    ``confusion`` matrix (rows: truth, columns: prediction)."""
+def confusion_sums(pred, y, k: int) -> dict:
+    """Predicted class ids against true ones (any equal shapes: ``[N]``, ``[B, T]``, ``[B, H, W]``; UNLABELLED
+    targets left out) over ``k`` classes: ``count`` and the ``[K, K]`` ``confusion`` matrix (rows: truth, columns:
+    prediction). Take ``pred`` as ``logits.argmax(class_dim)``: no flattened copy of the logits is needed."""
     import torch
 
+    pred, y = pred.reshape(-1), y.reshape(-1)
     if not bool((y != UNLABELLED).all()):
-        outputs, y = outputs[y != UNLABELLED], y[y != UNLABELLED]  # a few-label training split: score the labelled
-    k = outputs.shape[1]
-    return {"count": torch.tensor(float(y.shape[0]), device=outputs.device),
-            "confusion": torch.bincount(y * k + outputs.argmax(1), minlength=k * k).reshape(k, k)}
+        pred, y = pred[y != UNLABELLED], y[y != UNLABELLED]  # few labels, padding, ignored pixels: score the labelled
+    return {"count": torch.tensor(float(y.shape[0]), device=pred.device),
+            "confusion": torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)}
 
 
 def confusion_metrics(sums: dict, label_names) -> dict:

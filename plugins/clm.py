@@ -168,10 +168,13 @@ class CLM(Strategy):
         reference (the first response: the targets from there to the first stop token or context token)."""
         import torch
 
+        ids, total, count = batch["inputs"]["input_ids"], 0.0, 0
+        rows = (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist()
+        if not rows:  # most batches: no template rendering for the stop tokens
+            return ids.new_tensor(0.0, dtype=torch.float32), ids.new_tensor(0.0, dtype=torch.float32)
         tok, scorer = self.backbone.tokenizer(), self.scorer
         stops = self.stop_ids(model, tok)
-        ids, total, count = batch["inputs"]["input_ids"], 0.0, 0
-        for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
+        for row in rows:
             where = keep[row].nonzero().flatten()
             if where.numel() == 0:
                 continue
@@ -193,11 +196,12 @@ class CLM(Strategy):
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @staticmethod
-    def _decode(tok, ids, stops) -> str:
+    def _decode(tok, ids, stops, strip: bool = True) -> str:
         """The text of ``ids`` up to the first stop token (an end-of-turn token need not be special)."""
         ids = ids.tolist()
         ends = [i for i, t in enumerate(ids) if t in stops]
-        return tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True).strip()
+        text = tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True)
+        return text.strip() if strip else text
 
     def stop_ids(self, model, tok) -> list[int]:
         """Token ids that end generation: the instruction template's end-of-turn tokens and end-of-sequence (the
@@ -240,9 +244,7 @@ class CLM(Strategy):
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                                  temperature=temperature if sample else None, top_p=top_p if sample else None,
                                  pad_token_id=self._pad_id(tok), eos_token_id=stops, streamer=streamer)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
-        ends = [i for i, t in enumerate(new) if t in stops]
-        answer = tok.decode(new[: ends[0]] if ends else new, skip_special_tokens=True)
+        answer = self._decode(tok, out[0, enc["input_ids"].shape[1]:], stops, strip=False)
         return answer[len(lead):] if lead and answer.startswith(lead) else answer
 
     def export(self, model, directory):

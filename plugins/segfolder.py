@@ -52,11 +52,15 @@ def read_mask(path: Path, classes: int | None):
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file
         raise GraftError(f"{path} cannot be read as a mask ({type(e).__name__}: {e}).") from None
     ignored = values == IGNORE_VALUE
-    bad = values < 0 if values.dtype.kind == "i" else np.zeros_like(ignored)
-    if classes is not None:
-        bad |= values >= classes
-    bad &= ~ignored
-    if bad.any():
+    # uint8 masks with no class count (a training example: setup checked every mask) can hold no bad value:
+    # no passes over them here
+    bad = None
+    if classes is not None or values.dtype.kind == "i":
+        bad = values < 0 if values.dtype.kind == "i" else np.zeros_like(ignored)
+        if classes is not None:
+            bad |= values >= classes
+        bad &= ~ignored
+    if bad is not None and bad.any():
         r, c = (int(x[0]) for x in np.nonzero(bad))
         known = f"there are {classes} classes (0..{classes - 1}" if classes is not None else "classes are (0, 1, ..."
         raise GraftError(f"{path}: pixel (row {r}, column {c}) has class {values[r, c]}, but {known}; "

@@ -16,7 +16,7 @@ class Classification(Task):
         check_class_ids(targets, self.data, self.name)
 
     def eval_sums(self, outputs, targets):
-        return confusion_sums(outputs, targets)
+        return confusion_sums(outputs.argmax(1), targets, outputs.shape[1])
 
     def compute_metrics(self, sums):
         return confusion_metrics(sums, self.label_names)

@@ -26,7 +26,7 @@ class Segmentation(Task):
         return flatten_dense(outputs, targets)
 
     def eval_sums(self, outputs, targets):
-        return confusion_sums(*flatten_dense(outputs, targets))
+        return confusion_sums(outputs.argmax(1), targets, outputs.shape[1])  # [B, K, H, W]: classes on axis 1
 
     def compute_metrics(self, sums):
         m = confusion_metrics(sums, self.label_names)

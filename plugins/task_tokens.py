@@ -1,5 +1,7 @@
 """The ``token_classification`` task: one tag per word (NER, POS), a head on every token's features."""
 
+import functools
+
 from graft import UNLABELLED, Task, hookimpl
 from graft.supervised import (ENTITY_PREFIXES, check_class_ids, confusion_metrics, confusion_sums, entity_counts,
                               flatten_dense, tag_words)
@@ -16,7 +18,7 @@ class TokenClassification(Task):
     distillable = True
     output_shape = "[batch, tokens, tags]"
 
-    @property
+    @functools.cached_property
     def entities(self) -> bool:
         """Tags of an entity scheme (B-PER, I-PER, O ...): entity-level metrics besides token accuracy."""
         return any(str(n).startswith(ENTITY_PREFIXES) for n in self.label_names)
@@ -33,9 +35,10 @@ class TokenClassification(Task):
     def eval_sums(self, outputs, targets):
         import torch
 
-        sums = confusion_sums(*flatten_dense(outputs, targets))
+        pred = outputs.argmax(-1)  # [B, T]
+        sums = confusion_sums(pred, targets, outputs.shape[-1])
         if self.entities:  # per sentence: the tags of the words (their first pieces), in order
-            names, pred, y = self.label_names, outputs.argmax(-1).cpu(), targets.cpu()  # one copy per batch
+            names, pred, y = self.label_names, pred.cpu(), targets.cpu()  # one copy per batch
             rows = [(y[b][y[b] != UNLABELLED].tolist(), pred[b][y[b] != UNLABELLED].tolist()) for b in range(len(y))]
             counts = entity_counts([[names[i] for i in g] for g, _ in rows], [[names[i] for i in p] for _, p in rows])
             sums["entities"] = torch.tensor(counts, dtype=torch.float64)
