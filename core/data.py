@@ -208,3 +208,12 @@ def pad_tokens(sequences, pad_id: int, fill=None):
     for i, labels in enumerate(fill):
         targets[i, : len(labels)] = torch.tensor(labels, dtype=torch.long)
     return input_ids, mask, targets
+
+
+def map_threads(fn, items) -> list:
+    """``[fn(x) for x in items]`` in a few threads: file checks whose decoding (PIL, numpy) releases the GIL."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        return list(pool.map(fn, items))

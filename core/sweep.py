@@ -136,6 +136,27 @@ def trial_config(config_path, overrides, params: list[Param], values: dict, wher
         raise GraftError(f"{where}: {e}") from None
 
 
+def _objective(base: cfg.Config, settings: dict, space_path) -> tuple[str, str]:
+    """The metric the trials are scored by and its Optuna direction: ``[sweep]``'s, else the config's, else what
+    the strategy picks for the data's task (a probe run built once on the CPU in eval mode, then let go)."""
+    metric = settings.get("metric") or base.train.metric
+    strategy = base.plugins["strategy"].cls(base.plugins["strategy"].options, backbone=None, loss=None, data=None)
+    if not metric:  # per task: rmse, miou, entity_f1 ...
+        import torch
+
+        from .run import Run
+
+        strategy = Run(base, device=torch.device("cpu"), mode="eval").strategy  # the sweep's RNGs left alone
+        metric = strategy.primary_metric
+    mode = base.train.metric_mode if base.train.metric_mode != "auto" else None
+    if mode is None and settings.get("direction") is None:
+        mode = strategy.metric_mode(metric)
+    direction = settings.get("direction") or {"max": "maximize", "min": "minimize"}.get(mode or "")
+    if direction not in ("maximize", "minimize"):
+        raise GraftError(f"{space_path}: [sweep] direction: say \"maximize\" or \"minimize\" for metric {metric!r}.")
+    return metric, direction
+
+
 def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=print) -> dict:
     """Run the study to ``trials`` finished trials (complete or pruned); returns the results (also sweep.json)."""
     try:
@@ -149,23 +170,7 @@ def sweep(config_path, space_path, trials: int, out=None, overrides=(), echo=pri
     # every searched key must exist: a config with the lowest values is resolved before anything runs
     probe = {p.key: p.choices[0] if p.choices else (int(p.low) if p.distribution == "int" else p.low) for p in params}
     base = trial_config(config_path, overrides, params, probe, f"{space_path}")
-    metric = settings.get("metric") or base.train.metric
-    strategy = base.plugins["strategy"].cls(base.plugins["strategy"].options, backbone=None, loss=None, data=None)
-    if not metric:  # the strategy picks it when it is built (per task: rmse, miou, entity_f1 ...): build it once
-        import torch
-
-        from .run import Run
-
-        # mode "eval" on the CPU: one process, the sweep's RNGs and the GPU left alone
-        strategy = Run(base, device=torch.device("cpu"), mode="eval").strategy
-        metric = strategy.primary_metric
-    mode = base.train.metric_mode if base.train.metric_mode != "auto" else None
-    if mode is None and settings.get("direction") is None:
-        mode = strategy.metric_mode(metric)
-    del strategy  # a probe built to read the metric must not hold its model and data through every trial
-    direction = settings.get("direction") or {"max": "maximize", "min": "minimize"}.get(mode or "")
-    if direction not in ("maximize", "minimize"):
-        raise GraftError(f"{space_path}: [sweep] direction: say \"maximize\" or \"minimize\" for metric {metric!r}.")
+    metric, direction = _objective(base, settings, space_path)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}.get(

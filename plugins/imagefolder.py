@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
 from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, check_limits, few_labels, image_problem,
-                        open_image, stratified_split)
+                        map_threads, open_image, stratified_split)
 
 
 @dataclass
@@ -43,10 +42,7 @@ def list_images(root: Path) -> list[tuple[Path, str]]:
 
 def check_images(paths: list[Path]) -> dict[str, str]:
     """{path: problem} for the files among ``paths`` that do not decode (threads: PIL releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        problems = list(pool.map(image_problem, paths))
+    problems = map_threads(image_problem, paths)
     return {str(p): why for p, why in zip(paths, problems) if why}
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
-from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction, open_image,
-                        stratified_split)
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction,
+                        map_threads, open_image, stratified_split)
 
 IGNORE_VALUE = 255  # the mask value that marks pixels without a class (borders, "void"), as in Pascal VOC
 
@@ -102,11 +102,7 @@ def check_pair(image: Path, mask: Path, classes: int | None) -> tuple[str | None
 
 def check_pairs(pairs: list[tuple[Path, Path]], classes: int | None) -> list[tuple[str | None, int]]:
     """``check_pair`` of every pair, in threads (PIL and numpy release the GIL)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
-        return list(pool.map(lambda pair: check_pair(*pair, classes), pairs))
+    return map_threads(lambda pair: check_pair(*pair, classes), pairs)
 
 
 def _listing(paths, n=3) -> str:
