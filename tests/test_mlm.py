@@ -23,10 +23,16 @@ def batch(rows=256, length=256, seed=0):
     return ids, maskable
 
 
-def test_masked_fraction_and_80_10_10():
+def draws(kind, rows):
+    """mask_tokens' keyword for each way it draws: torch's generator, or a seed per row (graft's training path)."""
+    return {} if kind == "generator" else {"seeds": torch.randint(0, 2**62, (rows,))}
+
+
+@pytest.mark.parametrize("kind", ["generator", "seeds"])
+def test_masked_fraction_and_80_10_10(kind):
     ids, maskable = batch()
     torch.manual_seed(1)
-    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB)
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, **draws(kind, len(ids)))
     chosen = labels != -100
     frac = chosen.sum().item() / maskable.sum().item()
     assert frac == pytest.approx(0.15, abs=0.005)  # ~56k candidates: sd ~0.0015
@@ -38,6 +44,25 @@ def test_masked_fraction_and_80_10_10():
     assert randomised == pytest.approx(0.1, abs=0.01) and unchanged == pytest.approx(0.1, abs=0.01)
     assert torch.equal(labels[chosen], ids[chosen])
     assert torch.equal(inputs[~chosen], ids[~chosen])  # nothing else changes
+    replaced = inputs[chosen & (inputs != MASK) & (inputs != ids)]
+    expected_distinct = VOCAB * (1 - (1 - 1 / VOCAB) ** len(replaced))  # of len(replaced) uniform draws
+    assert replaced.unique().numel() > 0.9 * expected_distinct
+    assert replaced.float().mean().item() == pytest.approx((VOCAB - 1) / 2, rel=0.05)  # uniform over the vocabulary
+
+
+def test_seeded_rows_do_not_depend_on_their_batch():
+    """Issue 27: one draw per row from its seed, as a counter-based generator, so an example is masked alike in any
+    batch (graft's training masks) -- and different seeds give different masks."""
+    ids, maskable = batch(rows=16)
+    seeds = torch.arange(16) * 7919 + 3
+    whole, whole_labels = mask_tokens(ids, maskable, MASK, VOCAB, seeds=seeds)
+    for r in (0, 5, 15):
+        one, one_labels = mask_tokens(ids[r:r + 1], maskable[r:r + 1], MASK, VOCAB, seeds=seeds[r:r + 1])
+        assert torch.equal(one[0], whole[r]) and torch.equal(one_labels[0], whole_labels[r])
+    reordered, _ = mask_tokens(ids.flip(0), maskable.flip(0), MASK, VOCAB, seeds=seeds.flip(0))
+    assert torch.equal(reordered.flip(0), whole)
+    _, other = mask_tokens(ids, maskable, MASK, VOCAB, seeds=seeds + 1)
+    assert not torch.equal(other, whole_labels)
 
 
 def test_special_and_padding_never_masked():
@@ -49,17 +74,20 @@ def test_special_and_padding_never_masked():
         assert torch.equal(inputs[~maskable], ids[~maskable])
 
 
-def test_ratios_are_configurable():
+@pytest.mark.parametrize("kind", ["generator", "seeds"])
+def test_ratios_are_configurable(kind):
     ids, maskable = batch()
     torch.manual_seed(2)
-    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, mlm_probability=0.3, mask_ratio=0.5, random_ratio=0.2)
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, mlm_probability=0.3, mask_ratio=0.5, random_ratio=0.2,
+                                 **draws(kind, len(ids)))
     chosen = labels != -100
     assert chosen.sum().item() / maskable.sum().item() == pytest.approx(0.3, abs=0.006)
     assert (inputs[chosen] == MASK).float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert (inputs[chosen] == ids[chosen]).float().mean().item() == pytest.approx(0.3, abs=0.01)
 
 
-def test_whole_words_masked_together_with_the_split_kept():
+@pytest.mark.parametrize("kind", ["generator", "seeds"])
+def test_whole_words_masked_together_with_the_split_kept(kind):
     ids, maskable = batch()
     rows, length = ids.shape
     # words of 1-4 tokens, numbered from 0 in each row; special/padding tokens have no word
@@ -70,7 +98,7 @@ def test_whole_words_masked_together_with_the_split_kept():
         word_ids[r] = torch.repeat_interleave(torch.arange(length), lengths[r])[:length]
     word_ids[~maskable] = -1
     torch.manual_seed(4)
-    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, word_ids=word_ids)
+    inputs, labels = mask_tokens(ids, maskable, MASK, VOCAB, word_ids=word_ids, **draws(kind, rows))
     chosen = labels != -100
     treat = torch.where(inputs == MASK, 0, torch.where(inputs == ids, 2, 1))
     for r in range(0, rows, 7):
