@@ -189,11 +189,12 @@ def compare_steps(contenders: dict[str, Callable], baseline: str, *, warmup: int
 
 
 def verdict(median: float, ci: list, goal: float, better: str) -> str:
-    """"met" when the whole interval is on the goal's side, "median only" when the median is, else "missed"."""
+    """"met" when the median is on the goal's side ("interval inside" when the whole 95% interval is too, "interval
+    crosses" when it straddles the goal), else "missed"."""
     ok = (lambda x: x <= goal) if better == "lower" else (lambda x: x >= goal)
-    if ok(ci[1] if better == "lower" else ci[0]):
-        return "met"
-    return "median only" if ok(median) else "missed"
+    if not ok(median):
+        return "missed"
+    return "met, interval inside" if ok(ci[1] if better == "lower" else ci[0]) else "met, interval crosses"
 
 
 def row(comparison: str, result: dict, name: str, goal: float | None = None, better: str = "lower",
