@@ -22,10 +22,10 @@ import harness
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # name -> (script, arguments, budget in seconds)
-    "loop": ("loop_overhead.py", ["--model", "resnet18"], 240),
+    "loop": ("loop_overhead.py", ["--model", "resnet18"], 300),
     "distill": ("distill.py", [], 200),
     "masking": ("mlm_masking.py", [], 30),
-    "lora": ("adapters.py", [], 300),
+    "lora": ("adapters.py", [], 360),
 }
 
 

@@ -296,6 +296,23 @@ def _load_sharded(path: Path, model, optimizer) -> None:
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
 
 
+def _load_optimizer(optimizer, saved: dict) -> bool:
+    """``optimizer.load_state_dict``; a checkpoint from before optimizer groups with equal settings were merged
+    (issue 27) is read into the unmerged layout first and handed over parameter by parameter (then True)."""
+    unmerged = getattr(optimizer, "graft_unmerged", None)
+    if unmerged is None or len(saved["param_groups"]) == len(optimizer.param_groups):
+        optimizer.load_state_dict(saved)
+        return False
+    older = unmerged()
+    older.load_state_dict(saved)
+    lr_of = {id(p): g["lr"] for g in older.param_groups for p in g["params"]}
+    for p, s in older.state.items():
+        optimizer.state[p] = s
+    for g in optimizer.param_groups:  # merged groups hold equal settings: any member's saved lr is the group's
+        g["lr"] = lr_of[id(g["params"][0])]
+    return True
+
+
 def restore_training(run_dir: Path, state: TrainState, model, optimizer, scheduler, scaler, strategy, dist,
                      echo, sharded: bool = False) -> str:
     """Load the newest loadable checkpoint of ``run_dir`` into the given objects and ``state``; returns its name.
@@ -320,6 +337,7 @@ def restore_training(run_dir: Path, state: TrainState, model, optimizer, schedul
             f"{k} = {a}" for k, (a, _) in changed.items()) + ", this config says " + ", ".join(
             f"{k} = {b}" for k, (_, b) in changed.items()) + ". Resume with the same grad_accum and the same global batch "
             "(processes x batch_size: e.g. --nproc 1 with twice the batch_size of 2 processes).")
+    from_unmerged = False
     try:
         if model_state is None:
             _load_sharded(path, model, optimizer)
@@ -328,12 +346,15 @@ def restore_training(run_dir: Path, state: TrainState, model, optimizer, schedul
                              f"\"ddp\" (or one process); resume it with the same parallel setting.")
         else:
             model.load_state_dict(model_state)
-            optimizer.load_state_dict(saved["optimizer"])
+            from_unmerged = _load_optimizer(optimizer, saved["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise GraftError(f"--resume {run_dir}: checkpoint {path.name} does not fit this config's model or optimizer "
                          f"({str(e).splitlines()[0]}). Resume with the config the run was made with "
                          f"({run_dir / 'config.toml'}).") from None
     scheduler.load_state_dict(saved["scheduler"])
+    if from_unmerged:  # the saved schedule listed the unmerged groups
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     scaler.load_state_dict(saved["scaler"])
     strategy.load_state_dict(saved["strategy"])
     for k, v in position.items():

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -312,3 +313,39 @@ def test_bad_train_values_are_config_errors(tmp_path):
     for key, value in (("clip_grad_norm", -1.0), ("momentum", 1.5), ("betas", [0.9, 1.2])):
         with pytest.raises(GraftError, match=key):
             load_config(tiny_config(train={key: value}), where="x.toml")
+
+
+def test_optimizer_groups_with_equal_settings_merge_and_older_checkpoints_still_resume(tmp_path, monkeypatch):
+    """Issue 27: the six layer-wise groups of a ViT at layer_decay 1 x two decay classes become two optimizer groups
+    (ten fewer kernel launches per step); a run checkpointed by the unmerged layout resumes into the merged one and
+    ends as an uninterrupted run does."""
+    import functools
+
+    import graft.loop
+    from graft import Run, load_config
+    from graft.optim import build_optimizer
+
+    conf = load_config(tiny_config(train={"epochs": 2, "batch_size": 64, "keep_checkpoints": 3}))
+    run = Run(conf)
+    opt = build_optimizer(conf.train, run.strategy.param_groups(run.model))
+    unmerged = opt.graft_unmerged()
+    assert len(opt.param_groups) == 2 and len(unmerged.param_groups) > 2
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for g in unmerged.param_groups for p in g["params"]}
+    scaled = load_config(tiny_config(strategy={"layer_decay": 0.8}))
+    run = Run(scaled)
+    opt = build_optimizer(scaled.train, run.strategy.param_groups(run.model))
+    settings = [(g["weight_decay"], g["lr_scale"]) for g in opt.graft_unmerged().param_groups]
+    assert len(opt.param_groups) == len(set(settings)) > 2  # layer-wise rates: only the equal ones (last block, head)
+
+    train(conf, tmp_path / "full", echo=lambda m: None)
+    with monkeypatch.context() as m:  # the layout of checkpoints written before the merge
+        m.setattr(graft.loop, "build_optimizer", functools.partial(build_optimizer, merge=False))
+        train(conf, tmp_path / "old", echo=lambda m: None)
+    checkpoints = sorted((tmp_path / "old" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) >= 2
+    shutil.rmtree(checkpoints[-1])  # back to the end of epoch 1
+    for name in ("summary.json", "last.safetensors"):
+        (tmp_path / "old" / name).unlink()
+    train(conf, tmp_path / "old", resume=True, echo=lambda m: None)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "old"), atol=1e-6)
