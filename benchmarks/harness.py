@@ -30,7 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # graft's own default; set 
 
 
 def machine() -> dict:
-    """What a figure depends on: CPU model, cores, load, torch version, threads and the OpenMP wait policy."""
+    """What a figure depends on: CPU model, cores, load, torch version, threads, the OpenMP wait policy and glibc's
+    malloc arena limit (``run_all.py`` sets ``MALLOC_ARENA_MAX=1``: see ``compare_steps``)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -43,7 +44,8 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"), "python": platform.python_version(),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "unset"), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -171,7 +173,9 @@ def compare_steps(contenders: dict[str, Callable], baseline: str, *, warmup: int
 
     A pair is a run: each contender's cost is its median step time over the run's timed steps (a step on this
     CPU takes +-15% of the typical time with nothing changed; the median keeps one slow step from deciding a run),
-    so the ratio holds nothing but the two loops at the same moments. Runs, not steps or windows of steps, are the units the interval
+    so the ratio holds nothing but the two loops at the same moments. Run the process with ``MALLOC_ARENA_MAX=1``
+    (``run_all.py`` does): glibc gives each thread its own malloc arena, and which arena's memory a contender's
+    buffers got made it faster or slower for a whole run -- twice the pair-to-pair spread. Runs, not steps or windows of steps, are the units the interval
     is drawn over: on this project's VM a run's ratio moves by several percent from run to run with nothing changed
     (where the allocator and the page cache happen to put things), far more than steps within a run suggest.
     Returns ``compare``'s shape; ``costs`` are seconds per step (medians over runs)."""

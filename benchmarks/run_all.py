@@ -35,7 +35,11 @@ def run_benchmark(name: str, scale: float, work: Path) -> list[dict]:
     cmd = [sys.executable, str(HERE / script), *args, "--budget", str(budget * scale), "--json", str(out)]
     print(f"\n== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=HERE)
+    # One malloc arena: the interleaved loops run in threads, and glibc gives each thread its own arena; where a
+    # run's buffers land then made one contender faster or slower for a whole run (the loop's pair ratios: standard
+    # deviation 6.2% over 73 pairs with an arena per thread, 3.0% over 22 with one).
+    env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "1")}
+    subprocess.run(cmd, check=True, cwd=HERE, env=env)
     rows = json.loads(out.read_text())["rows"]
     for r in rows:
         r["seconds"] = round(time.perf_counter() - t0)
@@ -68,7 +72,9 @@ def main():
     ap.add_argument("--only", nargs="+", choices=[*BENCHMARKS, "readme"], default=[*BENCHMARKS, "readme"])
     ap.add_argument("--readme-repeats", type=int, default=3)
     a = ap.parse_args()
-    env_note = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (graft sets PASSIVE)")}
+    env_note = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset (graft sets PASSIVE)"),
+                "MALLOC_ARENA_MAX in the benchmarks' processes": os.environ.get("MALLOC_ARENA_MAX", "1"),
+                "MALLOC_ARENA_MAX for the README job": os.environ.get("MALLOC_ARENA_MAX", "unset (as a user runs it)")}
     machine = harness.machine()
     print(f"machine: {machine}", flush=True)
     t0 = time.perf_counter()
