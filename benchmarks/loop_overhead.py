@@ -73,13 +73,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--budget", type=float, default=240.0, help="seconds of runs at most")
+    ap.add_argument("--target", type=float, default=0.02, help="stop when the interval is within +-target")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     conf = config(a.model, a.steps, a.batch)
     print(f"model {a.model}, batch {a.batch}, {a.steps} steps per run (first {a.warmup} untimed); {harness.machine()}")
     result = harness.compare_steps({"hand": lambda tick: hand_loop(conf, tick),
                                     "graft": lambda tick: graft_loop(conf, tick)}, "hand", warmup=a.warmup,
-                                   budget_s=a.budget)
+                                   budget_s=a.budget, target=a.target)
     ms = {k: 1000 * v for k, v in result["costs"].items()}
     print(f"  hand-written loop: {ms['hand']:.2f} ms/step, graft loop: {ms['graft']:.2f} ms/step (medians)")
     harness.emit([harness.row(f"graft loop / hand loop ({a.model}, batch {a.batch})", result, "graft", 1.01,
