@@ -161,8 +161,9 @@ def _pairs(one_pair, names, baseline, *, budget_s, min_pairs, max_pairs, target,
                                                for n, s in summary.items()) + f"  [{elapsed:.0f} s]")
         if converged or (pair + 1 >= 3 and elapsed >= budget_s):
             break
-    return {"ratios": summary, "costs": {n: statistics.median(v) for n, v in costs.items()}, "pairs": len(costs[baseline]),
-            "converged": converged, "elapsed_s": time.perf_counter() - start, "target": target}
+    return {"ratios": summary, "costs": {n: statistics.median(v) for n, v in costs.items()},
+            "pairs": len(costs[baseline]), "converged": converged, "elapsed_s": time.perf_counter() - start,
+            "target": target}
 
 
 def compare_steps(contenders: dict[str, Callable], baseline: str, *, warmup: int = 3, budget_s: float = 300.0,
@@ -173,11 +174,11 @@ def compare_steps(contenders: dict[str, Callable], baseline: str, *, warmup: int
 
     A pair is a run: each contender's cost is its median step time over the run's timed steps (a step on this
     CPU takes +-15% of the typical time with nothing changed; the median keeps one slow step from deciding a run),
-    so the ratio holds nothing but the two loops at the same moments. Run the process with ``MALLOC_ARENA_MAX=1``
-    (``run_all.py`` does): glibc gives each thread its own malloc arena, and which arena's memory a contender's
-    buffers got made it faster or slower for a whole run -- twice the pair-to-pair spread. Runs, not steps or windows of steps, are the units the interval
-    is drawn over: on this project's VM a run's ratio moves by several percent from run to run with nothing changed
-    (where the allocator and the page cache happen to put things), far more than steps within a run suggest.
+    so the ratio holds nothing but the two loops at the same moments. Runs, not steps or windows of steps, are the
+    units the interval is drawn over: a run's ratio moves by several percent from run to run with nothing changed,
+    far more than steps within a run suggest. Much of that was glibc's malloc arena per thread (which arena's memory
+    a contender's buffers got made it faster or slower for a whole run): run the process with ``MALLOC_ARENA_MAX=1``,
+    as ``run_all.py`` does, for half the pair-to-pair spread.
     Returns ``compare``'s shape; ``costs`` are seconds per step (medians over runs)."""
     names = list(contenders)
     runs = {"n": 0}

@@ -1,7 +1,7 @@
 """Time per training step: graft's loop against a minimal hand-written PyTorch loop.
 
 Same model (built by the same plugins), data, batch, optimizer (fused AdamW with graft's two groups: no weight decay
-on biases and norm weights) and schedule-free learning rate; the two loops run step by step in turn (``harness.interleave``:
+on biases and norm weights) and constant learning rate; the two loops run step by step in turn (``harness.interleave``:
 a clock read at the start of every step, so a step's cost holds the next batch's loading and collation, the step,
 and whatever the loop does between steps -- logging included). The steps stay inside the first epoch. The figure is
 the median over windows of 4 steps of graft / hand, with its 95% bootstrap interval.

@@ -70,8 +70,9 @@ def main():
     indices = [list(range(i, i + a.batch)) for i in range(0, n, a.batch)]
     hf = DataCollatorForLanguageModeling(tok, mlm_probability=0.15, return_tensors="pt")
     special = torch.tensor(corpus.special_ids)
-    hf_examples = [[{"input_ids": torch.from_numpy(ids), "special_tokens_mask": torch.isin(torch.from_numpy(ids), special)}
-                    for ids, _ in b] for b in batches]
+    ids_of = lambda b: [torch.from_numpy(ids) for ids, _ in b]  # noqa: E731
+    hf_examples = [[{"input_ids": t, "special_tokens_mask": torch.isin(t, special)} for t in ids_of(b)]
+                   for b in batches]
     tensors = [corpus.collate(b) for b in batches]
     mask_id, vocab = tok.mask_token_id, len(tok)
 
