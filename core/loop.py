@@ -173,7 +173,7 @@ class Loop:
         whether any process was asked to stop, examples in this process, other scalars the strategy logged)."""
         t, s, device = self.t, self.state, self.run.device
         group = min(t.grad_accum, self.micro_per_epoch - s.micro)
-        loss_sum, n_samples, extra = torch.zeros((), device=device), 0, {}
+        losses, n_samples, extra = [], 0, {}
         micro = [move(next(batches), device) for _ in range(group)]
         # Token-level losses: each micro-batch's summed loss is divided by the targets of the whole step (all its
         # micro-batches, all processes), so batch 3 x accumulation 2 updates like batch 6 (transformers >= 4.46).
@@ -194,14 +194,19 @@ class Loop:
                 with self.run.autocast():
                     out = self.strategy.training_step(self.model, batch)
                     loss = out["loss"]
-                self.scaler.scale(loss.float() * scale).backward()
-            loss_sum += loss.detach().float()
+                self.scaler.scale(loss.float() * scale if scale != 1.0 else loss.float()).backward()
+            losses.append(loss.detach().float())
             extra.update({k: extra.get(k, 0.0) + float(v) / group for k, v in out.items() if k != "loss"})
         s.micro += group
-        local = loss_sum * self.dist.world_size if per_target else loss_sum / group  # mean over processes below
-        flags = torch.stack([local, torch.tensor(float(stop_requested), device=device)])
-        step_loss, stop_asked = (distributed.all_reduce_sum(flags, self.dist) / self.dist.world_size).tolist()
-        if math.isfinite(step_loss):
+        local = losses[0] if group == 1 else torch.stack(losses).sum() / (1 if per_target else group)
+        if self.dist.enabled:  # the mean over processes of each's loss (a per-target share times world_size)
+            local = local * self.dist.world_size if per_target else local
+            flags = torch.stack([local, torch.tensor(float(stop_requested), device=device)])
+            step_loss, stop_asked = (distributed.all_reduce_sum(flags, self.dist) / self.dist.world_size).tolist()
+        else:  # no stacking and reducing: on a CPU step every tensor operation costs its dispatch (issue 27)
+            step_loss, stop_asked = local.item(), float(stop_requested)
+        stepped = math.isfinite(step_loss)
+        if stepped:
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
             if t.clip_grad_norm:
@@ -216,9 +221,12 @@ class Loop:
         else:
             s.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # the fp16 scaler skipping an overflowing step is expected
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        if stepped and not self.scaler.is_enabled():
             self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # a skipped step (fp16 overflow, on_nan = "skip") is expected
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.scheduler.step()
         s.step += 1
         return step_loss, stop_asked > 0, n_samples, extra
 
