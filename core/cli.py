@@ -286,9 +286,9 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
 @click.option("--file", "input_file", metavar="FILE", help="Read inputs from a UTF-8 text file, one per line ('-': "
               "stdin).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
-@click.option("--mask-dir", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Where predictions that are files go (segmentation: INPUT_NAME.mask.png, class "
-              "indices).")
+@click.option("--out-dir", "--mask-dir", "mask_dir", type=click.Path(file_okay=False), default=".",
+              show_default=True, help="Where predictions that are files go (segmentation: INPUT_NAME.mask.png, "
+              "class indices; detection: INPUT_NAME.boxes.png, the image with its boxes drawn).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
 def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_code):
     """Predict with a finished run: INPUTS are image paths or texts (or lines of --file)."""

@@ -263,13 +263,23 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
             continue  # the strategy's default loss applies, or it needs none; an adapter is optional
         plugins[kind] = plugin_spec(kind, table, where, registry)
     if "loss" not in plugins:
-        default = plugins["strategy"].cls.default_loss
+        default = _fitting_loss(plugins["strategy"].cls.default_loss, plugins["data"].cls, registry)
         if default:
             cls = registry.get("loss", default)
             plugins["loss"] = PluginSpec("loss", default, cls, cls.Options())
     train = opts.build(TrainOptions, data.get("train", {}), f"{where}: [train]")
     return Config(path=where, train=train, plugins=plugins, loggers=_loggers(train, data.get("loggers", {}), where,
                                                                            registry))
+
+
+def _fitting_loss(default: str | None, data_cls, registry: Registry) -> str | None:
+    """The strategy's default loss, or the first loss of the data's task when that task names its own losses and
+    not this one (detection's fcos under finetune, whose default is cross_entropy)."""
+    name = getattr(data_cls, "task", None)
+    if not default or not name or name not in registry.entries["task"]:
+        return default
+    losses = registry.get("task", name).losses
+    return default if not losses or default in losses else losses[0]
 
 
 def _loggers(train: TrainOptions, tables: dict, where: str, registry: Registry) -> list[PluginSpec]:

@@ -190,6 +190,25 @@ def image_problem(path) -> str | None:
     return None
 
 
+def letterbox_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) of an image scaled until its longer side is ``side`` (aspect kept, at least 1 pixel): the
+    letterbox of the detection source, which pads it to ``side`` x ``side`` at the right and bottom."""
+    scale = side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def shown_size(path) -> tuple[int, int]:
+    """(height, width) of an image as ``open_image`` shows it (EXIF orientation applied), from its header: nothing
+    is decoded. A PNG's EXIF is read only when it comes before the pixels (PIL would decode the image to find a
+    later one)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
+        w, h = im.size
+    return (w, h) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # 5-8: turned by a quarter
+
+
 def pad_tokens(sequences, pad_id: int, fill=None):
     """Token id lists -> ``(input_ids, attention_mask)`` long tensors ``[batch, longest]``, padded on the right with
     ``pad_id`` (mask 0 there). ``fill`` (optional): per-token lists padded alike with -100 (``UNLABELLED``) into a

@@ -144,15 +144,16 @@ class Run:
             with self.autocast():
                 out = strategy.eval_step(model, batch)
             for k, v in out.items():
-                v = v.detach().float() if v.is_floating_point() else v.detach().double()
-                sums[k] = sums[k] + v if k in sums else v
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().float() if v.is_floating_point() else v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v  # a list (detection's boxes) is concatenated
         model.train(was_training)
         if self.dist.enabled and not sharded:
             # Gathered as dicts, not reduced key by key: a process may have had fewer batches, or none.
             import torch.distributed as td
 
             parts = [None] * self.dist.world_size
-            td.all_gather_object(parts, {k: v.cpu() for k, v in sums.items()})
+            td.all_gather_object(parts, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sums.items()})
             sums = {}
             for part in parts:
                 for k, v in part.items():

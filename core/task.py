@@ -91,8 +91,9 @@ class Task(Plugin):
         return outputs, targets
 
     def eval_sums(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> dict:
-        """Summable statistics of one batch (tensors, summed over batches and processes); ``"count"`` (a float
-        tensor) is the number of scored targets, which the mean loss is weighted by."""
+        """Summable statistics of one batch (tensors, summed over batches and processes; a list of JSON-able
+        records is concatenated instead, e.g. detection's boxes for mAP); ``"count"`` (a float tensor) is the number
+        of scored targets, which the mean loss is weighted by."""
         raise NotImplementedError
 
     def compute_metrics(self, sums: dict) -> dict:

@@ -1,10 +1,13 @@
-"""Build a real-image segmentation set from scikit-learn's digits: 2-4 digits placed on a 64x64 canvas per image,
-the mask from the digit pixels (class = digit + 1, background 0), seeded. Writes OUT/images/*.png, OUT/masks/*.png.
+"""Build a real-image segmentation and detection set from scikit-learn's digits: 2-4 digits placed on a 64x64 canvas
+per image, the mask from the digit pixels (class = digit + 1, background 0) and a box per digit (the bounding box of
+its ink; a later digit may cover part of an earlier one), seeded. Writes OUT/images/*.png, OUT/masks/*.png and
+OUT/instances.json (COCO boxes, categories "0" to "9").
 
 Usage: python examples/digits_canvas.py [--out ~/.cache/graftkit/digits-canvas] [--count 1000] [--seed 0]
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ def build(out: Path, count: int = 1000, seed: int = 0, size: int = 64, digit_siz
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": [], "categories": [{"id": d + 1, "name": str(d)} for d in range(10)]}
     for n in range(count):
         canvas = np.zeros((size, size), dtype=np.float32)
         mask = np.zeros((size, size), dtype=np.uint8)
@@ -30,9 +34,18 @@ def build(out: Path, count: int = 1000, seed: int = 0, size: int = 64, digit_siz
             ink = d > 0.35  # the digit's pixels; a later digit covers an earlier one
             region[ink] = d[ink]
             mask[top:top + digit_size, left:left + digit_size][ink] = digits.target[i] + 1
+            rows, cols = np.nonzero(ink)
+            if len(rows):
+                x, y = int(left + cols.min()), int(top + rows.min())
+                w, h = int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": n + 1,
+                                            "category_id": int(digits.target[i]) + 1, "bbox": [x, y, w, h],
+                                            "area": w * h, "iscrowd": 0})
         image = (255 * (1 - canvas)).astype(np.uint8)  # dark ink on light paper, as the digits are drawn
         Image.fromarray(image).convert("RGB").save(out / "images" / f"{n:05d}.png")
         Image.fromarray(mask, mode="L").save(out / "masks" / f"{n:05d}.png")
+        coco["images"].append({"id": n + 1, "file_name": f"images/{n:05d}.png", "width": size, "height": size})
+    (out / "instances.json").write_text(json.dumps(coco))
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, warn
 from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction,
-                        map_threads, open_image, stratified_split)
+                        map_threads, open_image, shown_size, stratified_split)
 
 IGNORE_VALUE = 255  # the mask value that marks pixels without a class (borders, "void"), as in Pascal VOC
 
@@ -68,18 +68,6 @@ def read_mask(path: Path, classes: int | None):
     mask = values.astype(np.int64)
     mask[ignored] = UNLABELLED
     return torch.from_numpy(mask)
-
-
-def shown_size(path) -> tuple[int, int]:
-    """(height, width) of an image as ``open_image`` shows it (EXIF orientation applied), from its header: nothing
-    is decoded. A PNG's EXIF is read only when it comes before the pixels (PIL would decode the image to find a
-    later one)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        exif = im.getexif() if im.format != "PNG" or "exif" in im.info else {}
-        w, h = im.size
-    return (w, h) if exif.get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # 5-8: turned by a quarter
 
 
 def check_pair(image: Path, mask: Path, classes: int | None) -> tuple[str | None, int]:

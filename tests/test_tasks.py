@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, graft, tiny_config, write_config
 
-BUILTIN_TASKS = {"classification", "multilabel", "regression", "token_classification", "segmentation"}
+BUILTIN_TASKS = {"classification", "multilabel", "regression", "token_classification", "segmentation", "detection"}
 EXAMPLE = ROOT / "examples" / "plugins" / "graft-ordinal"
 
 
