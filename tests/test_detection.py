@@ -232,3 +232,23 @@ def test_two_processes_train_like_one_with_twice_the_batch(canvases, tmp_path):
     assert two.returncode == 0, two.stderr
     graft("train", cfg, "--out", tmp_path / "one", "--set", "train.batch_size=4", check=True)
     assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_onnx_export_gives_the_same_boxes_as_pytorch(canvases, tmp_path):
+    """The exported network outputs the raw per-location tensor; `graft predict` decodes and runs NMS after either
+    runtime, so the boxes of the ONNX export and of the run agree."""
+    c = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0)
+    c["train"].update(max_steps=6, batch_size=2)
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    graft("export", tmp_path / "run", "--format", "onnx", "--out", tmp_path / "onnx", check=True)
+    info = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert info["outputs"] == ["detections"] and info["max_abs_difference"] < 1e-3
+    images = [canvases / "images" / f"0000{i}.png" for i in range(3)]
+    runs = [[json.loads(line) for line in graft("predict", tmp_path / where, *images, "--json", "--out-dir",
+                                                tmp_path / "shown", check=True).stdout.splitlines()]
+            for where in ("run", "onnx")]
+    for a, b in zip(*runs):
+        assert len(a["boxes"]) == len(b["boxes"])
+        for x, y in zip(a["boxes"], b["boxes"]):
+            assert x["label"] == y["label"] and abs(x["score"] - y["score"]) < 1e-3
+            assert np.allclose(x["box"], y["box"], atol=0.2)
