@@ -41,6 +41,9 @@ class Task(Plugin):
     per_target: ClassVar[bool] = False
     #: True when ``distill_logits`` turns outputs into class logits that a soft-target loss (kd) compares
     distillable: ClassVar[bool] = False
+    #: True when ``feature_maps`` gives the maps the head computed in a model's last forward (detection's FPN
+    #: levels): ``distill`` then teaches those maps beside the task's own loss (feature distillation)
+    distill_maps: ClassVar[bool] = False
     #: the output names of an ONNX / TorchScript export (its first output is what ``predict`` reads back)
     output_names: ClassVar[tuple[str, ...]] = ("logits",)
     #: the output's axes, for export.json and the docs, e.g. "[batch, classes]"
@@ -113,6 +116,13 @@ class Task(Plugin):
         from .errors import GraftError
 
         raise GraftError(f"The {self.name!r} task has no class logits to distil.")
+
+    def feature_maps(self, model: "nn.Module") -> list:
+        """The head's feature maps ``[B, C, H_l, W_l]`` from ``model``'s (the unwrapped model's) last forward, for
+        ``distill_maps`` tasks. Raises GraftError otherwise."""
+        from .errors import GraftError
+
+        raise GraftError(f"The {self.name!r} task keeps no feature maps to distil.")
 
     def predict(self, model: "nn.Module", inputs) -> list[dict]:
         """One JSON-able dict per input of an encoded batch (``DataSource.encode``)."""

@@ -66,6 +66,7 @@ def detection_head(channels: list[int], strides: list[int], classes: int, width:
 
         def forward(self, maps, size):
             features = list(self.fpn(OrderedDict((str(i), maps[i]) for i in self.maps)).values())
+            self.features = features  # the FPN levels, for distillation (Task.feature_maps)
             out = self.fcos(features)
             anchors = self.anchors(size, features)
             return torch.cat([out["cls_logits"].float(), out["bbox_regression"].float(), out["bbox_ctrness"].float(),
@@ -206,6 +207,7 @@ class Detection(Task):
                                        "mar_100")}
     output_names = ("detections",)
     output_shape = "[batch, locations, classes + 9]"
+    distill_maps = True
 
     def head(self, backbone, options):
         width = options.head_hidden or 128
@@ -214,6 +216,10 @@ class Detection(Task):
                              f"32 of at least 64 (its towers' GroupNorm has 32 groups, which need two channels each "
                              f"to normalise a 1 x 1 map of one image); try {max(64, width // 32 * 32)}.")
         return detection_head(map_channels(backbone), map_strides(backbone), self.outputs(), width)
+
+    def feature_maps(self, model):
+        """The FPN levels P3-P7 of ``model``'s last forward."""
+        return model.head.features
 
     def check_targets(self, targets):
         check_class_ids(targets["labels"], self.data, self.name)

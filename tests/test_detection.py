@@ -252,3 +252,23 @@ def test_onnx_export_gives_the_same_boxes_as_pytorch(canvases, tmp_path):
         for x, y in zip(a["boxes"], b["boxes"]):
             assert x["label"] == y["label"] and abs(x["score"] - y["score"]) < 1e-3
             assert np.allclose(x["box"], y["box"], atol=0.2)
+
+
+def test_feature_distillation_from_a_detection_teacher(canvases, tmp_path):
+    """distill teaches the teacher run's FPN levels (standardised per channel: PKD) to a student with another head
+    width (1x1 projections) at another input size (the teacher's maps resized), beside the student's own fcos loss."""
+    from conftest import read_metrics
+
+    teacher = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0)
+    teacher["train"].update(max_steps=4, batch_size=2)
+    train(load_config(teacher, where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
+    student = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0, image_size=48, augment=True)
+    student["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher"), "head_hidden": 96,
+                           "feature_weight": 2.0}
+    student["train"].update(max_steps=12, batch_size=2, log_every=1)
+    summary = train(load_config(student, where="s.toml"), tmp_path / "student", echo=lambda m: None)
+    assert summary["metric"] == "map" and "map_50" in summary["val"]
+    records = [r for r in read_metrics(tmp_path / "student") if r["split"] == "train"]
+    assert all("feature_loss" in r and "task_loss" in r for r in records)
+    first, last = np.mean([r["feature_loss"] for r in records[:3]]), np.mean([r["feature_loss"] for r in records[-3:]])
+    assert last < 0.9 * first, (first, last)

@@ -59,15 +59,20 @@ class Distill(Supervised):
         except GraftError as e:
             raise GraftError(f"{e} To distil a language model, use [strategy] plugin = \"clm\" with teacher = "
                              f"\"runs/<clm run>\" and [loss] plugin = \"kd\".") from None
-        if not task.distillable:
+        # a task without class logits may offer its head's feature maps (detection's FPN): those are taught
+        self.maps = not task.distillable and task.distill_maps
+        if not task.distillable and not self.maps:
             raise GraftError("[strategy] plugin = \"distill\" distils tasks whose outputs are class logits "
                              "(classification, token classification, segmentation, a task plugin with distillable = "
-                             f"True); the [data] task is {self.data.task!r}.")
+                             f"True) or feature maps (detection); the [data] task is {self.data.task!r}.")
         self.dense = task.features != "pooled"  # per token / per pixel: outputs as large as the inputs
         if self.dense and (o.feature_layers or o.cache == "on"):
             raise GraftError("[strategy] distill of a per-token / per-pixel task takes no feature_layers and no cache "
                              "= \"on\" (the teacher runs online: its outputs are as large as the inputs).")
-        if not isinstance(self.loss, SoftTargetLoss):
+        if self.maps and isinstance(self.loss, SoftTargetLoss):
+            raise GraftError(f"[strategy] distill of the {task.name} task teaches the head's feature maps beside the "
+                             f"task's own loss: set [loss] plugin = {task.losses[0]!r} (or leave [loss] out).")
+        if not self.maps and not isinstance(self.loss, SoftTargetLoss):
             raise GraftError("[strategy] plugin = \"distill\" needs a soft-target loss: [loss] plugin = \"kd\" (or a "
                              "graft.SoftTargetLoss of a plugin's).")
         if self.predicting:  # the student alone: no teacher, no data to view
@@ -78,6 +83,8 @@ class Distill(Supervised):
         self.teacher_data = teacher_view(self.data, teacher, o.teacher)
         model = super().build()
         self.projections = []
+        if self.maps:
+            self._map_projections(model)
         if o.feature_layers:
             with torch.no_grad():
                 probe = self._teacher_inputs("train", [0])
@@ -107,6 +114,48 @@ class Distill(Supervised):
                              "teacher's tokenizer ([backbone] tokenizer = \"<teacher run>/backbone\") and the same "
                              "[data] options, so both see the same pieces.")
         return model
+
+    def _map_projections(self, model):
+        """1x1 convolutions from each of the student's maps to the teacher's width (identity where they match), from
+        one example through both in eval mode."""
+        import torch
+        from torch import nn
+
+        with torch.no_grad():
+            self.teacher(self._teacher_inputs("train", [0]))
+            was = model.training
+            model.eval()
+            model(self.data.collate([self.data.dataset("train")[0]])["inputs"])
+            model.train(was)
+        s_maps, t_maps = self.task.feature_maps(model), self.task.feature_maps(self.teacher)
+        if len(s_maps) != len(t_maps):
+            raise GraftError(f"[strategy] the student's head has {len(s_maps)} feature levels, the teacher's "
+                             f"{len(t_maps)}: feature distillation pairs them level by level.")
+        self.projections = [nn.Conv2d(s.shape[1], t.shape[1], 1) if s.shape[1] != t.shape[1] else nn.Identity()
+                            for s, t in zip(s_maps, t_maps)]
+        model.projections = nn.ModuleList(self.projections)
+        self.feature_loss = create("loss", {"plugin": self.options.feature_loss}, where="[strategy] feature_loss")
+
+    def _map_loss(self):
+        """Feature distillation of the head's maps, level by level: each map standardised per example and channel
+        (zero mean, unit variance over its positions) before the feature loss -- PKD (Cao et al., "PKD: General
+        Distillation Framework for Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022) with
+        feature_mse; the teacher's map is resized to the student's when their inputs differ in size."""
+        import torch.nn.functional as F
+
+        def standard(x):
+            x = x.float()
+            return (x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True, correction=0) + 1e-6)
+
+        total = 0.0
+        s_maps, t_maps = self.task.feature_maps(self.model), self.task.feature_maps(self.teacher)
+        for proj, s, t in zip(self.model.projections, s_maps, t_maps):
+            s = standard(proj(s))
+            if t.shape[-2:] != s.shape[-2:]:
+                t = F.interpolate(t.float(), size=s.shape[-2:], mode="bilinear", align_corners=False)
+            t = standard(t)
+            total = total + self.feature_loss(s.permute(0, 2, 3, 1).flatten(0, 2), t.permute(0, 2, 3, 1).flatten(0, 2))
+        return total / len(s_maps)
 
     def param_groups(self, model):
         groups = super().param_groups(model)
@@ -175,6 +224,11 @@ class Distill(Supervised):
 
     def training_step(self, model, batch):
         t_logits, t_hidden = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
+        if self.maps:  # the task's own loss, and the teacher's maps (its forward just ran) taught to the student's
+            task_loss = self.loss(*self.task.loss_inputs(model(batch["inputs"]), batch["targets"]))
+            feat = self._map_loss()
+            return {"loss": task_loss + self.options.feature_weight * feat, "task_loss": task_loss.detach(),
+                    "feature_loss": feat.detach()}
         if self.dense:  # soft targets at every labelled token or pixel, normalised over the whole step
             s, t, y = self._logits(model(batch["inputs"]), t_logits, batch["targets"])
             if not len(y):
@@ -193,6 +247,8 @@ class Distill(Supervised):
         return {"loss": kd + self.options.feature_weight * feat, "kd_loss": kd.detach(), "feature_loss": feat.detach()}
 
     def eval_step(self, model, batch):
+        if self.maps:  # the student's own metrics (mAP): no class logits to compare with the teacher's
+            return super().eval_step(model, batch)
         outputs = model(batch["inputs"]).float()
         t_logits, _ = self.teacher_outputs(batch["split"], batch["index"], batch["inputs"])
         s, t, y = self._logits(outputs, t_logits, batch["targets"])
@@ -208,6 +264,8 @@ class Distill(Supervised):
 
     def compute_metrics(self, sums):
         m = super().compute_metrics(sums)
+        if "teacher_correct" not in sums:
+            return m
         n = float(sums["count"])
         m["teacher_accuracy"] = float(sums["teacher_correct"]) / n
         m["agreement"] = float(sums["agree"]) / n
