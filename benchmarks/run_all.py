@@ -26,6 +26,7 @@ BENCHMARKS = {  # name -> (script, arguments, budget in seconds)
     "distill": ("distill.py", [], 200),
     "masking": ("mlm_masking.py", [], 30),
     "lora": ("adapters.py", [], 360),
+    "detection": ("detection.py", [], 240),
 }
 
 
