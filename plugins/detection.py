@@ -47,6 +47,8 @@ class DetectionOptions(SplitOptions):
     augment: bool = option(False, "Training images get photometric distortion, scale jitter (0.75-1.25x) with "
                                   "shifts of up to 10%, and horizontal flips, the boxes moved with them "
                                   "(torchvision transforms.v2), seeded per example and epoch.")
+    flip: bool = option(True, "With augment: horizontal flips too (turn off for digits, text, or anything whose "
+                              "mirror image is something else).")
 
     def validate(self):
         super().validate()
@@ -341,7 +343,7 @@ class Detection(DataSource):
 
     Options = DetectionOptions
     view_options = ("image_size",)
-    training_options = ("train_fraction", "augment")
+    training_options = ("train_fraction", "augment", "flip")
     task = "detection"
 
     def setup(self, backbone, seed):
@@ -450,7 +452,7 @@ class Detection(DataSource):
         if seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                sample = _augmentation()(sample)
+                sample = _augmentation(self.options.flip)(sample)
         x = sample["image"].as_subclass(torch.Tensor).float() / 255.0
         if self.channels == 1:
             x = x.mean(0, keepdim=True)
@@ -488,14 +490,14 @@ def _labels_and_crowd(sample):
     return sample["labels"], sample["crowd"]
 
 
-def _augmentation():
+def _augmentation(flip: bool):
     """The training augmentation (torchvision transforms.v2; the boxes move with the image)."""
     from torchvision.transforms import v2
 
     return v2.Compose([
         v2.RandomPhotometricDistort(p=0.5),
         v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(0.75, 1.25)),
-        v2.RandomHorizontalFlip(0.5),
+        v2.RandomHorizontalFlip(0.5 if flip else 0.0),
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_crowd),
     ])

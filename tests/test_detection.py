@@ -115,9 +115,12 @@ def test_boxes_follow_flips_scaling_and_shifts(tmp_path):
         box = target["boxes"][0]
         seen = torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float32)
         assert (box - seen).abs().max() <= 2.0, (seed, box, seen)
-        flips += bool(box[0] < 32)
+        flips += bool(box[0] < 24)  # unflipped, scale and shift keep x0 above 28
         scaled += bool(abs((box[2] - box[0]) - (plain[0, 2] - plain[0, 0])) > 1.5)
     assert flips and scaled  # the draws did flip and did rescale
+    data.options.flip = False  # digits, text: their mirror image is something else
+    assert all(data.prepare(Image.fromarray(img), [[34, 5, 50, 25]], [0], [False], seed=seed)[1]["boxes"][0, 0] > 24
+               for seed in range(24))
 
 
 def test_map_of_perfect_predictions_is_one_and_of_shuffled_ones_low():
@@ -272,3 +275,32 @@ def test_feature_distillation_from_a_detection_teacher(canvases, tmp_path):
     assert all("feature_loss" in r and "task_loss" in r for r in records)
     first, last = np.mean([r["feature_loss"] for r in records[:3]]), np.mean([r["feature_loss"] for r in records[-3:]])
     assert last < 0.9 * first, (first, last)
+
+
+def test_trunk_options_hf_maps_lora_and_gradual_unfreezing(canvases, tmp_path):
+    """The usual trunk options apply to a detector: an hf ConvNeXt's stage maps feed the FPN; LoRA on a timm trunk
+    trains only the adapter, the FPN and the head; gradual unfreezing opens the trunk group by group."""
+    hf = conf(canvases / "instances.json", backbone={"plugin": "hf", "config": {
+        "model_type": "convnext", "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1]}})
+    run = Run(load_config(hf, where="c.toml"))
+    batch = run.data.collate([run.data.dataset("train")[i] for i in range(2)])
+    assert run.model(batch["inputs"]).shape[-1] == 10 + 9  # ten digit classes, then the box parts
+
+    lora = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0)
+    lora["adapter"] = {"plugin": "lora"}
+    lora["train"].update(max_steps=3, batch_size=2)
+    summary = train(load_config(lora, where="c.toml"), tmp_path / "lora", echo=lambda m: None)
+    assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"]
+    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    run = Run(load_config(lora, where="c.toml"))
+    trunk = [n for n, p in run.model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
+    assert trunk and all("lora_" in n for n in trunk), trunk
+
+    gradual = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0)
+    gradual["strategy"]["unfreeze_every"] = 1
+    run = Run(load_config(gradual, where="c.toml"))
+    opened = []
+    for epoch in range(3):
+        run.strategy.on_epoch_start(epoch, run.model)
+        opened.append(sum(p.requires_grad for n, p in run.model.named_parameters() if n.startswith("backbone.")))
+    assert opened[0] == 0 < opened[1] < opened[2]
