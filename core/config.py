@@ -273,13 +273,19 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
 
 
 def _fitting_loss(default: str | None, data_cls, registry: Registry) -> str | None:
-    """The strategy's default loss, or the first loss of the data's task when that task names its own losses and
-    not this one (detection's fcos under finetune, whose default is cross_entropy)."""
+    """The strategy's default loss, or the first loss of the data's task where the default cannot serve it: a task
+    loss of another task (finetune's cross_entropy for detection: fcos), or a soft-target loss for a task with no
+    class logits to soften (distill's kd for detection, whose maps are taught beside its own loss)."""
     name = getattr(data_cls, "task", None)
     if not default or not name or name not in registry.entries["task"]:
         return default
-    losses = registry.get("task", name).losses
-    return default if not losses or default in losses else losses[0]
+    task = registry.get("task", name)
+    if not task.losses or default in task.losses:
+        return default
+    task_losses = {loss for entry in registry.list("task") for loss in entry.cls.losses}
+    if default in task_losses or (not task.distillable and task.distill_maps):
+        return task.losses[0]
+    return default
 
 
 def _loggers(train: TrainOptions, tables: dict, where: str, registry: Registry) -> list[PluginSpec]:

@@ -146,7 +146,10 @@ class Run:
             for k, v in out.items():
                 if isinstance(v, torch.Tensor):
                     v = v.detach().float() if v.is_floating_point() else v.detach().double()
-                sums[k] = sums[k] + v if k in sums else v  # a list (detection's boxes) is concatenated
+                if isinstance(v, list):  # JSON-able records (detection's boxes), concatenated
+                    sums.setdefault(k, []).extend(v)
+                else:
+                    sums[k] = sums[k] + v if k in sums else v
         model.train(was_training)
         if self.dist.enabled and not sharded:
             # Gathered as dicts, not reduced key by key: a process may have had fewer batches, or none.

@@ -324,10 +324,13 @@ def checked(raws: list[_Raw], label_of) -> list[dict]:
                    "the box has no area (x1 <= x0 or y1 <= y0)" if x1 <= x0 or y1 <= y0 else
                    f"the box passes the {w}x{h} image's edge" if min(x0, y0) < -EDGE_TOLERANCE or
                    x1 > w + EDGE_TOLERANCE or y1 > h + EDGE_TOLERANCE else None)
+            clipped = [max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)]
+            if not why and (clipped[2] <= clipped[0] or clipped[3] <= clipped[1]):
+                why = f"the box lies outside the {w}x{h} image"
             if why:
                 problems.append(f"{where}: {why} (box x0 y0 x1 y1 = {x0:g} {y0:g} {x1:g} {y1:g} in pixels)")
                 continue
-            item["boxes"].append([max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1)])
+            item["boxes"].append(clipped)
             item["labels"].append(label)
             item["crowd"].append(crowd)
         items.append(item)
@@ -451,7 +454,7 @@ class Detection(DataSource):
         sample = v2.Pad([0, 0, s - rw, s - rh])(sample)
         if seed is not None:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the CPU's only: a GPU's generator (dropout) is not ours
                 sample = _augmentation(self.options.flip)(sample)
         x = sample["image"].as_subclass(torch.Tensor).float() / 255.0
         if self.channels == 1:

@@ -78,7 +78,8 @@ def detection_head(channels: list[int], strides: list[int], classes: int, width:
 @functools.lru_cache(maxsize=8)
 def torchvision_fcos(center_sampling_radius: float = 1.5, score_thresh: float = EVAL_SCORE,
                      detections_per_img: int = EVAL_DETECTIONS):
-    """A parameter-free ``torchvision.models.detection.FCOS``, for its target matching, loss and post-processing
+    """A ``torchvision.models.detection.FCOS`` without a network (a 1-channel stub head), for its target matching, loss
+    and post-processing
     (NMS at IoU 0.6, the 1,000 best locations per level before it), on outputs of ``detection_head``."""
     import torch
     from torch import nn
@@ -215,7 +216,15 @@ class Detection(Task):
             raise GraftError(f"[strategy] head_hidden = {width}: the detection head's width must be a multiple of "
                              f"32 of at least 64 (its towers' GroupNorm has 32 groups, which need two channels each "
                              f"to normalise a 1 x 1 map of one image); try {max(64, width // 32 * 32)}.")
-        return detection_head(map_channels(backbone), map_strides(backbone), self.outputs(), width)
+        strides = map_strides(backbone)
+        coarsest = max(strides)
+        side = getattr(self.data, "side", None)  # set up (training) data only; a served model keeps its size
+        if side and side % coarsest:
+            fits = sorted({side // coarsest * coarsest or coarsest, (side // coarsest + 1) * coarsest})
+            raise GraftError(f"[data] image_size = {side}: detection needs a multiple of {coarsest}, the stride of "
+                             f"backbone {backbone.name!r}'s coarsest feature map (the anchors of every level must "
+                             f"fall on its grid); use {' or '.join(map(str, fits))}.")
+        return detection_head(map_channels(backbone), strides, self.outputs(), width)
 
     def feature_maps(self, model):
         """The FPN levels P3-P7 of ``model``'s last forward."""
@@ -243,8 +252,6 @@ class Detection(Task):
 
     def predict(self, model, inputs):
         """Boxes with a score of at least ``PREDICT_SCORE``, in each image's own pixels (``inputs["sizes"]``)."""
-        import torch
-
         from graft.data import letterbox_size
 
         images, sizes = inputs["images"], inputs["sizes"]
@@ -252,7 +259,7 @@ class Detection(Task):
         names = self.label_names
         for found, (h, w) in zip(detections(model(images), PREDICT_SCORE), sizes.tolist()):
             rh, rw = letterbox_size(h, w, side)  # the image was scaled to rh x rw, then padded at the right and bottom
-            boxes = found["boxes"] * torch.tensor([w / rw, h / rh, w / rw, h / rh])
+            boxes = found["boxes"] * found["boxes"].new_tensor([w / rw, h / rh, w / rw, h / rh])
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             out.append({"boxes": [{"label": str(names[int(c)]), "score": round(float(s), 4),

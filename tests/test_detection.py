@@ -178,9 +178,11 @@ def _iou(a, b):
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _edit_coco(path):
+def _edit_coco(path, box=None):
     data = json.loads(path.read_text())
     data["annotations"][2]["bbox"][0] = -10  # b.png's box, now 10 pixels left of the image
+    if box:  # within a pixel of the edge, but wholly past it: clipping would turn it inside out
+        data["annotations"][2]["bbox"] = box
     text = json.dumps(data, indent=1)
     path.write_text(text)
     lines = [n for n, line in enumerate(text.splitlines(), 1) if '"bbox"' in line]
@@ -196,6 +198,7 @@ def _edit_coco(path):
         "<annotation><filename>b.png</filename>\n<object><name>dog</name>\n<bndbox><xmin>10</xmin><ymin>10</ymin>"
         "<xmax>90</xmax><ymax>20</ymax></bndbox></object></annotation>"), "Annotations/b.xml, line 2"),
     ("coco", lambda root: _edit_coco(root / "coco/instances.json"), None),
+    ("coco", lambda root: _edit_coco(root / "coco/instances.json", [50.2, 5, 0.7, 5]), "lies outside the 50x50"),
 ])
 def test_a_bad_box_exits_2_naming_its_file_and_line(tmp_path, fmt, fix, where):
     paths = write_all_formats(tmp_path)
@@ -265,7 +268,7 @@ def test_feature_distillation_from_a_detection_teacher(canvases, tmp_path):
     teacher = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0)
     teacher["train"].update(max_steps=4, batch_size=2)
     train(load_config(teacher, where="t.toml"), tmp_path / "teacher", echo=lambda m: None)
-    student = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0, image_size=48, augment=True)
+    student = conf(canvases / "instances.json", val_fraction=0.25, test_fraction=0.0, image_size=32, augment=True)
     student["strategy"] = {"plugin": "distill", "teacher": str(tmp_path / "teacher"), "head_hidden": 96,
                            "feature_weight": 2.0}
     student["train"].update(max_steps=12, batch_size=2, log_every=1)
@@ -304,3 +307,20 @@ def test_trunk_options_hf_maps_lora_and_gradual_unfreezing(canvases, tmp_path):
         run.strategy.on_epoch_start(epoch, run.model)
         opened.append(sum(p.requires_grad for n, p in run.model.named_parameters() if n.startswith("backbone.")))
     assert opened[0] == 0 < opened[1] < opened[2]
+
+
+def test_default_losses_and_an_image_size_off_the_grid(tmp_path):
+    """Without [loss]: finetune and distill on detection data train with fcos; distill on classes keeps kd. An input
+    side that is no multiple of the coarsest map's stride exits 2 naming the sizes that fit."""
+    from graft import GraftError
+
+    paths = write_all_formats(tmp_path)
+    assert load_config(conf(paths["coco"]), where="c.toml").plugins["loss"].name == "fcos"
+    distill = conf(paths["coco"])
+    distill["strategy"] = {"plugin": "distill", "teacher": str(tmp_path)}
+    assert load_config(distill, where="c.toml").plugins["loss"].name == "fcos"
+    digits = {"backbone": {"plugin": "timm", "model": "test_resnet"}, "data": {"plugin": "digits"},
+              "strategy": {"plugin": "distill", "teacher": str(tmp_path)}}
+    assert load_config(digits, where="c.toml").plugins["loss"].name == "kd"
+    with pytest.raises(GraftError, match=r"image_size = 80: detection needs a multiple of 32.*use 64 or 96"):
+        Run(load_config(conf(paths["coco"], image_size=80), where="c.toml"))
