@@ -286,8 +286,11 @@ def _format(path: Path, fmt: str) -> str:
     if path.suffix.lower() in (".yaml", ".yml") or (path.is_dir() and (path.parent / "labels").is_dir()) or \
             (path.is_dir() and (path / "labels").is_dir()):
         return "yolo"
-    if path.suffix.lower() == ".txt" or path.is_dir() and ((path / "Annotations").is_dir() or
-                                                          any(path.glob("*.xml"))):
+    if path.suffix.lower() == ".txt":  # YOLO's list of image paths, or VOC's ImageSets/Main list of ids
+        first = next((line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip()), "")
+        return "yolo" if Path(first).suffix.lower() in IMAGE_SUFFIXES else "voc"
+    if path.is_dir() and ((path / "Annotations").is_dir() or any(path.glob("*.xml"))):
         return "voc"
     raise GraftError(f"{WHERE}: cannot tell the format of {path}; set format = \"coco\", \"voc\" or \"yolo\".")
 
