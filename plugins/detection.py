@@ -3,9 +3,9 @@
 Every box is checked at setup (a number where one belongs, positive size, inside its image, a known class); a bad
 one fails the run naming its file and line. Images without boxes are legal negatives. COCO's ``iscrowd`` and VOC's
 ``difficult`` boxes are kept as *crowd* boxes: evaluation ignores detections on them (pycocotools' crowd rule) and
-training takes them as no targets (their locations count as background). Boxes are ``[x0, y0, x1, y1]`` in pixels with (0, 0) the image's top-left
-corner: COCO's ``[x, y, w, h]`` converted, VOC's 1-based pixel indices shifted by one at the top-left (as
-Detectron2 reads them), YOLO's normalised ``cx cy w h`` scaled by the image's size.
+training takes them as no targets (their locations count as background). Boxes are ``[x0, y0, x1, y1]`` in pixels
+with (0, 0) the image's top-left corner: COCO's ``[x, y, w, h]`` converted, VOC's 1-based pixel indices shifted by
+one at the top-left (as Detectron2 reads them), YOLO's normalised ``cx cy w h`` scaled by the image's size.
 """
 
 from __future__ import annotations
