@@ -20,7 +20,8 @@ from pathlib import Path
 import harness  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 import torch
 
-from graft import Run, load_config, train
+from graft import Run, load_config
+from loop_overhead import graft_loop
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -85,16 +86,6 @@ def torchvision_loop(conf, tick):
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-
-
-def graft_loop(conf, tick):
-    with tempfile.TemporaryDirectory() as d:
-        train(conf, d, echo=lambda m: None, prepare=lambda run: ticking(run, tick))
-
-
-def ticking(run, tick):
-    start = run.strategy.on_step_start
-    run.strategy.on_step_start = lambda step, total: (tick(), start(step, total))
 
 
 def main():
