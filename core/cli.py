@@ -273,11 +273,12 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
         return
     _show_metrics(results)
     for split, metrics in results.items():
-        if "per_class" in metrics:
-            rows = [[name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+        if metrics.get("per_class"):  # each task's own columns: precision ... support, or detection's ap ... boxes
+            keys = list(next(iter(metrics["per_class"].values())))
+            rows = [[name, *(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys)]
                     for name, r in metrics["per_class"].items()]
             click.echo(f"\n{split} per class:")
-            click.echo(_table(rows, ["LABEL", "PRECISION", "RECALL", "F1", "SUPPORT"]))
+            click.echo(_table(rows, ["LABEL", *(k.upper() for k in keys)]))
 
 
 @cli.command("predict")

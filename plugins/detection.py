@@ -67,8 +67,8 @@ class _Raw:
     """One image as read from its annotation file, before its boxes are checked: ``boxes`` hold (x0, y0, x1, y1,
     class, crowd, where); YOLO's are normalised until the image's size is known."""
 
-    def __init__(self, path: Path, size=None, normalised=False):
-        self.path, self.size, self.normalised, self.boxes = path, size, normalised, []
+    def __init__(self, path: Path, size=None, normalised=False, source=None):
+        self.path, self.size, self.normalised, self.boxes, self.source = path, size, normalised, [], source
 
 
 def _bad(where: str, message: str) -> GraftError:
@@ -116,7 +116,7 @@ def read_coco(path: Path, images: str, class_names: list[str]) -> tuple[list[_Ra
     raws, by_id = [], {}
     for im in data["images"]:
         raw = _Raw(root / str(im.get("file_name", "")),
-                   (im["height"], im["width"]) if "height" in im and "width" in im else None)
+                   (im["height"], im["width"]) if "height" in im and "width" in im else None, source=path)
         by_id[im.get("id")] = raw
         raws.append(raw)
     lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r'"bbox"\s*:', text)]
@@ -206,11 +206,12 @@ def read_voc(path: Path) -> list[_Raw]:
             size = (int(_number(info["height"], str(xml), "size/height")),
                     int(_number(info["width"], str(xml), "size/width")))
             size = size if min(size) > 0 else None  # some tools write 0 when they did not know
-        raw = _Raw(image, size)
+        raw = _Raw(image, size, source=xml)
         for obj in info["objects"]:
             where = f"{xml}, line {obj['line']}"
             if not all(k in obj for k in ("xmin", "ymin", "xmax", "ymax")):
                 raise _bad(where, "the object has no complete bndbox (xmin, ymin, xmax, ymax).")
+            where += f" (xmin {obj['xmin']}, ymin {obj['ymin']}, xmax {obj['xmax']}, ymax {obj['ymax']})"
             x0, y0, x1, y1 = (_number(obj[k], where, k) for k in ("xmin", "ymin", "xmax", "ymax"))
             crowd = obj.get("difficult", "0") not in ("", "0")
             raw.boxes.append((x0 - 1.0, y0 - 1.0, x1, y1, obj.get("name", ""), crowd, where))
@@ -259,8 +260,8 @@ def read_yolo(path: Path, classes: int) -> list[_Raw]:
         raise GraftError(f"{WHERE}: no images in {path}.")
     raws = []
     for image in images:
-        raw = _Raw(image, normalised=True)
         txt = _label_file(image)
+        raw = _Raw(image, normalised=True, source=path)
         if txt.is_file():
             for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
                 fields = line.split()
@@ -311,7 +312,8 @@ def checked(raws: list[_Raw], label_of) -> list[dict]:
     problems, items = [], []
     for raw, (why, size) in zip(raws, facts):
         if why:
-            problems.append(f"image {raw.path}: {why}")
+            problems.append(f"image {raw.path} (named in {raw.source}): {why}" if raw.source else
+                            f"image {raw.path}: {why}")
             continue
         if raw.size is not None and tuple(raw.size) != tuple(size):
             problems.append(f"image {raw.path} is {size[1]}x{size[0]} pixels (as shown, EXIF orientation applied), "
@@ -338,9 +340,9 @@ def checked(raws: list[_Raw], label_of) -> list[dict]:
             item["crowd"].append(crowd)
         items.append(item)
     if problems:
-        raise GraftError(f"{WHERE}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the boxes: "
-                         f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Fix or remove those "
-                         f"boxes (an image with no boxes is a legal negative).")
+        raise GraftError(f"{WHERE}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the images and "
+                         f"boxes: {'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Fix the files or "
+                         f"paths, or remove those entries (an image with no boxes is a legal negative).")
     return items
 
 

@@ -154,7 +154,8 @@ def coco_metrics(images: list[dict], names: list[str]) -> dict:
     """pycocotools' bbox evaluation of ``images``: per image ``{"gt": [[x0, y0, x1, y1, label, crowd]], "dt":
     [[x0, y0, x1, y1, score, label]]}`` in input pixels (COCO's small / medium / large areas are of those pixels).
     Returns map (AP@[.5:.95]), map_50, map_75, map_small/medium/large, mar_100 and per_class {name: {ap, ap_50,
-    boxes}}; 0.0 for an AP with no box to score. Raises GraftError without pycocotools."""
+    boxes}}; 0.0 for a summary AP with no box to score, None for a class with none. Raises GraftError without
+    pycocotools."""
     import contextlib
     import io
 
@@ -191,8 +192,8 @@ def coco_metrics(images: list[dict], names: list[str]) -> dict:
     for k, name in enumerate(names):
         p = precision[:, :, k, 0, -1]
         p50 = precision[0, :, k, 0, -1]
-        per_class[str(name)] = {"ap": float(np.mean(p[p > -1])) if (p > -1).any() else 0.0,
-                                "ap_50": float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else 0.0,
+        per_class[str(name)] = {"ap": float(np.mean(p[p > -1])) if (p > -1).any() else None,
+                                "ap_50": float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else None,
                                 "boxes": sum(1 for g in gts if g["category_id"] == k + 1 and not g["iscrowd"])}
     return {"map": stats[0], "map_50": stats[1], "map_75": stats[2], "map_small": stats[3], "map_medium": stats[4],
             "map_large": stats[5], "mar_100": stats[8], "per_class": per_class}
@@ -221,9 +222,10 @@ class Detection(Task):
         side = getattr(self.data, "side", None)  # set up (training) data only; a served model keeps its size
         if side and side % coarsest:
             fits = sorted({side // coarsest * coarsest or coarsest, (side // coarsest + 1) * coarsest})
-            raise GraftError(f"[data] image_size = {side}: detection needs a multiple of {coarsest}, the stride of "
-                             f"backbone {backbone.name!r}'s coarsest feature map (the anchors of every level must "
-                             f"fall on its grid); use {' or '.join(map(str, fits))}.")
+            model = getattr(backbone.options, "model", "") or backbone.name
+            raise GraftError(f"[data] image_size = {side}: detection needs a multiple of {coarsest}, the stride of the "
+                             f"coarsest feature map of {model} (the anchors of every level must fall on its grid); "
+                             f"use {' or '.join(map(str, fits))}.")
         return detection_head(map_channels(backbone), strides, self.outputs(), width)
 
     def feature_maps(self, model):
