@@ -262,17 +262,12 @@ def task_for(data, where: str) -> Task:
 
 def map_channels(backbone) -> list[int]:
     """Channels of each feature map of a "maps" backbone, from one blank image through it."""
-    return [m.shape[1] for m in _blank_maps(backbone)]
+    return [channels for channels, _ in map_layout(backbone)]
 
 
-def map_strides(backbone) -> list[int]:
-    """Stride of each feature map of a "maps" backbone (input pixels per map pixel: 4, 8, 16 ...), from one blank
-    image through it."""
-    height = backbone.image_config()["size"][0]
-    return [max(1, round(height / m.shape[-2])) for m in _blank_maps(backbone)]
-
-
-def _blank_maps(backbone):
+def map_layout(backbone) -> list[tuple[int, int]]:
+    """(channels, stride) of each feature map of a "maps" backbone -- the stride in input pixels per map pixel (4,
+    8, 16 ...) -- from one blank image through it."""
     import torch
 
     cfg = backbone.image_config()
@@ -281,9 +276,10 @@ def _blank_maps(backbone):
     module.eval()  # a probe in train mode would move BatchNorm's running statistics towards a blank image
     try:
         with torch.no_grad():
-            return module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
+            maps = module(torch.zeros(1, cfg["channels"], *cfg["size"]), dense=True)
     finally:
         module.train(was_training)
+    return [(m.shape[1], max(1, round(cfg["size"][0] / m.shape[-2]))) for m in maps]
 
 
 def check_class_ids(targets, data, task: str) -> None:

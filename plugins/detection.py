@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option
-from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, keep_fraction, map_threads,
-                        letterbox_size, open_image, shown_size, stratified_split)
+from graft.data import (IMAGE_SUFFIXES, SplitOptions, check_image_size, image_problem, image_transform,
+                        keep_fraction, letterbox_size, map_threads, open_image, shown_size, stratified_split)
 
 #: pixels a box may pass its image's edge by (annotation tools round outwards); such boxes are clipped
 EDGE_TOLERANCE = 1.0
@@ -421,15 +421,8 @@ class Detection(DataSource):
                 "negatives": {s: sum(not x["labels"] for x in v) for s, v in items.items()}} if items else {}
 
     def _preprocessing(self, backbone):
-        import torch
-
-        cfg = backbone.image_config()
-        self.side = self.options.image_size or max(cfg["size"])
-        self.channels = cfg["channels"]
-        self.mean = torch.tensor(cfg["mean"], dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(cfg["std"], dtype=torch.float32).view(-1, 1, 1)
-        if self.mean.shape[0] != self.channels:
-            self.mean, self.std = self.mean.mean().view(1, 1, 1), self.std.mean().view(1, 1, 1)
+        self.side = self.options.image_size or max(backbone.image_config()["size"])
+        self.transform = image_transform(backbone, self.side)  # the letterbox is already side x side: no resize
 
     def dataset(self, split):
         items = getattr(self, "items", {}).get(split)
@@ -461,10 +454,7 @@ class Detection(DataSource):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)  # the CPU's only: a GPU's generator (dropout) is not ours
                 sample = _augmentation(self.options.flip)(sample)
-        x = sample["image"].as_subclass(torch.Tensor).float() / 255.0
-        if self.channels == 1:
-            x = x.mean(0, keepdim=True)
-        x = (x - self.mean) / self.std
+        x = self.transform(sample["image"].as_subclass(torch.Tensor).float() / 255.0)
         return x, {"boxes": sample["boxes"].as_subclass(torch.Tensor).float(), "labels": sample["labels"],
                    "crowd": sample["crowd"]}
 

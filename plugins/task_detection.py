@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass
 
 from graft import GraftError, Loss, Task, hookimpl, option
-from graft.supervised import check_class_ids, map_channels, map_strides
+from graft.supervised import check_class_ids, map_layout
 
 #: detections kept per image for mAP (COCO's maxDets) and the score they need
 EVAL_SCORE, EVAL_DETECTIONS = 0.05, 100
@@ -28,7 +28,7 @@ PREDICT_SCORE = 0.3
 
 
 def detection_head(channels: list[int], strides: list[int], classes: int, width: int = 128, num_convs: int = 4):
-    """FPN + FCOS head on maps of ``channels`` at ``strides`` (``map_channels``, ``map_strides``): the last map of
+    """FPN + FCOS head on maps of ``channels`` at ``strides`` (``map_layout``): the last map of
     each distinct stride of 8 or more, the coarsest three of those (P3-P5 on a ResNet), plus P6 and P7.
     ``head(maps, (H, W))``: maps ``[B, C_i, H_i, W_i]`` -> ``[B, A, classes + 9]`` (see the module's docstring).
     ``width``: the FPN's and towers' channels, a multiple of 32 (the towers' GroupNorm has 32 groups), 64 or more."""
@@ -217,7 +217,7 @@ class Detection(Task):
             raise GraftError(f"[strategy] head_hidden = {width}: the detection head's width must be a multiple of "
                              f"32 of at least 64 (its towers' GroupNorm has 32 groups, which need two channels each "
                              f"to normalise a 1 x 1 map of one image); try {max(64, width // 32 * 32)}.")
-        strides = map_strides(backbone)
+        channels, strides = zip(*map_layout(backbone))  # one probe of the trunk for both
         coarsest = max(strides)
         side = getattr(self.data, "side", None)  # set up (training) data only; a served model keeps its size
         if side and side % coarsest:
@@ -226,7 +226,7 @@ class Detection(Task):
             raise GraftError(f"[data] image_size = {side}: detection needs a multiple of {coarsest}, the stride of the "
                              f"coarsest feature map of {model} (the anchors of every level must fall on its grid); "
                              f"use {' or '.join(map(str, fits))}.")
-        return detection_head(map_channels(backbone), strides, self.outputs(), width)
+        return detection_head(list(channels), list(strides), self.outputs(), width)
 
     def feature_maps(self, model):
         """The FPN levels P3-P7 of ``model``'s last forward."""

@@ -106,7 +106,7 @@ def test_boxes_follow_flips_scaling_and_shifts(tmp_path):
     assert torch.allclose(plain, torch.tensor([[34, 5, 50, 25]]) * torch.tensor([64 / 60, 43 / 40] * 2), atol=1e-4)
     for seed in range(24):
         x, target = data.prepare(Image.fromarray(img), [[34, 5, 50, 25]], [0], [False], seed=seed)
-        bright = (x * data.std + data.mean).amax(0)
+        bright = (x * data.transform.std + data.transform.mean).amax(0)
         block = bright > (bright.max() + bright.min()) / 2
         rows, cols = block.any(1).nonzero(), block.any(0).nonzero()
         if len(target["boxes"]) == 0:
