@@ -326,3 +326,31 @@ def test_default_losses_and_an_image_size_off_the_grid(tmp_path):
     assert load_config(digits, where="c.toml").plugins["loss"].name == "kd"
     with pytest.raises(GraftError, match=r"image_size = 80: detection needs a multiple of 32.*use 64 or 96"):
         Run(load_config(conf(paths["coco"], image_size=80), where="c.toml"))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_a_run_cut_by_a_signal_and_resumed_ends_like_an_uninterrupted_one(canvases, tmp_path, sig):
+    """The detection source and task through the loop's stop paths: SIGINT (checkpoint at the next step, exit 0)
+    and SIGKILL (nothing saved after the last checkpoint), each then --resume: the weights and the records of the
+    uninterrupted run."""
+    import signal
+
+    from conftest import read_metrics, start_train, wait_for_lines
+
+    c = conf(canvases / "instances.json", augment=True, val_fraction=0.25, test_fraction=0.0)
+    c["train"].update(epochs=12, batch_size=2, log_every=1, checkpoint_every=2)
+    cfg = write_config(tmp_path / "c.toml", c)
+    # every run in a one-thread process: the thread count changes float sums, which a detector's training amplifies
+    start_train(cfg, tmp_path / "full").communicate(timeout=300)
+    proc = start_train(cfg, tmp_path / "cut")
+    wait_for_lines(tmp_path / "cut", 7, proc)
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    assert proc.returncode == (0 if sig == "SIGINT" else -signal.SIGKILL)
+    assert len([r for r in read_metrics(tmp_path / "cut") if r["split"] == "train"]) < 36  # cut before the end
+    resumed = start_train(cfg, tmp_path / "cut", "--resume", tmp_path / "cut")
+    assert resumed.communicate(timeout=300) and resumed.returncode == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [(r["step"], r["split"]) for r in cut] == [(r["step"], r["split"]) for r in full]
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in full], rel=1e-5)
