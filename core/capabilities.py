@@ -15,8 +15,8 @@ from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["PretrainedFolder", "SavedTokenizer", "SettableTokenizer", "TaskModel", "TextGeneration", "Views",
-           "require"]
+__all__ = ["FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer", "SettableTokenizer", "TaskModel",
+           "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------
@@ -25,14 +25,16 @@ __all__ = ["PretrainedFolder", "SavedTokenizer", "SettableTokenizer", "TaskModel
 class TaskModel(Protocol):
     """Give its network with a pretraining head (``task_model``).
 
-    ``task_model(task)``: this network with the head of ``task`` ("masked-lm" or "causal-lm"), sharing the backbone's
-    own modules (training it trains the backbone), with the pretrained head when the weights had one, and parameters
-    it does not use (a pooler) frozen. Its forward takes ``input_ids`` and ``attention_mask`` ``[batch, tokens]`` and
-    returns ``.logits`` ``[batch, tokens, vocab]``; GraftError when the network has no such form. ``mlm`` and ``clm``
-    train it (the hf backbone has it).
+    ``task_model(task, **options)``: this network with the head of ``task`` ("masked-lm", "causal-lm" or
+    "seq2seq-lm"), sharing the backbone's own modules (training it trains the backbone), with the pretrained head when
+    the weights had one, and parameters it does not use (a pooler) frozen. Its forward takes ``input_ids`` and
+    ``attention_mask`` ``[batch, tokens]`` (seq2seq: and ``decoder_input_ids``) and returns ``.logits`` ``[batch,
+    tokens, vocab]``; GraftError when the network has no such form. ``mlm``, ``clm`` and ``seq2seq`` train it (the hf
+    backbone has it; its "seq2seq-lm" of an encoder is an encoder-decoder warm-started from it, with the option
+    ``tie_encoder_decoder``).
     """
 
-    def task_model(self, task: str) -> "nn.Module": ...
+    def task_model(self, task: str, **options) -> "nn.Module": ...
 
 
 @runtime_checkable
@@ -69,6 +71,18 @@ class PretrainedFolder(Protocol):
     source_dir: Any
 
 
+@runtime_checkable
+class FreshParameters(Protocol):
+    """Name the parameters its checkpoint did not hold (``fresh_parameters``).
+
+    ``fresh_parameters``: names in ``native_model()`` of parameters that start random in a pretrained network (a
+    warm-started decoder's cross-attention). An adapter stands in for pretrained weights only, so it trains these
+    whole (peft's ``modules_to_save``).
+    """
+
+    fresh_parameters: frozenset
+
+
 # -- strategies --------------------------------------------------------------------------------------------------
 
 @runtime_checkable
@@ -82,6 +96,19 @@ class TextGeneration(Protocol):
 
     def generate(self, model: "nn.Module", prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
                  top_p: float = 1.0, stream=None, raw: bool = False) -> str: ...
+
+
+@runtime_checkable
+class PreparesBackbone(Protocol):
+    """Give the backbone the form the strategy trains before an adapter goes in (``prepare_backbone``).
+
+    The classmethod ``prepare_backbone(options, backbone)`` is called once the backbone is built, before an
+    [adapter] is put into ``backbone.native_model()``: ``seq2seq`` turns an encoder into an encoder-decoder there, so
+    that LoRA reaches both halves.
+    """
+
+    @classmethod
+    def prepare_backbone(cls, options: Any, backbone: Backbone) -> None: ...
 
 
 # -- data sources ------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed, rundir
 from .batches import make_loader, move
+from .capabilities import PreparesBackbone
 from .config import Config
 from .device import autocast_dtype, seed_everything, select_device
 from .errors import GraftError
@@ -62,6 +63,8 @@ class Run:
     def _assemble(self, data_info: dict | None) -> None:
         specs, t = self.config.plugins, self.config.train
         self.backbone = self._backbone()
+        if self.mode != "serve" and isinstance(specs["strategy"].cls, PreparesBackbone):
+            specs["strategy"].cls.prepare_backbone(specs["strategy"].options, self.backbone)
         self.adapter = None
         if "adapter" in specs:
             if not specs["strategy"].cls.supports_adapters:

@@ -136,4 +136,6 @@ class Task(Plugin):
 
         if "label" in result:
             return result, f"{result['label']}\t{result['probability']:.4f}\t{item}"
+        if set(result) == {"text"}:  # generated text (seq2seq): one output per line, as a translation file has
+            return result, result["text"].replace("\n", " ")
         return result, f"{json.dumps({k: v for k, v in result.items() if k != 'probabilities'})}\t{item}"

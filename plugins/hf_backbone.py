@@ -72,7 +72,7 @@ class HFBackbone(Backbone):
     """Any Hugging Face AutoModel (text or vision) from a local directory, or random init from a config.
 
     Beyond ``graft.Backbone`` it has the capabilities (``graft.capabilities``) ``TaskModel``, ``SettableTokenizer``,
-    ``SavedTokenizer`` and ``PretrainedFolder``.
+    ``SavedTokenizer``, ``PretrainedFolder`` and ``FreshParameters``.
     """
 
     Options = HFOptions
@@ -80,6 +80,9 @@ class HFBackbone(Backbone):
     hf_model = None
     #: the local folder the pretrained weights came from (a ``save_pretrained`` folder), or None for random init
     source_dir = None
+    #: names (in ``native_model()``) of parameters its checkpoint did not hold: a warm-started decoder's
+    #: cross-attention; an adapter trains them whole
+    fresh_parameters: frozenset = frozenset()
 
     def build(self):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: nothing here may reach a hub
@@ -228,9 +231,6 @@ class HFBackbone(Backbone):
             mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
         return {"size": size, "mean": mean, "std": std, "channels": getattr(cfg, "num_channels", 3)}
 
-    def native_model(self):
-        return self.hf_model
-
     def enable_gradient_checkpointing(self):
         """transformers' ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` before 5.x) with
         torch's non-reentrant checkpoint: the one that works with frozen embeddings and adapters, without
@@ -245,13 +245,21 @@ class HFBackbone(Backbone):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def task_model(self, task):
-        """``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` of this model's config around the backbone's own
-        network, with the pretrained head from ``source_dir`` when its checkpoint has one (BertForMaskedLM and
-        GPT-2 checkpoints do) and the output layer tied to the embeddings where the config says so."""
+    def task_model(self, task, tie_encoder_decoder: bool = False):
+        """``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM`` of this model's config
+        around the backbone's own network, with the pretrained head from ``source_dir`` when its checkpoint has one
+        (BertForMaskedLM, GPT-2, T5 and BART checkpoints do) and the output layer tied to the embeddings where the
+        config says so. "seq2seq-lm" of an encoder-only model (BERT, MiniLM, RoBERTa) is an encoder-decoder
+        warm-started from it (``seq2seq``); it is built once, and from then on ``native_model()`` is the whole
+        encoder-decoder, so that an adapter goes into both halves."""
         import transformers
 
-        auto = {"masked-lm": transformers.AutoModelForMaskedLM, "causal-lm": transformers.AutoModelForCausalLM}[task]
+        if task == "seq2seq-lm" and not self.hf_model.config.is_encoder_decoder:
+            return self.seq2seq(tie_encoder_decoder)
+        auto = {"masked-lm": transformers.AutoModelForMaskedLM, "causal-lm": transformers.AutoModelForCausalLM,
+                "seq2seq-lm": transformers.AutoModelForSeq2SeqLM}[task]
+        if getattr(self, "_task_models", {}).get(task) is not None:
+            return self._task_models[task]
         base = self.hf_model
         if self.modality != "text":
             raise GraftError(f"backbone {self.name!r} has no {task} form; use an hf text backbone.")
@@ -261,21 +269,106 @@ class HFBackbone(Backbone):
             raise GraftError(f"[backbone] {type(base).__name__} has no {task} form ({str(e).splitlines()[0]}).") \
                 from None
         prefix = model.base_model_prefix
-        own_base = getattr(model, prefix)
-        for name, module in list(base.named_children()):  # e.g. BERT's pooler: no task head uses it
-            if getattr(own_base, name, None) is None:
-                module.requires_grad_(False)
-        setattr(model, prefix, base)
+        own_base = getattr(model, prefix, None)
+        if own_base is None:  # T5's seq2seq model holds the base model's parts (shared, encoder, decoder) itself
+            parts = dict(base.named_children())
+            for name in parts:
+                if getattr(model, name, None) is not None:
+                    setattr(model, name, parts[name])
+            prefixes = tuple(f"{name}." for name in parts)
+        else:
+            for name, module in list(base.named_children()):  # e.g. BERT's pooler: no task head uses it
+                if getattr(own_base, name, None) is None:
+                    module.requires_grad_(False)
+            setattr(model, prefix, base)
+            prefixes = (prefix + ".",)
         weights = Path(self.source_dir or "") / "model.safetensors"
         if self.source_dir is not None and weights.is_file():
             from safetensors.torch import load_file
 
             own = model.state_dict()
             head = {k: v for k, v in load_file(str(weights)).items()
-                    if k in own and not k.startswith(prefix + ".") and v.shape == own[k].shape}
+                    if k in own and not k.startswith(prefixes) and v.shape == own[k].shape}
             model.load_state_dict(head, strict=False)
         model.tie_weights()
+        self._task_models = {**getattr(self, "_task_models", {}), task: model}
         return model
+
+    def seq2seq(self, tie_encoder_decoder: bool = False):
+        """This encoder warm-starting both halves of a ``transformers.EncoderDecoderModel`` (Rothe, Narayan &
+        Severyn 2020, BERT2BERT): the decoder is the same checkpoint loaded as ``AutoModelForCausalLM`` with causal
+        masks and new cross-attention; ``tie_encoder_decoder`` shares every decoder module the encoder also has
+        (their "shared" variant: cross-attention and the LM head stay the decoder's own). Parameters the
+        checkpoint did not hold are listed in ``fresh_parameters`` (names in ``native_model()``): an adapter trains
+        them whole. Special ids come from the tokenizer: decoding starts at [CLS] (or BOS) and ends at [SEP] (or
+        EOS). Raises GraftError for a decoder-only model or one without a tokenizer."""
+        if getattr(self, "_seq2seq", None) is not None:
+            return self._seq2seq
+        from transformers import AutoModelForCausalLM, EncoderDecoderModel
+
+        base = self.hf_model
+        if self.modality != "text" or self.is_decoder():
+            raise GraftError(f"[strategy] plugin = \"seq2seq\": {type(base).__name__} is "
+                             f"{'a decoder-only' if self.modality == 'text' else 'a vision'} model. Use an "
+                             f"encoder-decoder checkpoint (T5, BART, Marian) or an encoder to warm-start one from "
+                             f"(BERT, MiniLM, RoBERTa); a decoder-only model learns pairs as instructions (clm).")
+        tok = self.tokenizer()
+        if tok is None:
+            raise GraftError(f"[backbone] plugin = \"{self.name}\": a warm-started encoder-decoder needs a "
+                             f"tokenizer; set tokenizer = \"DIR\".")
+        config = base.config.__class__.from_dict(base.config.to_dict())
+        config.is_decoder, config.add_cross_attention = True, True
+        if self.source_dir is not None:
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # its table of new cross-attention weights: fresh_parameters says it
+            try:
+                decoder, info = AutoModelForCausalLM.from_pretrained(
+                    str(self.source_dir), config=config, local_files_only=True, output_loading_info=True,
+                    trust_remote_code=self.options.trust_remote_code)
+            finally:
+                hf_logging.set_verbosity(level)
+            fresh = set(info["missing_keys"])
+        else:
+            decoder = AutoModelForCausalLM.from_config(config)
+            fresh = {n for n, _ in decoder.named_parameters()}
+        for name, module in list(base.named_children()):
+            if name == "pooler":  # no decoder reads it
+                module.requires_grad_(False)
+        if tie_encoder_decoder:
+            shared = self._share(base, decoder.base_model)
+            fresh -= {f"{decoder.base_model_prefix}.{n}" for n in shared}
+        model = EncoderDecoderModel(encoder=base, decoder=decoder)
+        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        pad = tok.pad_token_id if tok.pad_token_id is not None else end
+        for cfg in (model.config, model.generation_config):
+            cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = start, end, pad
+        model.config.vocab_size = model.config.decoder.vocab_size
+        self.fresh_parameters = frozenset(f"decoder.{n}" for n in fresh)
+        self._seq2seq = model
+        return model
+
+    @staticmethod
+    def _share(encoder, decoder) -> list[str]:
+        """Point every decoder submodule that the encoder has under the same name and type at the encoder's
+        (embeddings, self-attention, feed-forward); return the parameter names now shared."""
+        mine = dict(encoder.named_modules())
+        shared = []
+        for name, module in list(decoder.named_modules()):
+            other = mine.get(name)
+            if not name or other is None or type(other) is not type(module) or list(module.children()):
+                continue
+            if any(a.shape != b.shape for a, b in zip(module.parameters(), other.parameters())):
+                continue
+            parent, _, child = name.rpartition(".")
+            setattr(decoder.get_submodule(parent) if parent else decoder, child, other)
+            shared += [f"{name}.{n}" for n, _ in other.named_parameters()]
+        return shared
+
+    def native_model(self):
+        return getattr(self, "_seq2seq", None) or self.hf_model
 
     def limits(self) -> dict:
         """Usable positions of learned absolute position embeddings (RoBERTa-style ones start after the padding

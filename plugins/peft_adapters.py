@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import Adapter, GraftError, did_you_mean, hookimpl, option
-from graft.capabilities import PretrainedFolder
+from graft.capabilities import FreshParameters, PretrainedFolder
 
 #: leaf names of a timm vision transformer's attention input projection
 _VIT_QKV = "qkv"
@@ -72,9 +72,12 @@ class PeftAdapter(Adapter):
         except (ValueError, TypeError) as e:
             raise GraftError(f"[adapter] plugin = {self.name!r}: peft cannot adapt {type(native).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
+        fresh = backbone.fresh_parameters if isinstance(backbone, FreshParameters) else frozenset()
         for name, p in native.named_parameters():
             if "ia3_l" in name:
                 p.no_weight_decay = True  # IA3's scales start at 1: decay would pull them towards 0, not to 1
+            if name.replace(".base_layer.", ".") in fresh:
+                p.requires_grad_(True)  # random weights (new cross-attention): nothing pretrained to stand in for
         # peft leaves only the adapter trainable; the backbone's own parameters stay frozen for good
         return {id(p) for p in backbone.module.parameters() if not p.requires_grad}
 

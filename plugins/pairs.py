@@ -1,0 +1,258 @@
+"""The ``pairs`` data source: source/target text pairs for sequence-to-sequence training (translation, rewriting).
+
+Layouts, all giving the same examples: one CSV, TSV or JSONL file with a source and a target column (field), or two
+line-aligned plain-text files (``path`` the sources, ``target_path`` the targets: the ``train.src`` / ``train.tgt``
+layout of translation corpora; line N of one is the pair of line N of the other). Files are read with the encoding
+and byte-order-mark rules of the other text sources; a row with an empty source or target stops the run naming its
+file and line (or is dropped with ``empty_rows = "drop"``). Sources and targets are tokenized once at setup with the
+backbone's tokenizer (targets in its target mode, ``text_target=``, for tokenizers with a separate target
+vocabulary such as Marian's); a longer one is cut to ``max_source_length`` / ``max_target_length`` and counted
+(``truncated_sources``, ``truncated_targets`` in data.json and summary.json). Splits not given as files are a
+seeded random sample of the examples.
+
+A batch: ``inputs`` = {input_ids, attention_mask} ``[batch, source tokens]`` padded on the right, ``targets`` =
+target ids ``[batch, target tokens]`` padded with -100 (ignored by the loss), ``references`` = the target texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, read_text, warn
+from graft.data import ENCODING_HELP, check_encoding, check_limits, pad_tokens
+
+
+@dataclass
+class PairsOptions:
+    path: str = option("", "A CSV, TSV or JSONL file of pairs, or (with target_path) the file of sources, one per "
+                           "line.", path=True)
+    target_path: str = option("", "Two line-aligned files: the file of targets, line N translating line N of path.",
+                              path=True)
+    format: Literal["auto", "csv", "tsv", "jsonl", "lines"] = option(
+        "auto", "How to read path: auto goes by target_path (lines) or the suffix (.csv, .tsv, .jsonl).")
+    source_column: str = option("source", "Column (CSV/TSV) or field (JSONL) holding the source text.")
+    target_column: str = option("target", "Column or field holding the target text.")
+    val_path: str = option("", "Separate validation pairs (same layout); else a seeded sample of path.", path=True)
+    val_target_path: str = option("", "Targets of val_path in the two-file layout.", path=True)
+    test_path: str = option("", "Separate test pairs (same layout); else a seeded sample of path.", path=True)
+    test_target_path: str = option("", "Targets of test_path in the two-file layout.", path=True)
+    val_fraction: float = option(0.1, "Fraction of path's pairs held out for validation (seeded).")
+    test_fraction: float = option(0.1, "Fraction of path's pairs held out for testing (seeded).")
+    max_source_length: int = option(0, "Source tokens per example at most (longer ones are cut and counted); 0 = the "
+                                       "model's limit, at most 512.")
+    max_target_length: int = option(0, "Target tokens per example at most, special tokens included (longer ones are "
+                                       "cut and counted); 0 = the model's limit, at most 128.")
+    max_examples: int = option(0, "Use only a seeded sample of this many pairs of path; 0 = all.")
+    empty_rows: Literal["error", "drop"] = option("error", "A pair whose source or target is empty: stop naming its "
+                                                           "file and line, or drop it (with a warning).")
+    encoding: str = option("utf-8", ENCODING_HELP)
+
+    def validate(self):
+        if not self.path:
+            raise ValueError("path is required: a CSV/TSV/JSONL file of pairs, or the sources with target_path.")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction
+                < 1):
+            raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum to less than 1.")
+        if min(self.max_source_length, self.max_target_length, self.max_examples) < 0 \
+                or 0 < self.max_source_length < 2 or 0 < self.max_target_length < 2:
+            raise ValueError("max_source_length and max_target_length must be 0 (the model's limit) or at least 2; "
+                             "max_examples must not be negative.")
+        for a, b in (("val_path", "val_target_path"), ("test_path", "test_target_path")):
+            if getattr(self, b) and not getattr(self, a):
+                raise ValueError(f"{b} needs {a} (the file of its sources).")
+        check_encoding(self.encoding)
+
+
+@dataclass
+class Pair:
+    source: str
+    target: str
+    where: str  # "file, line N": for error messages
+
+
+def read_pairs(path: str, target_path: str, o: PairsOptions, where: str) -> list[Pair]:
+    """The pairs of one split's file(s), each with its file and line; GraftError for unreadable files, missing
+    columns, files of different lengths and (unless dropped) empty rows."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GraftError(f"{where}: {path!r} is not a file.")
+    fmt = o.format
+    if fmt == "auto":
+        fmt = "lines" if target_path else {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
+            p.suffix.lower(), "")
+        if not fmt:
+            raise GraftError(f"{where}: cannot tell the layout of {path!r}: set format = \"csv\", \"tsv\" or "
+                             f"\"jsonl\", or give target_path (two line-aligned files).")
+    if fmt == "lines":
+        if not target_path:
+            raise GraftError(f"{where}: format = \"lines\" reads two line-aligned files: set the matching "
+                             f"target_path of {path!r}.")
+        t = Path(target_path).expanduser()
+        if not t.is_file():
+            raise GraftError(f"{where}: target file {target_path!r} is not a file.")
+        src, tgt = read_text(p, o.encoding, where).splitlines(), read_text(t, o.encoding, where).splitlines()
+        while src and tgt and not src[-1].strip() and not tgt[-1].strip():
+            src, tgt = src[:-1], tgt[:-1]
+        if len(src) != len(tgt):
+            raise GraftError(f"{where}: {p} has {len(src)} lines and {t} has {len(tgt)}; line-aligned files pair line "
+                             f"N with line N, so they must have as many lines.")
+        pairs = [Pair(s, g, f"{p} / {t}, line {i}") for i, (s, g) in enumerate(zip(src, tgt), 1)]
+    elif fmt in ("csv", "tsv"):
+        pairs = _read_csv(p, fmt, o, where)
+    else:
+        pairs = _read_jsonl(p, o, where)
+    empty = [r for r in pairs if not r.source.strip() or not r.target.strip()]
+    if empty and o.empty_rows == "error":
+        raise GraftError(f"{where}: {empty[0].where} has an empty {'source' if not empty[0].source.strip() else 'target'}"
+                         f" ({len(empty)} such pair{'s' if len(empty) > 1 else ''} in {p.name}). Fill them in, or set "
+                         f"empty_rows = \"drop\".")
+    if empty:
+        warn(f"{where}: {len(empty)} pair(s) with an empty source or target left out (first: {empty[0].where}).")
+        pairs = [r for r in pairs if r.source.strip() and r.target.strip()]
+    return pairs
+
+
+def _read_csv(p: Path, fmt: str, o: PairsOptions, where: str) -> list[Pair]:
+    import csv
+    import io
+
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    reader = csv.reader(io.StringIO(read_text(p, o.encoding, where), newline=""),
+                        delimiter="\t" if fmt == "tsv" else ",", strict=True)
+    out = []
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        for col in (o.source_column, o.target_column):
+            if col not in header:
+                raise GraftError(f"{where}: {p} has no column {col!r}; its columns: {', '.join(header) or '(none)'}."
+                                 f"{did_you_mean(col, header)} Set source_column / target_column.")
+        si, ti = header.index(o.source_column), header.index(o.target_column)
+        line = reader.line_num + 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                out.append(Pair(row[si] if si < len(row) else "", row[ti] if ti < len(row) else "",
+                                f"{p}, line {line}"))
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise GraftError(f"{where}: {p}, line {reader.line_num}: not valid CSV ({e}).") from None
+    return out
+
+
+def _read_jsonl(p: Path, o: PairsOptions, where: str) -> list[Pair]:
+    import json
+
+    out, fields = [], {}
+    for i, line in enumerate(read_text(p, o.encoding, where).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GraftError(f"{where}: {p}, line {i} is not valid JSON ({e.msg}).") from None
+        if not isinstance(r, dict):
+            raise GraftError(f"{where}: {p}, line {i} is not a JSON object ({{\"{o.source_column}\": ..., "
+                             f"\"{o.target_column}\": ...}}).")
+        fields.update(r)
+        s, t = r.get(o.source_column), r.get(o.target_column)
+        out.append(Pair("" if s is None else str(s), "" if t is None else str(t), f"{p}, line {i}"))
+    for col in (o.source_column, o.target_column):
+        if out and col not in fields:
+            raise GraftError(f"{where}: {p} has no field {col!r} in any record; its fields: {', '.join(fields)}."
+                             f"{did_you_mean(col, list(fields))} Set source_column / target_column.")
+    return out
+
+
+class Pairs(DataSource):
+    """Source/target text pairs (CSV, TSV, JSONL, or two line-aligned files) for seq2seq: translation, rewriting."""
+
+    Options = PairsOptions
+    task = "seq2seq"
+    view_options = ("max_source_length", "max_target_length")
+    training_options = ()
+
+    def setup(self, backbone, seed):
+        import numpy as np
+
+        o = self.options
+        where = f"[data] plugin = \"{self.name or 'pairs'}\""
+        self.require(backbone, "text")
+        tok = backbone.tokenizer()
+        if tok is None:
+            raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer: set [backbone] tokenizer = "
+                             f"\"DIR\" (a folder with tokenizer.json or vocab.txt).")
+        limit = check_limits(backbone, where=where, tokens=o.max_source_length or None, tokens_key="max_source_length",
+                             tokenizer=tok)
+        check_limits(backbone, where=where, tokens=o.max_target_length or None, tokens_key="max_target_length")
+        self.max_source = o.max_source_length or min(512, limit or 512)
+        self.max_target = o.max_target_length or min(128, limit or 128)
+        self.tokenizer, self.pad_id = tok, tok.pad_token_id if tok.pad_token_id is not None else 0
+        main = read_pairs(o.path, o.target_path, o, where)
+        if o.max_examples and o.max_examples < len(main):
+            keep = np.random.default_rng([seed, 2]).permutation(len(main))[: o.max_examples]
+            main = [main[i] for i in sorted(keep)]
+        if len(main) < 2:
+            raise GraftError(f"{where}: {o.path!r} holds fewer than two pairs.")
+        order = np.random.default_rng(seed).permutation(len(main))
+        n_val = 0 if o.val_path else int(round(len(main) * o.val_fraction))
+        n_test = 0 if o.test_path else int(round(len(main) * o.test_fraction))
+        parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+        splits = {s: [main[i] for i in sorted(idx)] for s, idx in parts.items()}
+        for split, a, b in (("val", o.val_path, o.val_target_path), ("test", o.test_path, o.test_target_path)):
+            if a:
+                splits[split] = read_pairs(a, b, o, where)
+        if not splits["train"]:
+            raise GraftError(f"{where}: no training pairs left after the validation and test splits.")
+        self.truncated = {"sources": 0, "targets": 0}
+        self.splits = {s: self._encode(pairs) for s, pairs in splits.items()}
+        if any(self.truncated.values()):
+            warn(f"{where}: {self.truncated['sources']} source(s) longer than max_source_length = {self.max_source} "
+                 f"and {self.truncated['targets']} target(s) longer than max_target_length = {self.max_target} "
+                 f"tokens were cut; raise those limits to keep them whole.")
+
+    def _encode(self, pairs: list[Pair]) -> list[tuple]:
+        if not pairs:
+            return []
+        tok = self.tokenizer
+        src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
+        tgt = tok(text_target=[p.target for p in pairs], add_special_tokens=True)["input_ids"]
+        out = []
+        for p, s, t in zip(pairs, src, tgt):
+            s, t = self._cut(s, self.max_source, "sources"), self._cut(t, self.max_target, "targets")
+            out.append((s, t, p.target))
+        return out
+
+    def _cut(self, ids: list[int], n: int, kind: str) -> list[int]:
+        """``ids`` cut to ``n`` tokens, keeping a final special token (</s>, [SEP]) as the tokenizer's truncation
+        does."""
+        if len(ids) <= n:
+            return ids
+        self.truncated[kind] += 1
+        last = ids[-1]
+        special = last in set(self.tokenizer.all_special_ids)
+        return ids[: n - 1] + [last] if special else ids[:n]
+
+    def report(self):
+        return {"truncated_sources": self.truncated["sources"], "truncated_targets": self.truncated["targets"]}
+
+    def dataset(self, split):
+        return self.splits.get(split) or None
+
+    def collate(self, examples):
+        input_ids, mask = pad_tokens([s for s, _, _ in examples], self.pad_id)
+        targets, _ = pad_tokens([t for _, t, _ in examples], UNLABELLED)
+        return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
+                "references": [r for _, _, r in examples]}
+
+    def encode(self, backbone, items):
+        tok = backbone.tokenizer()
+        limit = backbone.limits().get("max_tokens")
+        n = self.options.max_source_length or min(512, limit or 512)
+        enc = tok(list(items), truncation=True, max_length=n, padding=True, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@hookimpl
+def register_datasources(register):
+    register(Pairs, name="pairs")

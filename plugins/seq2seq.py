@@ -1,0 +1,326 @@
+"""The ``seq2seq`` strategy: sequence-to-sequence transfer (translation, rewriting) of an hf text backbone.
+
+Two kinds of model, one loss:
+
+- an encoder-decoder checkpoint (T5, BART, Marian, mBART: ``AutoModelForSeq2SeqLM`` of the backbone's config, its
+  pretrained LM head included);
+- an encoder-decoder warm-started from an encoder (BERT, MiniLM, RoBERTa): Rothe, Narayan & Severyn 2020,
+  "Leveraging Pre-trained Checkpoints for Sequence Generation Tasks" (BERT2BERT). Encoder and decoder start from the
+  same checkpoint, the decoder with causal masks and new cross-attention (``transformers.EncoderDecoderModel``);
+  ``tie_encoder_decoder`` shares their weights (BERT2BERT "share").
+
+Training is teacher forcing: the decoder reads the target shifted right (after the model's decoder start token)
+and the cross-entropy, with optional label smoothing (Szegedy et al. 2016; torch's, which equals transformers'
+``label_smoothing_factor``), is summed over target tokens and divided by the target tokens of the whole optimizer
+step (all micro-batches and processes), as ``clm`` does. Evaluation reports the loss, perplexity = exp(mean token
+loss), next-token accuracy, and BLEU and chrF from sacrebleu (Post 2018: the field's reference implementation; its
+signature strings are reported) of generated outputs (greedy or beam search) against the references.
+
+Distillation from a finished seq2seq run (``teacher``):
+
+- ``distill = "word"``: word-level KD (Kim & Rush 2016, after Hinton et al. 2015): at every target token the
+  student matches the teacher's softened distribution, through ``[loss] plugin = "kd"`` (alpha, temperature); the
+  teacher must share the student's target vocabulary;
+- ``distill = "sequence"``: sequence-level KD (Kim & Rush 2016): the teacher's beam-search outputs for the training
+  sources become the student's training targets (any tokenizer: they are text). They are generated once and cached
+  (a JSON file named by a hash of the teacher's weights, the data and the search settings).
+
+The whole model is saved with ``save_pretrained`` under ``seq2seq/`` (``AutoModelForSeq2SeqLM`` loads it, and
+``graft generate`` / ``graft predict`` use the run); ``backbone/`` is the backbone (the encoder of a warm-started
+model), the hand-off to other runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from graft import UNLABELLED, GraftError, SoftTargetLoss, Strategy, hookimpl, option
+from graft.capabilities import TaskModel, require
+
+
+@dataclass
+class Seq2SeqOptions:
+    tie_encoder_decoder: bool = option(False, "Warm-started from an encoder: the decoder shares the encoder's "
+                                              "weights (embeddings, self-attention, feed-forward; BERT2BERT share).")
+    freeze: Literal["none", "encoder", "embeddings"] = option(
+        "none", "Parameters that do not train: the whole encoder (with its embeddings), or only the token "
+                "embeddings.")
+    label_smoothing: float = option(0.0, "Label smoothing of the token cross-entropy (0.1 is usual).")
+    num_beams: int = option(1, "Beam search width for generated outputs (evaluation, predict, generate); 1 = greedy.")
+    max_new_tokens: int = option(64, "Tokens generated per output at most (generation stops at end-of-sequence).")
+    length_penalty: float = option(1.0, "Beam search: the score is divided by length ** length_penalty; above 1 "
+                                        "favours longer outputs.")
+    generate_examples: int = option(0, "BLEU and chrF on generated outputs for the first N examples of each evaluated "
+                                       "split; 0 = all of them.")
+    teacher: str = option("", "Distil a finished seq2seq run into this model: see distill.", path=True)
+    distill: Literal["word", "sequence"] = option(
+        "word", "With teacher: word = per-token soft targets through [loss] plugin = \"kd\" (same target "
+                "vocabulary); sequence = the teacher's beam outputs replace the training targets (Kim & Rush 2016).")
+    teacher_beams: int = option(4, "Sequence-level distillation: the teacher's beam width.")
+    cache_dir: str = option("", "Where sequence-level distillation keeps the teacher's outputs; default "
+                                "$GRAFT_CACHE_DIR or ~/.cache/graftkit.")
+
+    def validate(self):
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1).")
+        if self.num_beams < 1 or self.teacher_beams < 1 or self.max_new_tokens < 1 or self.generate_examples < 0:
+            raise ValueError("num_beams, teacher_beams and max_new_tokens must be >= 1, generate_examples >= 0.")
+
+
+def sacrebleu_scores(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU and chrF (0-100) of ``hypotheses`` against one reference each, with sacrebleu's defaults
+    (13a tokenisation, exponential smoothing; chrF: character 6-grams, beta 2), and their signature strings."""
+    try:
+        from sacrebleu.metrics import BLEU, CHRF
+    except ImportError:
+        raise GraftError("seq2seq scores generated text with sacrebleu: pip install 'graftkit[seq2seq]'.") from None
+    bleu, chrf = BLEU(), CHRF()
+    return {"bleu": bleu.corpus_score(hypotheses, [references]).score,
+            "chrf": chrf.corpus_score(hypotheses, [references]).score,
+            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+
+
+class Seq2Seq(Strategy):
+    """Sequence-to-sequence: an encoder-decoder checkpoint, or one warm-started from an encoder; BLEU, chrF, KD."""
+
+    Options = Seq2SeqOptions
+    primary_metric = "bleu"
+    supports_adapters = True
+    metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max", "bleu": "max", "chrf": "max"}
+
+    @classmethod
+    def prepare_backbone(cls, options, backbone):
+        """An encoder becomes the encoder-decoder here, before an adapter goes in (LoRA then adapts both halves)."""
+        require(backbone, TaskModel, "[strategy] plugin = \"seq2seq\"", "Use an hf text backbone.").task_model(
+            "seq2seq-lm", tie_encoder_decoder=options.tie_encoder_decoder)
+
+    def build(self):
+        o = self.options
+        if self.data.task != "seq2seq":
+            raise GraftError("[strategy] plugin = \"seq2seq\" needs source/target pairs: [data] plugin = \"pairs\".")
+        self.model = self.backbone.task_model("seq2seq-lm", tie_encoder_decoder=o.tie_encoder_decoder)
+        if o.tie_encoder_decoder and self.model.config.model_type != "encoder-decoder":
+            raise GraftError("[strategy] tie_encoder_decoder = true shares a warm-started decoder's weights with its "
+                             f"encoder; {type(self.model).__name__} is an encoder-decoder checkpoint already. Remove "
+                             f"the option.")
+        encoder = self.model.get_encoder()
+        for p in (encoder.parameters() if o.freeze == "encoder" else
+                  self.model.get_input_embeddings().parameters() if o.freeze == "embeddings" else ()):
+            p.requires_grad_(False)
+        self.tokenizer = self.backbone.tokenizer()
+        cfg = self.model.config
+        self.start = cfg.decoder_start_token_id
+        self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        if self.start is None:
+            raise GraftError(f"[backbone] {type(self.model).__name__}'s config has no decoder_start_token_id: set it "
+                             f"(e.g. [backbone] overrides = {{ decoder_start_token_id = 0 }}).")
+        self.teacher, self.progress, self.targets_of = None, 0.0, None
+        if o.teacher:
+            self.teacher = self._load_teacher(o.teacher)
+        elif self.loss is not None:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} with [strategy] plugin = \"seq2seq\": its loss is "
+                             f"the token cross-entropy; a [loss] table is used only for word-level distillation, with "
+                             f"[strategy] teacher = \"runs/<seq2seq run>\". Remove [loss], or set teacher.")
+        return self.model
+
+    # -- distillation ------------------------------------------------------------------------------------------
+    def _load_teacher(self, path):
+        from graft import load_run
+
+        o = self.options
+        run = load_run(Path(path), for_prediction=True, device="cpu")
+        if not isinstance(run.strategy, Seq2Seq):
+            raise GraftError(f"[strategy] teacher = {path!r} is a {run.strategy.name!r} run; seq2seq distillation "
+                             f"needs a seq2seq run.")
+        if o.distill == "sequence":
+            if self.loss is not None:
+                raise GraftError("[strategy] distill = \"sequence\" trains on the teacher's outputs with the token "
+                                 "cross-entropy: remove the [loss] table (it is for distill = \"word\").")
+            if not self.predicting:
+                self.targets_of = self._teacher_targets(run)
+            return None
+        if not isinstance(self.loss, SoftTargetLoss):
+            raise GraftError("[strategy] distill = \"word\" needs a soft-target loss: [loss] plugin = \"kd\" with "
+                             "alpha = 0.5 and temperature = 1.0.")
+        mine, theirs = self.tokenizer, run.backbone.tokenizer()
+        if mine.get_vocab() != theirs.get_vocab():
+            raise GraftError(f"[strategy] teacher = {path!r} has another vocabulary than the student ({len(theirs)} "
+                             f"tokens vs {len(mine)} here): word-level distillation compares distributions over the "
+                             f"same tokens. Use distill = \"sequence\" (any tokenizer), or give the student the "
+                             f"teacher's tokenizer.")
+        self.vocab, self.teacher_strategy = len(mine), run.strategy
+        return run.model.eval().requires_grad_(False)
+
+    def _teacher_targets(self, run) -> list[list[int]]:
+        """The teacher's beam outputs for every training source, as target ids of this model's tokenizer (cached
+        as text)."""
+        import hashlib
+        import json
+        import os
+
+        data, o = self.data, self.options
+        train = data.dataset("train") or []
+        import torch
+
+        h = hashlib.sha256()
+        for v in run.model.state_dict().values():
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(json.dumps([repr(data.options), data.seed, o.teacher_beams, o.max_new_tokens, o.length_penalty,
+                             len(train)]).encode())
+        root = o.cache_dir or os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit"
+        path = Path(root) / "seq2seq" / f"{h.hexdigest()[:24]}.json"
+        if path.is_file():
+            texts = json.loads(path.read_text())
+        else:
+            teacher_tok, texts = run.backbone.tokenizer(), []
+            sources = [self.tokenizer.decode(s, skip_special_tokens=True) for s, _, _ in train]
+            for i in range(0, len(sources), 32):
+                enc = teacher_tok(sources[i:i + 32], truncation=True, max_length=data.max_source, padding=True,
+                                  return_tensors="pt")
+                texts += run.strategy._generate(run.model, enc["input_ids"], enc["attention_mask"],
+                                                num_beams=o.teacher_beams)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(texts))
+            os.replace(tmp, path)
+        ids = self.tokenizer(text_target=texts, add_special_tokens=True)["input_ids"]
+        return [data._cut(t, data.max_target, "targets") if hasattr(data, "_cut") else t for t in ids]
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def param_groups(self, model):
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0, "name": "all"}]
+
+    def on_step_start(self, step, total_steps):
+        self.progress = step / max(1, total_steps - 1)
+
+    def _labels(self, batch):
+        """[B, T] target ids (UNLABELLED = padding), without a leading decoder start token (a BERT tokenizer's
+        [CLS]: the decoder reads it, it is no target); sequence-level KD swaps in the teacher's outputs."""
+        import torch
+
+        if self.targets_of is not None and batch.get("split") == "train" and "labels" not in batch:
+            rows = [self.targets_of[i] for i in batch["index"].tolist()]
+            n = max(len(r) for r in rows)
+            t = torch.full((len(rows), n), UNLABELLED, dtype=torch.long)
+            for j, r in enumerate(rows):
+                t[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+            batch["targets"] = t.to(batch["targets"].device)
+        t = batch["targets"]
+        if t.shape[1] > 1 and bool((t[:, 0] == self.start).all()):
+            t = t[:, 1:]
+        batch["labels"] = t
+        return t
+
+    def _decoder_inputs(self, labels, start):
+        import torch
+
+        shifted = torch.full_like(labels, self.pad)
+        shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == UNLABELLED, self.pad)
+        shifted[:, 0] = start
+        return shifted
+
+    def _logits(self, model, batch, labels, keep, start=None):
+        """[N, V] float32 logits at the target positions ``keep`` ([B, T] bool)."""
+        inputs = batch["inputs"]
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    decoder_input_ids=self._decoder_inputs(labels, self.start if start is None else start))
+        return out.logits[keep].float()
+
+    def step_targets(self, batch):
+        labels = batch["labels"] if "labels" in batch else self._labels(batch)
+        return int((labels != UNLABELLED).sum())
+
+    def training_step(self, model, batch):
+        import torch
+        import torch.nn.functional as F
+
+        labels = batch["labels"] if "labels" in batch else self._labels(batch)
+        keep = labels != UNLABELLED
+        logits, targets = self._logits(model, batch, labels, keep), labels[keep]
+        n = batch.get("step_targets", targets.numel())
+        if self.teacher is None:
+            loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.options.label_smoothing)
+            return {"loss": loss / max(1, n)}
+        if next(self.teacher.parameters()).device != logits.device:
+            self.teacher.to(logits.device)
+        with torch.no_grad():
+            teacher = self._logits(self.teacher, batch, labels, keep, start=self.teacher_strategy.start)
+        v = min(self.vocab, logits.shape[-1], teacher.shape[-1])
+        mean = self.loss(logits[:, :v], {"teacher": teacher[:, :v], "labels": targets, "progress": self.progress})
+        return {"loss": mean * targets.numel() / max(1, n)}
+
+    def eval_step(self, model, batch):
+        import torch.nn.functional as F
+
+        labels = self._labels(dict(batch, split="eval"))
+        keep = labels != UNLABELLED
+        logits, flat = self._logits(model, batch, labels, keep), labels[keep]
+        sums = {"loss_sum": F.cross_entropy(logits, flat, reduction="sum"),
+                "tokens": logits.new_tensor(float(flat.numel())),
+                "correct": (logits.argmax(-1) == flat).sum().float()}
+        limit = self.options.generate_examples
+        rows = [i for i, k in enumerate(batch["index"].tolist()) if not limit or k < limit]
+        if rows:
+            inputs = batch["inputs"]
+            hyps = self._generate(model, inputs["input_ids"][rows], inputs["attention_mask"][rows])
+            sums["generated"] = [[h, batch["references"][i]] for h, i in zip(hyps, rows)]
+        return sums
+
+    def compute_metrics(self, sums):
+        import math
+
+        loss = float(sums["loss_sum"]) / max(1.0, float(sums["tokens"]))
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "next_token_accuracy": float(sums["correct"]) / max(1.0, float(sums["tokens"]))}
+        pairs = sums.get("generated") or []
+        if pairs:
+            out.update(sacrebleu_scores([h for h, _ in pairs], [r for _, r in pairs]), generated=len(pairs))
+        return out
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def _generate(self, model, input_ids, attention_mask, num_beams=None, sample=0.0, top_p=1.0,
+                  max_new_tokens=None) -> list[str]:
+        import torch
+
+        o = self.options
+        beams = num_beams or o.num_beams
+        model = getattr(model, "module", model)  # DDP: generate is the model's own
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=beams,
+                                 max_new_tokens=max_new_tokens or o.max_new_tokens, do_sample=sample > 0,
+                                 temperature=sample if sample > 0 else None, top_p=top_p if sample > 0 else None,
+                                 length_penalty=o.length_penalty if beams > 1 else 1.0,
+                                 decoder_start_token_id=self.start, pad_token_id=self.pad)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def predict(self, model, inputs):
+        return [{"text": t} for t in self._generate(model, inputs["input_ids"], inputs["attention_mask"])]
+
+    def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None, raw=False):
+        """The output for the source text ``prompt``: beam search with the run's num_beams at temperature 0, else
+        sampling; ``max_new_tokens`` bounds it; ``stream`` receives it whole."""
+        enc = self.tokenizer([prompt], truncation=True, return_tensors="pt").to(next(model.parameters()).device)
+        text = self._generate(model, enc["input_ids"], enc["attention_mask"], sample=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens)[0]
+        if stream is not None:
+            stream(text)
+        return text
+
+    def report(self, model):
+        return {"model": type(self.model).__name__}
+
+    def export(self, model, directory):
+        """backbone/ (the backbone: the encoder of a warm-started model) and seq2seq/ (the whole model +
+        tokenizer, for AutoModelForSeq2SeqLM)."""
+        Path(directory, "backbone").mkdir(exist_ok=True)
+        self.backbone.export(str(Path(directory, "backbone")))
+        self.model.save_pretrained(str(Path(directory, "seq2seq")), safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(Path(directory, "seq2seq")))
+
+
+@hookimpl
+def register_strategies(register):
+    register(Seq2Seq, name="seq2seq")
