@@ -93,8 +93,9 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str) -> list
         if not t.is_file():
             raise GraftError(f"{where}: target file {target_path!r} is not a file.")
         src, tgt = read_text(p, o.encoding, where).splitlines(), read_text(t, o.encoding, where).splitlines()
-        while src and tgt and not src[-1].strip() and not tgt[-1].strip():
-            src, tgt = src[:-1], tgt[:-1]
+        for lines in (src, tgt):  # blank lines at the end of one file only (an editor's last newline) pair nothing
+            while lines and not lines[-1].strip():
+                lines.pop()
         if len(src) != len(tgt):
             raise GraftError(f"{where}: {p} has {len(src)} lines and {t} has {len(tgt)}; line-aligned files pair line "
                              f"N with line N, so they must have as many lines.")

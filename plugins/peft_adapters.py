@@ -29,10 +29,13 @@ def _leaf_layers(native) -> dict[str, str]:
 
 def default_targets(native, mapping: dict) -> list[str]:
     """The usual modules for this family: peft's table by ``config.model_type`` (e.g. BERT's attention query and
-    value), a timm ViT's ``qkv``, else every Linear and ungrouped convolution of a CNN (not its classifier)."""
+    value; a warm-started encoder-decoder: its encoder's family), a timm ViT's ``qkv``, else every Linear and ungrouped convolution of a CNN (not its classifier)."""
     import torch
 
-    model_type = getattr(getattr(native, "config", None), "model_type", None)
+    config = getattr(native, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type == "encoder-decoder":  # a warm-started EncoderDecoderModel: both halves are the encoder's family
+        model_type = config.encoder.model_type
     if model_type in mapping:
         return list(mapping[model_type])
     names = _leaf_layers(native)

@@ -54,6 +54,8 @@ class Seq2SeqOptions:
                                         "favours longer outputs.")
     generate_examples: int = option(0, "BLEU and chrF on generated outputs for the first N examples of each evaluated "
                                        "split; 0 = all of them.")
+    lowercase: bool = option(False, "BLEU and chrF ignore case (sacrebleu's lowercase): for an uncased tokenizer "
+                                    "(MiniLM, bert-base-uncased), whose outputs have no capitals.")
     teacher: str = option("", "Distil a finished seq2seq run into this model: see distill.", path=True)
     distill: Literal["word", "sequence"] = option(
         "word", "With teacher: word = per-token soft targets through [loss] plugin = \"kd\" (same target "
@@ -69,14 +71,15 @@ class Seq2SeqOptions:
             raise ValueError("num_beams, teacher_beams and max_new_tokens must be >= 1, generate_examples >= 0.")
 
 
-def sacrebleu_scores(hypotheses: list[str], references: list[str]) -> dict:
+def sacrebleu_scores(hypotheses: list[str], references: list[str], lowercase: bool = False) -> dict:
     """Corpus BLEU and chrF (0-100) of ``hypotheses`` against one reference each, with sacrebleu's defaults
-    (13a tokenisation, exponential smoothing; chrF: character 6-grams, beta 2), and their signature strings."""
+    (13a tokenisation, exponential smoothing; chrF: character 6-grams, beta 2), case-insensitive with
+    ``lowercase``, and their signature strings. GraftError when sacrebleu is not installed."""
     try:
         from sacrebleu.metrics import BLEU, CHRF
     except ImportError:
         raise GraftError("seq2seq scores generated text with sacrebleu: pip install 'graftkit[seq2seq]'.") from None
-    bleu, chrf = BLEU(), CHRF()
+    bleu, chrf = BLEU(lowercase=lowercase), CHRF(lowercase=lowercase)
     return {"bleu": bleu.corpus_score(hypotheses, [references]).score,
             "chrf": chrf.corpus_score(hypotheses, [references]).score,
             "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
@@ -276,7 +279,8 @@ class Seq2Seq(Strategy):
                "next_token_accuracy": float(sums["correct"]) / max(1.0, float(sums["tokens"]))}
         pairs = sums.get("generated") or []
         if pairs:
-            out.update(sacrebleu_scores([h for h, _ in pairs], [r for _, r in pairs]), generated=len(pairs))
+            out.update(sacrebleu_scores([h for h, _ in pairs], [r for _, r in pairs], self.options.lowercase),
+                       generated=len(pairs))
         return out
 
     # -- generation --------------------------------------------------------------------------------------------
@@ -316,7 +320,11 @@ class Seq2Seq(Strategy):
         tokenizer, for AutoModelForSeq2SeqLM)."""
         Path(directory, "backbone").mkdir(exist_ok=True)
         self.backbone.export(str(Path(directory, "backbone")))
-        self.model.save_pretrained(str(Path(directory, "seq2seq")), safe_serialization=True)
+        # transformers 5 no longer ties an encoder-decoder's halves, and refuses to save the weights they share
+        # (tie_encoder_decoder): seq2seq/ holds each half's own copy, which loads as an untied model
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} \
+            if self.options.tie_encoder_decoder else None
+        self.model.save_pretrained(str(Path(directory, "seq2seq")), state_dict=state, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(Path(directory, "seq2seq")))
 

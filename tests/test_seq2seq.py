@@ -1,0 +1,336 @@
+"""Sequence-to-sequence transfer (issue 29): the pairs source, the seq2seq strategy on an encoder-decoder checkpoint
+(T5, BART, Marian, mBART) and on an encoder-decoder warm-started from an encoder (BERT2BERT), BLEU/chrF from
+sacrebleu, word- and sequence-level distillation, graft generate / predict."""
+
+import json
+import random
+import shutil
+
+import pytest
+
+from conftest import (assert_same_weights, graft, one_step_weights, read_metrics, weights, write_config)
+from test_user_files import assert_bad_input, cli_run
+from graft import load_config, train
+
+OLD = "in the beginning god created heaven and earth was without form void darkness upon face of deep spirit moved " \
+      "waters said let there be light saw it good divided from thou hast art unto".split()
+MODERN = {"created": "made", "void": "empty", "upon": "on", "moved": "was moving", "saw": "looked at",
+          "divided": "split", "thou": "you", "hast": "have", "art": "are", "unto": "to"}
+WORDS = sorted(set(OLD) | {w for v in MODERN.values() for w in v.split()})
+
+
+def rewrite(words):
+    return " ".join(MODERN.get(w, w) for w in words)
+
+
+def write_pairs(path, n=16, seed=0, length=6):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = rng.sample(OLD, length)
+        rows.append({"source": " ".join(s), "target": rewrite(s)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level tokenizer in T5's layout: [PAD] = 0 (the decoder start), </s> = 1 appended to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("wordtok")
+    vocab = {t: i for i, t in enumerate(["[PAD]", "</s>", "[UNK]", *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="</s>",
+                            unk_token="[UNK]").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A random-init 2-layer BERT saved with save_pretrained (the 'pretrained' encoder) and its WordPiece vocab."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("bert")
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    BertTokenizerFast(vocab=vocab).save_pretrained(d)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(d)
+    return d
+
+
+def family(kind, tokenizer):
+    """A random-init encoder-decoder of the family ``kind`` on the word-level tokenizer, dropout off."""
+    ids = {"vocab_size": 3 + len(WORDS), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None}
+    if kind == "t5":
+        cfg = {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 16, "num_layers": 2, "num_heads": 2,
+               "dropout_rate": 0.0, "decoder_start_token_id": 0, **ids}
+    else:  # bart, marian, mbart: the same layout of keys
+        cfg = {"model_type": kind, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+               "decoder_ffn_dim": 64, "max_position_embeddings": 64, "dropout": 0.0, "attention_dropout": 0.0,
+               "decoder_start_token_id": 1 if kind != "marian" else 0, "forced_eos_token_id": None, **ids}
+    return {"plugin": "hf", "config": cfg, "tokenizer": str(tokenizer)}
+
+
+def conf(backbone, path, val=None, **train_options):
+    data = {"plugin": "pairs", "path": str(path), "test_fraction": 0.0}
+    data.update({"val_path": str(val)} if val else {"val_fraction": 0.25})
+    return {"backbone": backbone, "strategy": {"plugin": "seq2seq", "max_new_tokens": 12}, "data": data,
+            "train": {"max_steps": 150, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "eval_every": 0,
+                      "progress": False, "plot": False, "log_every": 10, **train_options}}
+
+
+# -- the pairs source ------------------------------------------------------------------------------------------
+
+def test_every_layout_gives_the_same_examples(bert, tmp_path):
+    from graft.plugins.hf_backbone import HFBackbone, HFOptions
+    from graft.plugins.pairs import Pairs, PairsOptions
+
+    rows = write_pairs(tmp_path / "p.jsonl", n=12)
+    rows[3]["source"] = "thou, \"hast\" art"  # a comma and quotes: CSV quoting must hold
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "p.csv").write_text("\ufeffsource,target\n" + "".join(
+        '"{}","{}"\n'.format(r["source"].replace('"', '""'), r["target"]) for r in rows), encoding="utf-8")
+    (tmp_path / "p.tsv").write_text("target\tsource\n" + "".join(
+        f"{r['target']}\t{r['source']}\n" for r in rows).replace('"', ""))
+    (tmp_path / "p.tsv").write_text("target\tsource\n" + "".join(
+        f"{r['target']}\t\"{r['source'].replace(chr(34), chr(34) * 2)}\"\n" for r in rows))
+    (tmp_path / "train.src").write_text("".join(r["source"] + "\n" for r in rows) + "\n")
+    (tmp_path / "train.tgt").write_text("".join(r["target"] + "\n" for r in rows))
+    backbone = HFBackbone(HFOptions(weights=str(bert)))
+    backbone.build()
+    seen = []
+    for options in ({"path": "p.jsonl"}, {"path": "p.csv"}, {"path": "p.tsv"},
+                    {"path": "train.src", "target_path": "train.tgt"}):
+        source = Pairs(PairsOptions(**{k: str(tmp_path / v) for k, v in options.items()}))
+        source.setup(backbone, seed=3)
+        seen.append({s: source.dataset(s) for s in ("train", "val", "test")})
+    assert all(s == seen[0] for s in seen[1:])
+    assert len(seen[0]["train"]) == 10 and len(seen[0]["val"]) == 1 and len(seen[0]["test"]) == 1
+    assert any(r == rows[3]["target"] for split in seen[0].values() for _, _, r in split)
+
+
+def test_a_missing_column_and_misaligned_files_exit_2(bert, tmp_path):
+    write_pairs(tmp_path / "p.jsonl")
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl")
+    c["data"]["target_column"] = "traget"
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "no field 'traget'", "source, target", "target_column")
+    (tmp_path / "p.csv").write_text("src,tgt\na,b\n")
+    c["data"].update(path=str(tmp_path / "p.csv"), target_column="tgt")
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "no column 'source'", "src, tgt")
+    (tmp_path / "a.src").write_text("thou art\nvoid\n")
+    (tmp_path / "a.tgt").write_text("you are\n")
+    c["data"] = {"plugin": "pairs", "path": str(tmp_path / "a.src"), "target_path": str(tmp_path / "a.tgt")}
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "a.src has 2 lines", "a.tgt has 1")
+    (tmp_path / "a.src").write_text("thou art\nvoid\nunto\n")
+    (tmp_path / "a.tgt").write_text("you are\n\nto\n")
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "line 2 has an empty target", "empty_rows")
+
+
+def test_a_target_longer_than_the_limit_is_cut_and_counted(word_tokenizer, tmp_path):
+    rows = write_pairs(tmp_path / "p.jsonl", n=8)
+    rows[0]["target"] = " ".join(["void"] * 30)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=1)
+    c["data"]["max_target_length"] = 10
+    summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    assert summary["data"]["truncated_targets"] == 1 and summary["data"]["truncated_sources"] == 0
+    from graft import load_run
+
+    run = load_run(tmp_path / "run")
+    longest = max(len(t) for split in ("train", "val") for _, t, _ in run.data.dataset(split))
+    assert longest == 10
+
+
+# -- training --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["t5", "bert2bert"])
+def test_a_tiny_model_overfits_sixteen_pairs_and_scores_as_sacrebleu(model, word_tokenizer, bert, tmp_path):
+    """BLEU near 100 on the pairs it learned; the BLEU and chrF of graft eval equal sacrebleu's on the outputs of
+    graft predict for the same sources."""
+    import sacrebleu
+
+    rows = write_pairs(tmp_path / "p.jsonl", n=16)
+    backbone = family("t5", word_tokenizer) if model == "t5" else {"plugin": "hf", "weights": str(bert)}
+    c = conf(backbone, tmp_path / "p.jsonl", val=tmp_path / "p.jsonl", eval_every=150)
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    val = [r for r in read_metrics(tmp_path / "run") if r["split"] == "val"][-1]
+    assert val["bleu"] > 95 and val["chrf"] > 95, val
+    (tmp_path / "src.txt").write_text("".join(r["source"] + "\n" for r in rows))
+    out = graft("predict", tmp_path / "run", "--file", tmp_path / "src.txt", check=True).stdout.splitlines()
+    assert len(out) == 16
+    assert val["bleu"] == pytest.approx(sacrebleu.corpus_bleu(out, [[r["target"] for r in rows]]).score)
+    assert val["chrf"] == pytest.approx(sacrebleu.corpus_chrf(out, [[r["target"] for r in rows]]).score)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["val"]["bleu_signature"].startswith("nrefs:1|case:mixed")
+    code, text = cli_run("generate", tmp_path / "run", rows[0]["source"], "--json")
+    assert code == 0 and json.loads(text.splitlines()[-1])["text"] == rows[0]["target"]
+    assert (tmp_path / "run" / "seq2seq" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("kind", ["bart", "marian", "mbart"])
+def test_other_encoder_decoder_families_train_and_generate(kind, word_tokenizer, tmp_path):
+    write_pairs(tmp_path / "p.jsonl", n=8)
+    c = conf(family(kind, word_tokenizer), tmp_path / "p.jsonl", max_steps=3, eval_every=3)
+    summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    assert summary["model"].endswith(("ForConditionalGeneration", "MTModel")) and "bleu" in summary["val"]
+    assert cli_run("generate", tmp_path / "run", "thou art", "--max-new-tokens", "4")[0] == 0
+
+
+def test_accumulation_and_two_processes_match_the_large_batch(word_tokenizer, tmp_path):
+    """Token losses are divided by the targets of the whole step: batch 6 = batch 3 x accumulation 2 = two processes
+    x batch 3 (pairs of different lengths, so per-batch means would differ)."""
+    rows = write_pairs(tmp_path / "p.jsonl", n=12)
+    for i, r in enumerate(rows):
+        words = r["source"].split()[: 2 + i % 5]
+        r.update(source=" ".join(words), target=rewrite(words))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def make(batch, accum):
+        c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=1, batch_size=batch, grad_accum=accum,
+                 optimizer="sgd", lr=0.5, warmup_steps=0)
+        c["data"]["val_fraction"] = 0.0
+        return c
+
+    big, acc, half = one_step_weights(make, tmp_path, (6, 1), (3, 2), (3, 1))
+    assert_same_weights(big, acc, atol=1e-6)
+    with pytest.raises(AssertionError):
+        assert_same_weights(big, half, atol=1e-6)
+    cfg = write_config(tmp_path / "c.toml", make(3, 1))
+    two = graft("train", cfg, "--nproc", "2", "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert_same_weights(big, weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(word_tokenizer, tmp_path):
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=8, batch_size=4, checkpoint_every=1,
+             keep_checkpoints=10)
+    config = load_config(c, where="c.toml")
+    train(config, tmp_path / "full", echo=lambda m: None)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for step in (tmp_path / "cut" / "checkpoints").glob("step-*"):
+        if int(step.name.split("-")[1]) > 2:  # 3 steps per epoch: cut inside the first
+            shutil.rmtree(step)
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-00000002")
+    (tmp_path / "cut" / "last.safetensors").unlink()
+    train(config, tmp_path / "cut", resume=True, echo=lambda m: None)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+
+
+def test_warm_start_lora_reaches_both_halves_and_trains_the_new_cross_attention(bert, tmp_path):
+    import torch
+
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl", max_steps=3)
+    c["adapter"] = {"plugin": "lora", "r": 4}
+    summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    names = list(load_file(str(adapter)))
+    assert any(".encoder.encoder.layer." in n for n in names) and any(".decoder.bert." in n for n in names)
+    start = load_file(str(bert / "model.safetensors"))
+    end = weights(tmp_path / "run")
+    key = "encoder.encoder.layer.0.attention.self.query.base_layer.weight"
+    key = key if key in end else "encoder.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(end[key], start["encoder.layer.0.attention.self.query.weight"])  # frozen under LoRA
+    cross = [k for k in end if "crossattention.output.dense.weight" in k][0]
+    before = train(load_config({**c, "train": {**c["train"], "max_steps": 0}}, where="c.toml"), tmp_path / "zero",
+                   echo=lambda m: None)
+    assert not torch.equal(end[cross], weights(tmp_path / "zero")[cross])  # new weights train whole
+    assert 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"] / 2 and before
+
+
+def test_tied_encoder_decoder_and_a_frozen_encoder(bert, tmp_path):
+    import torch
+
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    base = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl", max_steps=2)
+    separate = train(load_config(base, where="c.toml"), tmp_path / "sep", echo=lambda m: None)
+    base["strategy"]["tie_encoder_decoder"] = True
+    tied = train(load_config(base, where="c.toml"), tmp_path / "tied", echo=lambda m: None)
+    shared = sum(p.numel() for n, p in __import__("transformers").BertModel.from_pretrained(str(bert)).named_parameters()
+                 if not n.startswith("pooler"))
+    assert separate["parameters"]["total"] - tied["parameters"]["total"] == shared
+    base["strategy"].update(tie_encoder_decoder=False, freeze="encoder")
+    train(load_config(base, where="c.toml"), tmp_path / "frozen", echo=lambda m: None)
+    from safetensors.torch import load_file
+
+    start, end = load_file(str(bert / "model.safetensors")), weights(tmp_path / "frozen")
+    assert all(torch.equal(end[f"encoder.{k}"], v) for k, v in start.items() if f"encoder.{k}" in end)
+    assert not torch.equal(end["decoder.bert.encoder.layer.0.attention.self.query.weight"],
+                           start["encoder.layer.0.attention.self.query.weight"])
+
+
+# -- distillation ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher(word_tokenizer, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    write_pairs(tmp / "p.jsonl", n=16)
+    train(load_config(conf(family("t5", word_tokenizer), tmp / "p.jsonl", max_steps=120), where="t.toml"),
+          tmp / "run", echo=lambda m: None)
+    return tmp / "run"
+
+
+def test_word_level_distillation_matches_the_teachers_token_distributions(teacher, word_tokenizer, tmp_path):
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    student = family("t5", word_tokenizer)
+    student["config"].update(num_layers=1, d_model=16, d_ff=32)
+    c = conf(student, tmp_path / "p.jsonl", max_steps=60, eval_every=60)
+    c["strategy"]["teacher"] = str(teacher)
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "soft-target loss", "kd")
+    c["loss"] = {"plugin": "kd", "alpha": 1.0, "temperature": 2.0}
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert losses[-1] < losses[0] / 2, losses
+
+
+def test_sequence_level_distillation_trains_on_the_teachers_outputs(teacher, bert, tmp_path):
+    """The teacher's beam outputs (text) become the training targets, cached once; any tokenizer (here the
+    student's WordPiece, not the teacher's word-level one)."""
+    from graft import load_run
+
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl", max_steps=2)
+    c["strategy"].update(teacher=str(teacher), distill="sequence", teacher_beams=2, cache_dir=str(tmp_path / "cache"))
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    cached = list((tmp_path / "cache" / "seq2seq").glob("*.json"))
+    assert len(cached) == 1
+    outputs = json.loads(cached[0].read_text())
+    student, master = load_run(tmp_path / "run"), load_run(teacher)
+    sources = [student.backbone.tokenizer().decode(s, skip_special_tokens=True)
+               for s, _, _ in student.data.dataset("train")]
+    assert len(outputs) == len(sources) == 12
+    enc = master.backbone.tokenizer()(sources[:4], padding=True, return_tensors="pt")
+    assert outputs[:4] == master.strategy._generate(master.model, enc["input_ids"], enc["attention_mask"], num_beams=2)
+    assert student.strategy.targets_of[:4] == student.backbone.tokenizer()(text_target=outputs[:4])["input_ids"]
+    mtime = cached[0].stat().st_mtime
+    train(load_config(c, where="c.toml"), tmp_path / "again", echo=lambda m: None)
+    assert cached[0].stat().st_mtime == mtime  # generated once
+
+
+def test_bad_tables_exit_2(bert, tmp_path):
+    write_pairs(tmp_path / "p.jsonl")
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl")
+    c["data"] = {"plugin": "text", "path": str(tmp_path / "p.jsonl"), "text_column": "source",
+                 "label_column": "target"}
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "plugin = \"pairs\"")
+    gpt2 = {"plugin": "hf", "config": {"model_type": "gpt2", "vocab_size": 64, "n_embd": 16, "n_layer": 1,
+                                       "n_head": 2}, "tokenizer": str(bert)}
+    c = conf(gpt2, tmp_path / "p.jsonl")
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "decoder-only", "clm")
