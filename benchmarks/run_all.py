@@ -27,6 +27,7 @@ BENCHMARKS = {  # name -> (script, arguments, budget in seconds)
     "masking": ("mlm_masking.py", [], 30),
     "lora": ("adapters.py", [], 360),
     "detection": ("detection.py", [], 240),
+    "seq2seq": ("seq2seq.py", [], 360),
 }
 
 

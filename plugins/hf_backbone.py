@@ -245,7 +245,7 @@ class HFBackbone(Backbone):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def task_model(self, task, tie_encoder_decoder: bool = False):
+    def task_model(self, task, tie_encoder_decoder: bool = False, cross_attention: str = "random"):
         """``AutoModelForMaskedLM`` / ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM`` of this model's config
         around the backbone's own network, with the pretrained head from ``source_dir`` when its checkpoint has one
         (BertForMaskedLM, GPT-2, T5 and BART checkpoints do) and the output layer tied to the embeddings where the
@@ -255,7 +255,7 @@ class HFBackbone(Backbone):
         import transformers
 
         if task == "seq2seq-lm" and not self.hf_model.config.is_encoder_decoder:
-            return self.seq2seq(tie_encoder_decoder)
+            return self.seq2seq(tie_encoder_decoder, cross_attention)
         auto = {"masked-lm": transformers.AutoModelForMaskedLM, "causal-lm": transformers.AutoModelForCausalLM,
                 "seq2seq-lm": transformers.AutoModelForSeq2SeqLM}[task]
         if getattr(self, "_task_models", {}).get(task) is not None:
@@ -294,13 +294,14 @@ class HFBackbone(Backbone):
         self._task_models = {**getattr(self, "_task_models", {}), task: model}
         return model
 
-    def seq2seq(self, tie_encoder_decoder: bool = False):
+    def seq2seq(self, tie_encoder_decoder: bool = False, cross_attention: str = "random"):
         """This encoder warm-starting both halves of a ``transformers.EncoderDecoderModel`` (Rothe, Narayan &
         Severyn 2020, BERT2BERT): the decoder is the same checkpoint loaded as ``AutoModelForCausalLM`` with causal
         masks and new cross-attention; ``tie_encoder_decoder`` shares every decoder module the encoder also has
-        (their "shared" variant: cross-attention and the LM head stay the decoder's own). Parameters the
-        checkpoint did not hold are listed in ``fresh_parameters`` (names in ``native_model()``): an adapter trains
-        them whole. Special ids come from the tokenizer: decoding starts at [CLS] (or BOS) and ends at [SEP] (or
+        (their "shared" variant: cross-attention and the LM head stay the decoder's own). The new cross-attention
+        starts random (Rothe et al.), or with ``cross_attention = "self"`` as a copy of the same layer's pretrained
+        self-attention, so that it starts out matching tokens with tokens. Parameters the checkpoint did not hold
+        are listed in ``fresh_parameters`` (names in ``native_model()``): an adapter trains them whole. Special ids come from the tokenizer: decoding starts at [CLS] (or BOS) and ends at [SEP] (or
         EOS). Raises GraftError for a decoder-only model or one without a tokenizer."""
         if getattr(self, "_seq2seq", None) is not None:
             return self._seq2seq
@@ -333,6 +334,8 @@ class HFBackbone(Backbone):
         else:
             decoder = AutoModelForCausalLM.from_config(config)
             fresh = {n for n, _ in decoder.named_parameters()}
+        if cross_attention == "self":
+            self._copy_self_attention(decoder)
         for name, module in list(base.named_children()):
             if name == "pooler":  # no decoder reads it
                 module.requires_grad_(False)
@@ -349,6 +352,23 @@ class HFBackbone(Backbone):
         self.fresh_parameters = frozenset(f"decoder.{n}" for n in fresh)
         self._seq2seq = model
         return model
+
+    @staticmethod
+    def _copy_self_attention(decoder) -> None:
+        """Each layer's ``crossattention`` loaded with its sibling ``attention``'s weights (BERT-family layers)."""
+        copied = 0
+        for name, module in decoder.named_modules():
+            if name.endswith(".crossattention") or name == "crossattention":
+                parent = decoder.get_submodule(name.rpartition(".")[0]) if "." in name else decoder
+                own = getattr(parent, "attention", None)
+                if own is None or type(own) is not type(module):
+                    break
+                module.load_state_dict(own.state_dict())
+                copied += 1
+        if not copied:
+            raise GraftError(f"[strategy] cross_attention = \"self\": {type(decoder).__name__} has no layers with an "
+                             f"'attention' beside their 'crossattention' to copy from. Use cross_attention = "
+                             f"\"random\".")
 
     @staticmethod
     def _share(encoder, decoder) -> list[str]:

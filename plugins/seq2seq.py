@@ -44,10 +44,16 @@ from graft.capabilities import TaskModel, require
 class Seq2SeqOptions:
     tie_encoder_decoder: bool = option(False, "Warm-started from an encoder: the decoder shares the encoder's "
                                               "weights (embeddings, self-attention, feed-forward; BERT2BERT share).")
+    cross_attention: Literal["random", "self"] = option(
+        "random", "Warm-started from an encoder: the decoder's new cross-attention starts random (Rothe et al. 2020) "
+                  "or as a copy of the same layer's pretrained self-attention (self).")
     freeze: Literal["none", "encoder", "embeddings"] = option(
         "none", "Parameters that do not train: the whole encoder (with its embeddings), or only the token "
                 "embeddings.")
     label_smoothing: float = option(0.0, "Label smoothing of the token cross-entropy (0.1 is usual).")
+    fresh_lr_scale: float = option(1.0, "Learning-rate multiplier of the parameters the checkpoint did not hold (a "
+                                        "warm-started decoder's new cross-attention and LM-head transform), as a new "
+                                        "head gets a larger rate than the pretrained body.")
     num_beams: int = option(1, "Beam search width for generated outputs (evaluation, predict, generate); 1 = greedy.")
     max_new_tokens: int = option(64, "Tokens generated per output at most (generation stops at end-of-sequence).")
     length_penalty: float = option(1.0, "Beam search: the score is divided by length ** length_penalty; above 1 "
@@ -67,6 +73,8 @@ class Seq2SeqOptions:
     def validate(self):
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("label_smoothing must be in [0, 1).")
+        if self.fresh_lr_scale <= 0:
+            raise ValueError("fresh_lr_scale must be > 0.")
         if self.num_beams < 1 or self.teacher_beams < 1 or self.max_new_tokens < 1 or self.generate_examples < 0:
             raise ValueError("num_beams, teacher_beams and max_new_tokens must be >= 1, generate_examples >= 0.")
 
@@ -97,13 +105,14 @@ class Seq2Seq(Strategy):
     def prepare_backbone(cls, options, backbone):
         """An encoder becomes the encoder-decoder here, before an adapter goes in (LoRA then adapts both halves)."""
         require(backbone, TaskModel, "[strategy] plugin = \"seq2seq\"", "Use an hf text backbone.").task_model(
-            "seq2seq-lm", tie_encoder_decoder=options.tie_encoder_decoder)
+            "seq2seq-lm", tie_encoder_decoder=options.tie_encoder_decoder, cross_attention=options.cross_attention)
 
     def build(self):
         o = self.options
         if self.data.task != "seq2seq":
             raise GraftError("[strategy] plugin = \"seq2seq\" needs source/target pairs: [data] plugin = \"pairs\".")
-        self.model = self.backbone.task_model("seq2seq-lm", tie_encoder_decoder=o.tie_encoder_decoder)
+        self.model = self.backbone.task_model("seq2seq-lm", tie_encoder_decoder=o.tie_encoder_decoder,
+                                              cross_attention=o.cross_attention)
         if o.tie_encoder_decoder and self.model.config.model_type != "encoder-decoder":
             raise GraftError("[strategy] tie_encoder_decoder = true shares a warm-started decoder's weights with its "
                              f"encoder; {type(self.model).__name__} is an encoder-decoder checkpoint already. Remove "
@@ -193,7 +202,13 @@ class Seq2Seq(Strategy):
 
     # -- training ----------------------------------------------------------------------------------------------
     def param_groups(self, model):
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr_scale": 1.0, "name": "all"}]
+        fresh = getattr(self.backbone, "fresh_parameters", frozenset())
+        groups = {"pretrained": [], "fresh": []}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups["fresh" if name.replace(".base_layer.", ".") in fresh else "pretrained"].append(p)
+        scale = {"pretrained": 1.0, "fresh": self.options.fresh_lr_scale}
+        return [{"params": ps, "lr_scale": scale[n], "name": n} for n, ps in groups.items() if ps]
 
     def on_step_start(self, step, total_steps):
         self.progress = step / max(1, total_steps - 1)

@@ -334,3 +334,38 @@ def test_bad_tables_exit_2(bert, tmp_path):
     c = conf(gpt2, tmp_path / "p.jsonl")
     assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
                      "decoder-only", "clm")
+
+
+def test_the_new_cross_attention_gets_its_own_learning_rate(bert, tmp_path):
+    """fresh_lr_scale: the parameters MiniLM-style checkpoints lack (cross-attention, the LM head's transform) form
+    their own group; everything the checkpoint held keeps the base rate."""
+    from graft import Run
+
+    write_pairs(tmp_path / "p.jsonl")
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl")
+    c["strategy"]["fresh_lr_scale"] = 10.0
+    run = Run(load_config(c, where="c.toml"))
+    groups = {g["name"]: g for g in run.strategy.param_groups(run.model)}
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    fresh = sorted(names[id(p)] for p in groups["fresh"]["params"])
+    assert groups["fresh"]["lr_scale"] == 10.0 and groups["pretrained"]["lr_scale"] == 1.0
+    assert fresh and all("crossattention" in n or n.startswith("decoder.cls.") for n in fresh), fresh
+    assert any("crossattention" in n for n in fresh)
+    assert not any("crossattention" in names[id(p)] for p in groups["pretrained"]["params"])
+
+
+def test_cross_attention_can_start_as_a_copy_of_self_attention(bert, tmp_path):
+    import torch
+    from graft import Run
+
+    write_pairs(tmp_path / "p.jsonl")
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl")
+    for init in ("random", "self"):
+        c["strategy"]["cross_attention"] = init
+        layer = Run(load_config(c, where="c.toml")).model.decoder.bert.encoder.layer[1]
+        same = torch.equal(layer.crossattention.self.query.weight, layer.attention.self.query.weight)
+        assert same == (init == "self")
+    c["backbone"] = {"plugin": "hf", "config": {"model_type": "bert", "vocab_size": 64, "hidden_size": 16,
+                                                "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                "intermediate_size": 32}, "tokenizer": str(bert)}
+    assert Run(load_config(c, where="c.toml")).model.config.decoder.add_cross_attention  # random init too
