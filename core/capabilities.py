@@ -15,8 +15,8 @@ from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer", "SettableTokenizer", "TaskModel",
-           "TextGeneration", "Views", "require"]
+__all__ = ["FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer", "SettableTokenizer",
+           "TaskModel", "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------

@@ -301,8 +301,9 @@ class HFBackbone(Backbone):
         (their "shared" variant: cross-attention and the LM head stay the decoder's own). The new cross-attention
         starts random (Rothe et al.), or with ``cross_attention = "self"`` as a copy of the same layer's pretrained
         self-attention, so that it starts out matching tokens with tokens. Parameters the checkpoint did not hold
-        are listed in ``fresh_parameters`` (names in ``native_model()``): an adapter trains them whole. Special ids come from the tokenizer: decoding starts at [CLS] (or BOS) and ends at [SEP] (or
-        EOS). Raises GraftError for a decoder-only model or one without a tokenizer."""
+        are listed in ``fresh_parameters`` (names in ``native_model()``): an adapter trains them whole. Special
+        ids come from the tokenizer: decoding starts at [CLS] (or BOS) and ends at [SEP] (or EOS). Raises
+        GraftError for a decoder-only model or one without a tokenizer."""
         if getattr(self, "_seq2seq", None) is not None:
             return self._seq2seq
         from transformers import AutoModelForCausalLM, EncoderDecoderModel

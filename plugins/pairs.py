@@ -106,9 +106,10 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str) -> list
         pairs = _read_jsonl(p, o, where)
     empty = [r for r in pairs if not r.source.strip() or not r.target.strip()]
     if empty and o.empty_rows == "error":
-        raise GraftError(f"{where}: {empty[0].where} has an empty {'source' if not empty[0].source.strip() else 'target'}"
-                         f" ({len(empty)} such pair{'s' if len(empty) > 1 else ''} in {p.name}). Fill them in, or set "
-                         f"empty_rows = \"drop\".")
+        side = "source" if not empty[0].source.strip() else "target"
+        raise GraftError(f"{where}: {empty[0].where} has an empty {side} ({len(empty)} such "
+                         f"pair{'s' if len(empty) > 1 else ''} in {p.name}). Fill them in, or set empty_rows = "
+                         f"\"drop\".")
     if empty:
         warn(f"{where}: {len(empty)} pair(s) with an empty source or target left out (first: {empty[0].where}).")
         pairs = [r for r in pairs if r.source.strip() and r.target.strip()]

@@ -94,7 +94,7 @@ def sacrebleu_scores(hypotheses: list[str], references: list[str], lowercase: bo
 
 
 class Seq2Seq(Strategy):
-    """Sequence-to-sequence: an encoder-decoder checkpoint, or one warm-started from an encoder; BLEU, chrF, KD."""
+    """Seq2seq (translation, rewriting): T5/BART/Marian, or an encoder-decoder warm-started from an encoder."""
 
     Options = Seq2SeqOptions
     primary_metric = "bleu"

@@ -260,7 +260,9 @@ def test_tied_encoder_decoder_and_a_frozen_encoder(bert, tmp_path):
     separate = train(load_config(base, where="c.toml"), tmp_path / "sep", echo=lambda m: None)
     base["strategy"]["tie_encoder_decoder"] = True
     tied = train(load_config(base, where="c.toml"), tmp_path / "tied", echo=lambda m: None)
-    shared = sum(p.numel() for n, p in __import__("transformers").BertModel.from_pretrained(str(bert)).named_parameters()
+    from transformers import BertModel
+
+    shared = sum(p.numel() for n, p in BertModel.from_pretrained(str(bert)).named_parameters()
                  if not n.startswith("pooler"))
     assert separate["parameters"]["total"] - tied["parameters"]["total"] == shared
     base["strategy"].update(tie_encoder_decoder=False, freeze="encoder")
