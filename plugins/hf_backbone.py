@@ -320,21 +320,30 @@ class HFBackbone(Backbone):
                              f"tokenizer; set tokenizer = \"DIR\".")
         config = base.config.__class__.from_dict(base.config.to_dict())
         config.is_decoder, config.add_cross_attention = True, True
-        if self.source_dir is not None:
-            from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging
 
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # its table of new cross-attention weights: fresh_parameters says it
-            try:
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its table of new cross-attention weights: fresh_parameters says it
+        try:
+            if self.source_dir is not None:
                 decoder, info = AutoModelForCausalLM.from_pretrained(
                     str(self.source_dir), config=config, local_files_only=True, output_loading_info=True,
                     trust_remote_code=self.options.trust_remote_code)
-            finally:
-                hf_logging.set_verbosity(level)
-            fresh = set(info["missing_keys"])
-        else:
-            decoder = AutoModelForCausalLM.from_config(config)
-            fresh = {n for n, _ in decoder.named_parameters()}
+                fresh = set(info["missing_keys"])
+            else:
+                decoder = AutoModelForCausalLM.from_config(config)
+                fresh = {n for n, _ in decoder.named_parameters()}
+        except ValueError as e:  # DistilBERT, MPNet, DeBERTa, ALBERT: no decoder form in transformers
+            raise GraftError(f"[strategy] plugin = \"seq2seq\": {type(base).__name__} has no decoder form to "
+                             f"warm-start ({str(e).splitlines()[0]}). Warm-start from a BERT, RoBERTa, XLM-R or "
+                             f"ELECTRA checkpoint, or use an encoder-decoder checkpoint (T5, BART, Marian).") from None
+        finally:
+            hf_logging.set_verbosity(level)
+        if getattr(base, "is_gradient_checkpointing", False) or getattr(base, "is_activation_checkpointing", False):
+            if hasattr(decoder, "activation_checkpointing_enable"):  # [train] gradient_checkpointing: both halves
+                decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cross_attention == "self":
             self._copy_self_attention(decoder)
         for name, module in list(base.named_children()):

@@ -12,6 +12,8 @@ seeded random sample of the examples.
 
 A batch: ``inputs`` = {input_ids, attention_mask} ``[batch, source tokens]`` padded on the right, ``targets`` =
 target ids ``[batch, target tokens]`` padded with -100 (ignored by the loss), ``references`` = the target texts.
+An example of a split is (source ids, target ids, target text, source text). A TSV file is read as translation
+corpora write it: tab-separated, with quotes as ordinary characters (use CSV for quoted fields).
 """
 
 from __future__ import annotations
@@ -72,12 +74,20 @@ class Pair:
     where: str  # "file, line N": for error messages
 
 
-def read_pairs(path: str, target_path: str, o: PairsOptions, where: str) -> list[Pair]:
-    """The pairs of one split's file(s), each with its file and line; GraftError for unreadable files, missing
-    columns, files of different lengths and (unless dropped) empty rows."""
+def lines(text: str) -> list[str]:
+    """Lines as ``wc -l`` counts them: split at \\n only (``str.splitlines`` also splits at U+2028, \\x0c, \\x1c...,
+    which sentences may hold), without a \\r before it."""
+    out = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return out[:-1] if out and out[-1] == "" else out
+
+
+def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: str = "path") -> list[Pair]:
+    """The pairs of one split's file(s) (option ``key``: path, val_path or test_path), each with its file and line;
+    GraftError for unreadable files, missing columns, files of different lengths and (unless dropped) empty rows."""
+    target_key = "target_path" if key == "path" else key.replace("_path", "_target_path")
     p = Path(path).expanduser()
     if not p.is_file():
-        raise GraftError(f"{where}: {path!r} is not a file.")
+        raise GraftError(f"{where}: {key} = {path!r} is not a file.")
     fmt = o.format
     if fmt == "auto":
         fmt = "lines" if target_path else {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
@@ -88,14 +98,14 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str) -> list
     if fmt == "lines":
         if not target_path:
             raise GraftError(f"{where}: format = \"lines\" reads two line-aligned files: set the matching "
-                             f"target_path of {path!r}.")
+                             f"{target_key} of {key} = {path!r}.")
         t = Path(target_path).expanduser()
         if not t.is_file():
-            raise GraftError(f"{where}: target file {target_path!r} is not a file.")
-        src, tgt = read_text(p, o.encoding, where).splitlines(), read_text(t, o.encoding, where).splitlines()
-        for lines in (src, tgt):  # blank lines at the end of one file only (an editor's last newline) pair nothing
-            while lines and not lines[-1].strip():
-                lines.pop()
+            raise GraftError(f"{where}: {target_key} = {target_path!r} is not a file.")
+        src, tgt = lines(read_text(p, o.encoding, where)), lines(read_text(t, o.encoding, where))
+        for side in (src, tgt):  # blank lines at the end of one file only (an editor's last newline) pair nothing
+            while side and not side[-1].strip():
+                side.pop()
         if len(src) != len(tgt):
             raise GraftError(f"{where}: {p} has {len(src)} lines and {t} has {len(tgt)}; line-aligned files pair line "
                              f"N with line N, so they must have as many lines.")
@@ -122,7 +132,9 @@ def _read_csv(p: Path, fmt: str, o: PairsOptions, where: str) -> list[Pair]:
 
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.reader(io.StringIO(read_text(p, o.encoding, where), newline=""),
-                        delimiter="\t" if fmt == "tsv" else ",", strict=True)
+                        # TSV as translation corpora write it: a quote is a character, not a field's start
+                        delimiter="\t" if fmt == "tsv" else ",", strict=True,
+                        quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
     out = []
     try:
         header = [h.strip() for h in next(reader, [])]
@@ -146,7 +158,7 @@ def _read_jsonl(p: Path, o: PairsOptions, where: str) -> list[Pair]:
     import json
 
     out, fields = [], {}
-    for i, line in enumerate(read_text(p, o.encoding, where).splitlines(), 1):
+    for i, line in enumerate(lines(read_text(p, o.encoding, where)), 1):
         if not line.strip():
             continue
         try:
@@ -203,7 +215,9 @@ class Pairs(DataSource):
         splits = {s: [main[i] for i in sorted(idx)] for s, idx in parts.items()}
         for split, a, b in (("val", o.val_path, o.val_target_path), ("test", o.test_path, o.test_target_path)):
             if a:
-                splits[split] = read_pairs(a, b, o, where)
+                splits[split] = read_pairs(a, b, o, where, key=f"{split}_path")
+                if not splits[split]:
+                    raise GraftError(f"{where}: {split}_path = {a!r} holds no pairs.")
         if not splits["train"]:
             raise GraftError(f"{where}: no training pairs left after the validation and test splits.")
         self.truncated = {"sources": 0, "targets": 0}
@@ -222,18 +236,19 @@ class Pairs(DataSource):
         out = []
         for p, s, t in zip(pairs, src, tgt):
             s, t = self._cut(s, self.max_source, "sources"), self._cut(t, self.max_target, "targets")
-            out.append((s, t, p.target))
+            out.append((s, t, p.target, p.source))
         return out
 
     def _cut(self, ids: list[int], n: int, kind: str) -> list[int]:
-        """``ids`` cut to ``n`` tokens, keeping a final special token (</s>, [SEP]) as the tokenizer's truncation
-        does."""
+        """``ids`` cut to ``n`` tokens, keeping the special tokens that end it (</s>, [SEP]; mBART's </s> and
+        language code) as the tokenizer's truncation does."""
         if len(ids) <= n:
             return ids
         self.truncated[kind] += 1
-        last = ids[-1]
-        special = last in set(self.tokenizer.all_special_ids)
-        return ids[: n - 1] + [last] if special else ids[:n]
+        special, k = set(self.tokenizer.all_special_ids), 0
+        while k < len(ids) and k < n - 1 and ids[len(ids) - 1 - k] in special:
+            k += 1
+        return ids[: n - k] + ids[len(ids) - k:]
 
     def report(self):
         return {"truncated_sources": self.truncated["sources"], "truncated_targets": self.truncated["targets"]}
@@ -242,10 +257,10 @@ class Pairs(DataSource):
         return self.splits.get(split) or None
 
     def collate(self, examples):
-        input_ids, mask = pad_tokens([s for s, _, _ in examples], self.pad_id)
-        targets, _ = pad_tokens([t for _, t, _ in examples], UNLABELLED)
+        input_ids, mask = pad_tokens([e[0] for e in examples], self.pad_id)
+        targets, _ = pad_tokens([e[1] for e in examples], UNLABELLED)
         return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
-                "references": [r for _, _, r in examples]}
+                "references": [e[2] for e in examples]}
 
     def encode(self, backbone, items):
         tok = backbone.tokenizer()

@@ -117,10 +117,17 @@ class Seq2Seq(Strategy):
             raise GraftError("[strategy] tie_encoder_decoder = true shares a warm-started decoder's weights with its "
                              f"encoder; {type(self.model).__name__} is an encoder-decoder checkpoint already. Remove "
                              f"the option.")
-        encoder = self.model.get_encoder()
-        for p in (encoder.parameters() if o.freeze == "encoder" else
-                  self.model.get_input_embeddings().parameters() if o.freeze == "embeddings" else ()):
-            p.requires_grad_(False)
+        if o.tie_encoder_decoder and self.backbone.adapter_frozen:
+            raise GraftError("[strategy] tie_encoder_decoder = true with an [adapter]: the halves share their layers, "
+                             "and an adapter would go into the encoder's copy only. Use one or the other.")
+        if o.freeze == "encoder":  # not what the decoder uses too (T5's shared embedding, tied halves)
+            decoder = {id(p) for p in self.model.get_decoder().parameters()}
+            decoder |= {id(p) for p in self.model.get_output_embeddings().parameters()}
+            for p in self.model.get_encoder().parameters():
+                if id(p) not in decoder:
+                    p.requires_grad_(False)
+        elif o.freeze == "embeddings":
+            self.model.get_input_embeddings().requires_grad_(False)
         self.tokenizer = self.backbone.tokenizer()
         cfg = self.model.config
         self.start = cfg.decoder_start_token_id
@@ -128,8 +135,8 @@ class Seq2Seq(Strategy):
         if self.start is None:
             raise GraftError(f"[backbone] {type(self.model).__name__}'s config has no decoder_start_token_id: set it "
                              f"(e.g. [backbone] overrides = {{ decoder_start_token_id = 0 }}).")
-        self.teacher, self.progress, self.targets_of = None, 0.0, None
-        if o.teacher:
+        self.teacher, self.progress, self.targets_of, self.teacher_run = None, 0.0, None, None
+        if o.teacher and not self.predicting:  # predicting needs no teacher
             self.teacher = self._load_teacher(o.teacher)
         elif self.loss is not None:
             raise GraftError(f"[loss] plugin = {self.loss.name!r} with [strategy] plugin = \"seq2seq\": its loss is "
@@ -150,8 +157,7 @@ class Seq2Seq(Strategy):
             if self.loss is not None:
                 raise GraftError("[strategy] distill = \"sequence\" trains on the teacher's outputs with the token "
                                  "cross-entropy: remove the [loss] table (it is for distill = \"word\").")
-            if not self.predicting:
-                self.targets_of = self._teacher_targets(run)
+            self.teacher_run = run  # its outputs are made at the first training step: evaluation needs none
             return None
         if not isinstance(self.loss, SoftTargetLoss):
             raise GraftError("[strategy] distill = \"word\" needs a soft-target loss: [loss] plugin = \"kd\" with "
@@ -165,40 +171,42 @@ class Seq2Seq(Strategy):
         self.vocab, self.teacher_strategy = len(mine), run.strategy
         return run.model.eval().requires_grad_(False)
 
-    def _teacher_targets(self, run) -> list[list[int]]:
-        """The teacher's beam outputs for every training source, as target ids of this model's tokenizer (cached
-        as text)."""
+    def _teacher_targets(self, run, device) -> list[list[int]]:
+        """The teacher's beam outputs for every training source (the source text itself, as the teacher's tokenizer
+        reads it), as target ids of this model's tokenizer. Cached as text under a hash of the teacher's weights,
+        the sources and the search settings; with several processes the first makes them, the others wait."""
         import hashlib
         import json
         import os
 
-        data, o = self.data, self.options
-        train = data.dataset("train") or []
         import torch
+        import torch.distributed as td
 
+        o, train = self.options, self.data.dataset("train") or []
+        sources = [e[3] if len(e) > 3 else self.tokenizer.decode(e[0], skip_special_tokens=True) for e in train]
         h = hashlib.sha256()
         for v in run.model.state_dict().values():
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        h.update(json.dumps([repr(data.options), data.seed, o.teacher_beams, o.max_new_tokens, o.length_penalty,
-                             len(train)]).encode())
+        h.update(json.dumps([sources, o.teacher_beams, o.max_new_tokens, o.length_penalty]).encode())
         root = o.cache_dir or os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit"
         path = Path(root) / "seq2seq" / f"{h.hexdigest()[:24]}.json"
-        if path.is_file():
-            texts = json.loads(path.read_text())
-        else:
-            teacher_tok, texts = run.backbone.tokenizer(), []
-            sources = [self.tokenizer.decode(s, skip_special_tokens=True) for s, _, _ in train]
+        several = td.is_available() and td.is_initialized()
+        if not path.is_file() and (not several or td.get_rank() == 0):
+            model, tok, texts = run.model.to(device), run.backbone.tokenizer(), []
             for i in range(0, len(sources), 32):
-                enc = teacher_tok(sources[i:i + 32], truncation=True, max_length=data.max_source, padding=True,
-                                  return_tensors="pt")
-                texts += run.strategy._generate(run.model, enc["input_ids"], enc["attention_mask"],
-                                                num_beams=o.teacher_beams)
+                enc = tok(sources[i:i + 32], truncation=True, padding=True, return_tensors="pt").to(device)
+                texts += run.strategy._generate(model, enc["input_ids"], enc["attention_mask"],
+                                                num_beams=o.teacher_beams, max_new_tokens=o.max_new_tokens,
+                                                length_penalty=o.length_penalty)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(texts))
             os.replace(tmp, path)
-        ids = self.tokenizer(text_target=texts, add_special_tokens=True)["input_ids"]
-        return [data._cut(t, data.max_target, "targets") if hasattr(data, "_cut") else t for t in ids]
+        if several:
+            td.barrier()
+        texts = json.loads(path.read_text())
+        limit = getattr(self.data, "max_target", None)
+        return self.tokenizer(text_target=texts, truncation=limit is not None, max_length=limit)["input_ids"]
 
     # -- training ----------------------------------------------------------------------------------------------
     def param_groups(self, model):
@@ -218,6 +226,9 @@ class Seq2Seq(Strategy):
         [CLS]: the decoder reads it, it is no target); sequence-level KD swaps in the teacher's outputs."""
         import torch
 
+        if self.teacher_run is not None and batch.get("split") == "train" and self.targets_of is None:
+            self.targets_of = self._teacher_targets(self.teacher_run, batch["targets"].device)
+            self.teacher_run = None
         if self.targets_of is not None and batch.get("split") == "train" and "labels" not in batch:
             rows = [self.targets_of[i] for i in batch["index"].tolist()]
             n = max(len(r) for r in rows)
@@ -300,17 +311,18 @@ class Seq2Seq(Strategy):
 
     # -- generation --------------------------------------------------------------------------------------------
     def _generate(self, model, input_ids, attention_mask, num_beams=None, sample=0.0, top_p=1.0,
-                  max_new_tokens=None) -> list[str]:
+                  max_new_tokens=None, length_penalty=None) -> list[str]:
         import torch
 
         o = self.options
         beams = num_beams or o.num_beams
+        length_penalty = o.length_penalty if length_penalty is None else length_penalty
         model = getattr(model, "module", model)  # DDP: generate is the model's own
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_beams=beams,
                                  max_new_tokens=max_new_tokens or o.max_new_tokens, do_sample=sample > 0,
                                  temperature=sample if sample > 0 else None, top_p=top_p if sample > 0 else None,
-                                 length_penalty=o.length_penalty if beams > 1 else 1.0,
+                                 length_penalty=length_penalty if beams > 1 else 1.0,
                                  decoder_start_token_id=self.start, pad_token_id=self.pad)
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

@@ -94,13 +94,12 @@ def test_every_layout_gives_the_same_examples(bert, tmp_path):
 
     rows = write_pairs(tmp_path / "p.jsonl", n=12)
     rows[3]["source"] = "thou, \"hast\" art"  # a comma and quotes: CSV quoting must hold
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows[5]["target"] = "you\u2028are"  # a line separator inside a line: only \n ends a line
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (tmp_path / "p.csv").write_text("\ufeffsource,target\n" + "".join(
         '"{}","{}"\n'.format(r["source"].replace('"', '""'), r["target"]) for r in rows), encoding="utf-8")
-    (tmp_path / "p.tsv").write_text("target\tsource\n" + "".join(
-        f"{r['target']}\t{r['source']}\n" for r in rows).replace('"', ""))
-    (tmp_path / "p.tsv").write_text("target\tsource\n" + "".join(
-        f"{r['target']}\t\"{r['source'].replace(chr(34), chr(34) * 2)}\"\n" for r in rows))
+    (tmp_path / "p.tsv").write_text("target\tsource\n" + "".join(  # TSV: quotes are plain characters
+        f"{r['target']}\t{r['source']}\n" for r in rows))
     (tmp_path / "train.src").write_text("".join(r["source"] + "\n" for r in rows) + "\n")
     (tmp_path / "train.tgt").write_text("".join(r["target"] + "\n" for r in rows))
     backbone = HFBackbone(HFOptions(weights=str(bert)))
@@ -113,7 +112,7 @@ def test_every_layout_gives_the_same_examples(bert, tmp_path):
         seen.append({s: source.dataset(s) for s in ("train", "val", "test")})
     assert all(s == seen[0] for s in seen[1:])
     assert len(seen[0]["train"]) == 10 and len(seen[0]["val"]) == 1 and len(seen[0]["test"]) == 1
-    assert any(r == rows[3]["target"] for split in seen[0].values() for _, _, r in split)
+    assert any(e[2] == rows[3]["target"] and e[3] == rows[3]["source"] for split in seen[0].values() for e in split)
 
 
 def test_a_missing_column_and_misaligned_files_exit_2(bert, tmp_path):
@@ -148,7 +147,7 @@ def test_a_target_longer_than_the_limit_is_cut_and_counted(word_tokenizer, tmp_p
     from graft import load_run
 
     run = load_run(tmp_path / "run")
-    longest = max(len(t) for split in ("train", "val") for _, t, _ in run.data.dataset(split))
+    longest = max(len(e[1]) for split in ("train", "val") for e in run.data.dataset(split))
     assert longest == 10
 
 
@@ -313,12 +312,12 @@ def test_sequence_level_distillation_trains_on_the_teachers_outputs(teacher, ber
     assert len(cached) == 1
     outputs = json.loads(cached[0].read_text())
     student, master = load_run(tmp_path / "run"), load_run(teacher)
-    sources = [student.backbone.tokenizer().decode(s, skip_special_tokens=True)
-               for s, _, _ in student.data.dataset("train")]
+    sources = [e[3] for e in student.data.dataset("train")]  # the source texts themselves, not decoded ids
     assert len(outputs) == len(sources) == 12
     enc = master.backbone.tokenizer()(sources[:4], padding=True, return_tensors="pt")
     assert outputs[:4] == master.strategy._generate(master.model, enc["input_ids"], enc["attention_mask"], num_beams=2)
-    assert student.strategy.targets_of[:4] == student.backbone.tokenizer()(text_target=outputs[:4])["input_ids"]
+    targets = student.strategy._teacher_targets(master, "cpu")  # from the cache
+    assert targets[:4] == student.backbone.tokenizer()(text_target=outputs[:4])["input_ids"]
     mtime = cached[0].stat().st_mtime
     train(load_config(c, where="c.toml"), tmp_path / "again", echo=lambda m: None)
     assert cached[0].stat().st_mtime == mtime  # generated once
@@ -336,6 +335,11 @@ def test_bad_tables_exit_2(bert, tmp_path):
     c = conf(gpt2, tmp_path / "p.jsonl")
     assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
                      "decoder-only", "clm")
+    c = conf({"plugin": "hf", "weights": str(bert)}, tmp_path / "p.jsonl")
+    c["strategy"]["tie_encoder_decoder"] = True
+    c["adapter"] = {"plugin": "lora"}
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", c), "--out", tmp_path / "r"),
+                     "tie_encoder_decoder", "adapter")
 
 
 def test_the_new_cross_attention_gets_its_own_learning_rate(bert, tmp_path):
