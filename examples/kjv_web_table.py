@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomllib
 
-from graft import load_config, load_run, train
+from graft import Run, load_config, load_run, train
 
 HERE = Path(__file__).resolve().parent
 DATA = Path("~/.cache/graftkit/kjv-web").expanduser()
@@ -41,7 +41,8 @@ ONLY = None  # --only: the runs this process trains
 def run(name: str, toml: str, out: Path, steps: int, examples: int, **tables) -> Path:
     """Train examples/TOML (its tables updated with ``tables``) for ``steps`` into OUT/NAME, unless done."""
     where = out / name
-    if (where / "summary.json").is_file() or (ONLY is not None and name not in ONLY):
+    chosen = ONLY is None or name in ONLY or (name.startswith("smollm2-") and "smollm2" in ONLY)
+    if (where / "summary.json").is_file() or not chosen:
         return where
     conf = tomllib.loads((HERE / toml).read_text())
     for key, value in tables.items():
@@ -68,6 +69,8 @@ def main():
     ap.add_argument("--only", nargs="*", default=None, help="train only these runs (random, minilm, student, "
                                                             "student-kd, smollm2), e.g. two at once in two processes")
     ap.add_argument("--examples", type=int, default=300)
+    ap.add_argument("--smollm2-steps", type=int, default=None, help="SmolLM2's steps if not --steps (0 = the "
+                                                                    "instruct model as it is): it is ~40x slower")
     ap.add_argument("--out", default="runs/kjv-web")
     a = ap.parse_args()
     global ONLY
@@ -90,28 +93,38 @@ def main():
                                                           backbone=small),
     }
     teacher = str(runs["(c) warm-started from all-MiniLM-L6-v2"].absolute())
-    if ONLY is not None and not {"student-kd", "smollm2"} & set(ONLY):
-        return
     runs["(e) the same student, word-level KD from (c)"] = run(
         "student-kd", "kjv-web-minilm.toml", out, a.steps, a.examples, backbone=small,
         strategy={"teacher": teacher, "distill": "word"}, loss={"plugin": "kd", "alpha": 0.5, "temperature": 2.0})
     for name, where in runs.items():
-        summary = json.loads((where / "summary.json").read_text())
-        rows[name] = {"bleu": summary["test"]["bleu"], "chrf": summary["test"]["chrf"],
-                      "train_s": round(summary["train_time_s"]), "signature": summary["test"]["bleu_signature"]}
-    smol = run("smollm2", "kjv-web-smollm2.toml", out, a.steps, a.examples)
+        if (where / "summary.json").is_file():
+            summary = json.loads((where / "summary.json").read_text())
+            rows[name] = {"bleu": summary["test"]["bleu"], "chrf": summary["test"]["chrf"],
+                          "train_s": round(summary["train_time_s"]), "signature": summary["test"]["bleu_signature"]}
+    smol_steps = a.steps if a.smollm2_steps is None else a.smollm2_steps
+    smol, chosen = out / f"smollm2-{smol_steps}", ONLY is None or "smollm2" in ONLY
+    if smol_steps:
+        run(smol.name, "kjv-web-smollm2.toml", out, smol_steps, a.examples)
+    cached = smol / "test-outputs.json"
+    if not cached.is_file() and chosen:
+        if smol_steps:
+            r = load_run(smol, for_prediction=True)
+        else:  # the instruct model as it is: built (its template, its stop tokens), not trained
+            conf = tomllib.loads((HERE / "kjv-web-smollm2.toml").read_text())
+            conf["data"]["max_examples"] = 100
+            r = Run(load_config(conf, where="kjv-web-smollm2.toml (0 steps)"))
+        t0 = time.time()
+        hyps = [r.strategy.generate(r.model.eval(), x["source"], max_new_tokens=96).strip() for x in test]
+        smol.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({"outputs": hyps, "seconds": time.time() - t0}))
+    if cached.is_file():
+        summary = smol / "summary.json"
+        seconds = round(json.loads(summary.read_text())["train_time_s"]) if summary.is_file() else 0
+        label = "" if smol_steps == a.steps else f", {smol_steps} steps"
+        rows[f"(d) SmolLM2-135M-Instruct as instructions (clm){label}"] = {
+            **scores(json.loads(cached.read_text())["outputs"], refs), "train_s": seconds}
     if ONLY is not None:
         return
-    cached = smol / "test-outputs.json"
-    if not cached.is_file():
-        r = load_run(smol, for_prediction=True)
-        t0 = time.time()
-        hyps = [r.strategy.generate(r.model, x["source"], max_new_tokens=96).strip() for x in test]
-        cached.write_text(json.dumps({"outputs": hyps, "seconds": time.time() - t0}))
-    hyps = json.loads(cached.read_text())["outputs"]
-    summary = json.loads((smol / "summary.json").read_text())
-    rows["(d) SmolLM2-135M-Instruct as instructions (clm)"] = {**scores(hyps, refs),
-                                                                "train_s": round(summary["train_time_s"])}
     (out / "table.json").write_text(json.dumps({"steps": a.steps, "batch": 16, "examples": a.examples,
                                                 "rows": rows}, indent=1))
     print(f"\nBLEU / chrF (lowercased) on the first {a.examples} test verses; {a.steps} steps x 16 pairs each")

@@ -339,7 +339,9 @@ class HFBackbone(Backbone):
                              f"ELECTRA checkpoint, or use an encoder-decoder checkpoint (T5, BART, Marian).") from None
         finally:
             hf_logging.set_verbosity(level)
-        if getattr(base, "is_gradient_checkpointing", False) or getattr(base, "is_activation_checkpointing", False):
+        on = base.is_activation_checkpointing if hasattr(base, "is_activation_checkpointing") else \
+            getattr(base, "is_gradient_checkpointing", False)  # the name before transformers 5.x
+        if on:
             if hasattr(decoder, "activation_checkpointing_enable"):  # [train] gradient_checkpointing: both halves
                 decoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
