@@ -67,7 +67,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--only", nargs="*", default=None, help="train only these runs (random, minilm, student, "
-                                                            "student-kd, smollm2), e.g. two at once in two processes")
+                                                            "student-kd, smollm2), e.g. two at once in two processes; "
+                                                            "none named: the table of the finished runs")
     ap.add_argument("--examples", type=int, default=300)
     ap.add_argument("--smollm2-steps", type=int, default=None, help="SmolLM2's steps if not --steps (0 = the "
                                                                     "instruct model as it is): it is ~40x slower")
@@ -123,7 +124,7 @@ def main():
         label = "" if smol_steps == a.steps else f", {smol_steps} steps"
         rows[f"(d) SmolLM2-135M-Instruct as instructions (clm){label}"] = {
             **scores(json.loads(cached.read_text())["outputs"], refs), "train_s": seconds}
-    if ONLY is not None:
+    if ONLY:  # some runs trained here; `--only` alone prints the table of the finished runs
         return
     (out / "table.json").write_text(json.dumps({"steps": a.steps, "batch": 16, "examples": a.examples,
                                                 "rows": rows}, indent=1))
