@@ -408,3 +408,33 @@ def test_a_pretrained_checkpoint_keeps_its_lm_head(kind, word_tokenizer, tmp_pat
     assert torch.allclose(want, got, atol=1e-5)
     summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     assert summary["val"]["generated"] == 2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_a_run_cut_by_a_signal_and_resumed_ends_like_an_uninterrupted_one(word_tokenizer, tmp_path, sig):
+    """pairs + seq2seq through the loop's stop paths: SIGINT (checkpoint at the next step, exit 0) and SIGKILL
+    (nothing after the last checkpoint), each then --resume: the weights and records (BLEU included) of the
+    uninterrupted run. Every run in a one-thread process."""
+    import signal
+
+    from conftest import start_train, wait_for_lines
+
+    write_pairs(tmp_path / "p.jsonl", n=16)
+    c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=40, batch_size=4, lr=3e-3,
+             log_every=1, checkpoint_every=3, eval_every=10)
+    cfg = write_config(tmp_path / "c.toml", c)
+    start_train(cfg, tmp_path / "full").communicate(timeout=300)
+    proc = start_train(cfg, tmp_path / "cut")
+    wait_for_lines(tmp_path / "cut", 12, proc)
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    assert proc.returncode == (0 if sig == "SIGINT" else -signal.SIGKILL)
+    assert len([r for r in read_metrics(tmp_path / "cut") if r["split"] == "train"]) < 40  # cut before the end
+    resumed = start_train(cfg, tmp_path / "cut", "--resume", tmp_path / "cut")
+    assert resumed.communicate(timeout=300) and resumed.returncode == 0
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [(r["step"], r["split"]) for r in cut] == [(r["step"], r["split"]) for r in full]
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in full], rel=1e-5)
+    scored = [[r["bleu"] for r in records if "bleu" in r] for records in (full, cut)]
+    assert len(scored[0]) == 4 and scored[1] == pytest.approx(scored[0], rel=1e-5)
