@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import GraftError
-from .files import ENCODING_HELP, check_encoding  # noqa: F401 - public here: text sources' encoding option
+from .files import ENCODING_HELP, check_encoding, text_lines  # noqa: F401 - public here for text sources
 from .options import option
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

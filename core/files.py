@@ -31,6 +31,14 @@ def check_encoding(encoding: str) -> None:
                          f"\"latin-1\", \"cp1252\" or \"utf-16\".") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """``text`` split into lines as ``wc -l`` counts them: at \\n only, a \\r before it dropped. ``str.splitlines``
+    also splits at U+2028, \\x0b, \\x0c, \\x1c-\\x1e and \\x85, which a sentence or a JSON string may hold: line
+    numbers in errors and the pairing of line-aligned files would drift."""
+    out = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return out[:-1] if out and out[-1] == "" else out
+
+
 def read_text(path: str | Path, encoding: str = "utf-8", where: str = "", fix: str = "") -> str:
     """The whole text of ``path``, decoded with its byte-order mark's encoding if it has one, else ``encoding``.
 

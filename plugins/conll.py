@@ -9,7 +9,7 @@ from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, hookimpl, option, read_text, warn
 from graft.data import (ENCODING_HELP, SplitOptions, check_encoding, check_limits, few_labels, pad_tokens,
-                        stratified_split)
+                        stratified_split, text_lines)
 from graft.supervised import outside_tag
 
 CONLLU_TAGS = {"upos": 3, "xpos": 4}
@@ -48,7 +48,7 @@ def read_sentences(path: str, o: CoNLLOptions, where: str) -> list[tuple[list[st
         raise GraftError(f"{where}: {path!r} is not a file.")
     conllu = o.format == "conllu" or (o.format == "auto" and p.suffix.lower() == ".conllu")
     sentences, words, tags = [], [], []
-    for n, line in enumerate(read_text(p, o.encoding, where).splitlines(), 1):
+    for n, line in enumerate(text_lines(read_text(p, o.encoding, where)), 1):
         text = line.strip()
         if not text or (not conllu and text.split()[0] == "-DOCSTART-"):
             if words:

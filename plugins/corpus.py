@@ -13,7 +13,7 @@ from typing import Literal
 
 from graft import DataSource, GraftError, hookimpl, option, read_text
 from graft.capabilities import SettableTokenizer, require
-from graft.data import ENCODING_HELP, check_encoding, check_limits
+from graft.data import ENCODING_HELP, check_encoding, check_limits, text_lines
 
 
 @dataclass
@@ -53,7 +53,7 @@ def read_documents(o: CorpusOptions, where: str) -> list[str]:
     for f in files:
         text = read_text(f, o.encoding, where).replace("\r\n", "\n")  # Windows files split like others
         if f.suffix == ".jsonl":
-            for i, line in enumerate(text.splitlines(), 1):
+            for i, line in enumerate(text_lines(text), 1):
                 if line.strip():
                     try:
                         docs.append(str(json.loads(line)[o.text_field]))
@@ -61,7 +61,7 @@ def read_documents(o: CorpusOptions, where: str) -> list[str]:
                         raise GraftError(f"{where}: {f}:{i}: no {o.text_field!r} field in valid JSON ({e}).") \
                             from None
         elif o.documents == "lines":
-            docs += [line.strip() for line in text.splitlines() if line.strip()]
+            docs += [line.strip() for line in text_lines(text) if line.strip()]
         else:
             docs += [para.strip() for para in text.split("\n\n") if para.strip()]
         if o.max_documents and len(docs) >= o.max_documents:

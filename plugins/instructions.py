@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import DataSource, GraftError, hookimpl, option, read_text, warn
-from graft.data import ENCODING_HELP, check_encoding, check_limits
+from graft.data import ENCODING_HELP, check_encoding, check_limits, text_lines
 
 IGNORE = -100  # torch's cross-entropy ignore_index: a token that is context, not a target
 ROLES = ("system", "user", "assistant")
@@ -73,7 +73,7 @@ def read_conversations(o: InstructionsOptions, where: str) -> list[tuple[list[di
     if not path.is_file():
         raise GraftError(f"{where}: path = {o.path!r} is not a file.")
     convs = []
-    for i, line in enumerate(read_text(path, o.encoding, where).splitlines(), 1):
+    for i, line in enumerate(text_lines(read_text(path, o.encoding, where)), 1):
         if not line.strip():
             continue
         at = f"{where}: {path}:{i}"

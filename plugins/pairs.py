@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, read_text, warn
-from graft.data import ENCODING_HELP, check_encoding, check_limits, pad_tokens
+from graft.data import ENCODING_HELP, check_encoding, check_limits, pad_tokens, text_lines
 
 
 @dataclass
@@ -74,13 +74,6 @@ class Pair:
     where: str  # "file, line N": for error messages
 
 
-def lines(text: str) -> list[str]:
-    """Lines as ``wc -l`` counts them: split at \\n only (``str.splitlines`` also splits at U+2028, \\x0c, \\x1c...,
-    which sentences may hold), without a \\r before it."""
-    out = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-    return out[:-1] if out and out[-1] == "" else out
-
-
 def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: str = "path") -> list[Pair]:
     """The pairs of one split's file(s) (option ``key``: path, val_path or test_path), each with its file and line;
     GraftError for unreadable files, missing columns, files of different lengths and (unless dropped) empty rows."""
@@ -102,7 +95,7 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: st
         t = Path(target_path).expanduser()
         if not t.is_file():
             raise GraftError(f"{where}: {target_key} = {target_path!r} is not a file.")
-        src, tgt = lines(read_text(p, o.encoding, where)), lines(read_text(t, o.encoding, where))
+        src, tgt = text_lines(read_text(p, o.encoding, where)), text_lines(read_text(t, o.encoding, where))
         for side in (src, tgt):  # blank lines at the end of one file only (an editor's last newline) pair nothing
             while side and not side[-1].strip():
                 side.pop()
@@ -158,7 +151,7 @@ def _read_jsonl(p: Path, o: PairsOptions, where: str) -> list[Pair]:
     import json
 
     out, fields = [], {}
-    for i, line in enumerate(lines(read_text(p, o.encoding, where)), 1):
+    for i, line in enumerate(text_lines(read_text(p, o.encoding, where)), 1):
         if not line.strip():
             continue
         try:

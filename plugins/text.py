@@ -8,7 +8,7 @@ from typing import Literal
 
 from graft import UNLABELLED, DataSource, GraftError, did_you_mean, hookimpl, option, read_text, warn
 from graft.data import (ENCODING_HELP, IMAGE_SUFFIXES, SplitOptions, check_encoding, check_limits, few_labels,
-                        pad_tokens, stratified_split)
+                        pad_tokens, stratified_split, text_lines)
 
 
 @dataclass
@@ -111,7 +111,7 @@ def read_records(path: str, o: TextOptions, where: str) -> list[Record]:
         import json
 
         fields: dict = {}  # every field name seen, in order
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text_lines(text), 1):
             if not line.strip():
                 continue
             try:

@@ -157,6 +157,18 @@ def test_missing_label_key_in_jsonl_and_missing_regression_target(tmp_path, tiny
         text_source(tiny_bert, path=str(path), task="regression", missing_labels="unlabelled")
 
 
+def test_a_line_separator_inside_a_jsonl_string_is_no_line_break(tmp_path, tiny_bert):
+    """JSON written with ensure_ascii=False keeps U+2028 raw; only \\n ends a line (str.splitlines also splits
+    there, and the record would not parse), and later errors keep their line numbers."""
+    recs = [{"text": t, "label": y} for t, y in rows()]
+    recs[2]["text"] = "good\u2028film"
+    recs[5] = {"text": "good film"}
+    path = tmp_path / "x.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    with pytest.raises(GraftError, match="x.jsonl, line 6 has no label"):
+        text_source(tiny_bert, path=str(path))
+
+
 def test_wrong_label_column_lists_the_columns(tmp_path, tiny_bert):
     write_csv(tmp_path / "x.csv", rows(), header=("text", "labels"))
     with pytest.raises(GraftError, match=r"no column 'label'; columns: text, labels. Did you mean \"labels\""):
