@@ -12,10 +12,14 @@ class EpochSampler(torch.utils.data.Sampler):
     same examples per step as one process with batch w*B. Training pads the order (wrapping around) to a
     multiple of w so every process runs the same number of steps; evaluation does not pad, so nothing is
     counted twice.
+
+    With ``keys`` (one set of hashable keys per example, e.g. its texts) and ``group`` (the examples of one step
+    across processes), each group of the order holds no two examples sharing a key (``distinct_order``).
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, dist, pad: bool):
+    def __init__(self, n: int, shuffle: bool, seed: int, dist, pad: bool, keys=None, group: int = 0):
         self.n, self.shuffle, self.seed, self.dist, self.pad = n, shuffle, seed, dist, pad
+        self.keys, self.group = keys, group
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
@@ -27,6 +31,8 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if self.keys is not None and self.group > 1:
+            order = distinct_order(order, self.keys, self.group)
         w = self.dist.world_size
         if self.pad and self.n % w:
             order += order[: w - self.n % w]
@@ -37,6 +43,33 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self._order()) - self.skip
+
+
+def distinct_order(order: list[int], keys, size: int) -> list[int]:
+    """``order`` rearranged so that each run of ``size`` positions holds no two examples whose ``keys`` (sets)
+    meet: a duplicate text in a batch of in-batch negatives is a false negative. Greedy and deterministic, after
+    sentence-transformers' ``NoDuplicatesBatchSampler``: an example that clashes waits for the next batch that takes
+    it. Only at the end of the order, where no such batch is left, does a batch take a clashing example (so the
+    order keeps every example and its length)."""
+    from collections import deque
+
+    out, pending, rest = [], deque(), deque(order)
+    while rest or pending:
+        batch, seen = [], set()
+        for source in (pending, rest):
+            for _ in range(len(source)):
+                if len(batch) == size:
+                    break
+                i = source.popleft()
+                if keys[i] & seen:
+                    pending.append(i)
+                else:
+                    batch.append(i)
+                    seen |= keys[i]
+        while len(batch) < size and pending and not rest:  # nothing else left: the clash is unavoidable
+            batch.append(pending.popleft())
+        out += batch
+    return out
 
 
 class _Indexed:
@@ -80,15 +113,18 @@ def batch_size_of(batch) -> int:
     return int(x.shape[0])
 
 
-def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int | None = None):
-    """A DataLoader over ``data.dataset(split)`` whose batches carry ``index`` and ``split``; None when empty."""
+def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int | None = None, keys=None):
+    """A DataLoader over ``data.dataset(split)`` whose batches carry ``index`` and ``split``; None when empty.
+    ``keys``: per example, a set the other examples of its step must not share (``EpochSampler``)."""
     ds = data.dataset(split)
     if ds is None or len(ds) == 0:
         return None
-    sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=dist, pad=train)
+    size = batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size))
+    sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=dist, pad=train, keys=keys,
+                           group=size * dist.world_size)
     # A private generator keeps the DataLoader from drawing on the global RNG, which resume restores.
     return torch.utils.data.DataLoader(
-        _Indexed(ds), batch_size=batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size)),
+        _Indexed(ds), batch_size=size,
         sampler=sampler, collate_fn=_IndexedCollate(data.collate, split), num_workers=t.num_workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(t.seed),
         persistent_workers=False)

@@ -15,7 +15,8 @@ from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer", "SettableTokenizer",
+__all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
+           "SettableTokenizer",
            "TaskModel", "TextGeneration", "Views", "require"]
 
 
@@ -109,6 +110,19 @@ class PreparesBackbone(Protocol):
 
     @classmethod
     def prepare_backbone(cls, options: Any, backbone: Backbone) -> None: ...
+
+
+@runtime_checkable
+class DistinctBatches(Protocol):
+    """Keep examples that share a key out of one training step (``batch_keys``).
+
+    ``batch_keys(split)``: one ``frozenset`` of hashable keys per example of ``split`` (its texts), or None. The
+    training order is then rearranged so that no two examples of one step (all processes) share a key
+    (``graft.batches.distinct_order``): ``contrastive`` uses it, since a duplicate among in-batch negatives is a
+    false negative.
+    """
+
+    def batch_keys(self, split: str) -> list | None: ...
 
 
 # -- data sources ------------------------------------------------------------------------------------------------

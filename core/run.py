@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed, rundir
 from .batches import make_loader, move
-from .capabilities import PreparesBackbone
+from .capabilities import DistinctBatches, PreparesBackbone
 from .config import Config
 from .device import autocast_dtype, seed_everything, select_device
 from .errors import GraftError
@@ -118,8 +118,9 @@ class Run:
 
     def loader(self, split: str, train: bool, batch_size: int | None = None):
         """The DataLoader of ``split`` (None when the split is empty): training order seeded per epoch and split
-        across processes, evaluation in order."""
-        return make_loader(self.data, split, train, self.config.train, self.dist, self.device, batch_size)
+        across processes, evaluation in order; a strategy with ``batch_keys`` keeps clashing examples apart."""
+        keys = self.strategy.batch_keys(split) if train and isinstance(self.strategy, DistinctBatches) else None
+        return make_loader(self.data, split, train, self.config.train, self.dist, self.device, batch_size, keys)
 
     def autocast(self):
         dtype = autocast_dtype(self.config.train.precision)

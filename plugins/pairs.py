@@ -12,7 +12,10 @@ seeded random sample of the examples.
 
 A batch: ``inputs`` = {input_ids, attention_mask} ``[batch, source tokens]`` padded on the right, ``targets`` =
 target ids ``[batch, target tokens]`` padded with -100 (ignored by the loss), ``references`` = the target texts.
-An example of a split is (source ids, target ids, target text, source text). A TSV file is read as translation
+An example of a split is (source ids, target ids, target text, source text, hard negatives' ids, their texts, score
+or None). For embedding training (``contrastive``) a batch also holds ``positives`` (the targets as encoder inputs),
+``negatives`` + ``negative_rows`` (hard negatives ``[N, tokens]`` and the row each belongs to) and ``scores``
+``[batch]`` when the options name such columns. A TSV file is read as translation
 corpora write it: tab-separated, with quotes as ordinary characters (use CSV for quoted fields).
 """
 
@@ -36,6 +39,10 @@ class PairsOptions:
         "auto", "How to read path: auto goes by target_path (lines) or the suffix (.csv, .tsv, .jsonl).")
     source_column: str = option("source", "Column (CSV/TSV) or field (JSONL) holding the source text.")
     target_column: str = option("target", "Column or field holding the target text.")
+    negative_columns: list[str] = option(help="Embedding training (contrastive): columns holding hard negatives of the "
+                                             "row (a JSONL field may hold a list of them).", default_factory=list)
+    score_column: str = option("", "Embedding training (contrastive): a column holding each pair's similarity (e.g. "
+                                   "in [0, 1] or [0, 5]; only its order matters to CoSENT and Spearman's rho).")
     val_path: str = option("", "Separate validation pairs (same layout); else a seeded sample of path.", path=True)
     val_target_path: str = option("", "Targets of val_path in the two-file layout.", path=True)
     test_path: str = option("", "Separate test pairs (same layout); else a seeded sample of path.", path=True)
@@ -72,6 +79,8 @@ class Pair:
     source: str
     target: str
     where: str  # "file, line N": for error messages
+    negatives: tuple = ()
+    score: float | None = None
 
 
 def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: str = "path") -> list[Pair]:
@@ -88,6 +97,9 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: st
         if not fmt:
             raise GraftError(f"{where}: cannot tell the layout of {path!r}: set format = \"csv\", \"tsv\" or "
                              f"\"jsonl\", or give target_path (two line-aligned files).")
+    if fmt == "lines" and (o.negative_columns or o.score_column):
+        raise GraftError(f"{where}: negative_columns and score_column need a CSV, TSV or JSONL file; {path!r} is "
+                         f"read as line-aligned files.")
     if fmt == "lines":
         if not target_path:
             raise GraftError(f"{where}: format = \"lines\" reads two line-aligned files: set the matching "
@@ -135,12 +147,16 @@ def _read_csv(p: Path, fmt: str, o: PairsOptions, where: str) -> list[Pair]:
             if col not in header:
                 raise GraftError(f"{where}: {p} has no column {col!r}; its columns: {', '.join(header) or '(none)'}."
                                  f"{did_you_mean(col, header)} Set source_column / target_column.")
+        for col in (*o.negative_columns, *([o.score_column] if o.score_column else [])):
+            if col not in header:
+                raise GraftError(f"{where}: {p} has no column {col!r} (negative_columns / score_column); its columns: "
+                                 f"{', '.join(header)}.{did_you_mean(col, header)}")
         si, ti = header.index(o.source_column), header.index(o.target_column)
         line = reader.line_num + 1
         for row in reader:
             if any(cell.strip() for cell in row):
-                out.append(Pair(row[si] if si < len(row) else "", row[ti] if ti < len(row) else "",
-                                f"{p}, line {line}"))
+                cell = {h: row[k] if k < len(row) else "" for k, h in enumerate(header)}
+                out.append(_pair(cell[header[si]], cell[header[ti]], cell, o, f"{p}, line {line}", where))
             line = reader.line_num + 1
     except csv.Error as e:
         raise GraftError(f"{where}: {p}, line {reader.line_num}: not valid CSV ({e}).") from None
@@ -163,12 +179,34 @@ def _read_jsonl(p: Path, o: PairsOptions, where: str) -> list[Pair]:
                              f"\"{o.target_column}\": ...}}).")
         fields.update(r)
         s, t = r.get(o.source_column), r.get(o.target_column)
-        out.append(Pair("" if s is None else str(s), "" if t is None else str(t), f"{p}, line {i}"))
-    for col in (o.source_column, o.target_column):
+        out.append(_pair("" if s is None else str(s), "" if t is None else str(t), r, o, f"{p}, line {i}", where))
+    for col in (o.source_column, o.target_column, *o.negative_columns, *([o.score_column] if o.score_column else [])):
         if out and col not in fields:
+            keys = "source_column / target_column" if col in (o.source_column, o.target_column) else \
+                "negative_columns" if col in o.negative_columns else "score_column"
             raise GraftError(f"{where}: {p} has no field {col!r} in any record; its fields: {', '.join(fields)}."
-                             f"{did_you_mean(col, list(fields))} Set source_column / target_column.")
+                             f"{did_you_mean(col, list(fields))} Set {keys}.")
     return out
+
+
+def _pair(source: str, target: str, row: dict, o: PairsOptions, at: str, where: str) -> Pair:
+    """A Pair with the row's hard negatives (empty cells left out; a JSONL field may hold a list) and score."""
+    negatives = []
+    for col in o.negative_columns:
+        v = row.get(col)
+        for text in v if isinstance(v, list) else [v]:
+            if text is not None and str(text).strip():
+                negatives.append(str(text))
+    score = None
+    if o.score_column:
+        v = row.get(o.score_column)
+        try:
+            score = float(v)
+        except (TypeError, ValueError):
+            score = float("nan")
+        if score != score or score in (float("inf"), float("-inf")):
+            raise GraftError(f"{where}: {at}: score_column {o.score_column!r} holds {v!r}, not a finite number.")
+    return Pair(source, target, at, tuple(negatives), score)
 
 
 class Pairs(DataSource):
@@ -226,10 +264,13 @@ class Pairs(DataSource):
         tok = self.tokenizer
         src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
         tgt = tok(text_target=[p.target for p in pairs], add_special_tokens=True)["input_ids"]
+        flat = [n for p in pairs for n in p.negatives]
+        neg = iter(tok(text_target=flat, add_special_tokens=True)["input_ids"] if flat else [])
         out = []
         for p, s, t in zip(pairs, src, tgt):
             s, t = self._cut(s, self.max_source, "sources"), self._cut(t, self.max_target, "targets")
-            out.append((s, t, p.target, p.source))
+            negatives = tuple(self._cut(next(neg), self.max_target, "targets") for _ in p.negatives)
+            out.append((s, t, p.target, p.source, negatives, p.negatives, p.score))
         return out
 
     def _cut(self, ids: list[int], n: int, kind: str) -> list[int]:
@@ -250,10 +291,23 @@ class Pairs(DataSource):
         return self.splits.get(split) or None
 
     def collate(self, examples):
+        import torch
+
         input_ids, mask = pad_tokens([e[0] for e in examples], self.pad_id)
         targets, _ = pad_tokens([e[1] for e in examples], UNLABELLED)
-        return {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
-                "references": [e[2] for e in examples]}
+        batch = {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
+                 "references": [e[2] for e in examples]}
+        # the target side as encoder inputs, for embedding training (contrastive): positives, hard negatives, scores
+        ids, mask = pad_tokens([e[1] for e in examples], self.pad_id)
+        batch["positives"] = {"input_ids": ids, "attention_mask": mask}
+        negatives = [(row, n) for row, e in enumerate(examples) for n in e[4]]
+        if negatives:
+            ids, mask = pad_tokens([n for _, n in negatives], self.pad_id)
+            batch["negatives"] = {"input_ids": ids, "attention_mask": mask}
+            batch["negative_rows"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)
+        if examples[0][6] is not None:
+            batch["scores"] = torch.tensor([e[6] for e in examples], dtype=torch.float32)
+        return batch
 
     def encode(self, backbone, items):
         tok = backbone.tokenizer()

@@ -1,0 +1,469 @@
+"""The ``contrastive`` strategy: embedding transfer -- a pretrained encoder becomes a retrieval / similarity model.
+
+Two kinds of data:
+
+- pairs (``[data] plugin = "pairs"``): (anchor, positive) rows, optionally with hard negatives and a similarity
+  score per row. The loss (``[loss]``, default ``infonce``) sees every anchor against every positive and negative of
+  the step: in-batch negatives. Under DDP the step's embeddings are gathered from all processes with their gradients
+  (``torch.distributed.nn.functional.all_gather``), so 2 processes of batch B train like 1 of batch 2B;
+- any other text data (``text``, ``corpus``...): unsupervised SimCSE (Gao, Yao & Chen 2021, "SimCSE: Simple
+  Contrastive Learning of Sentence Embeddings"): the positive of a text is the text itself, encoded a second time
+  under another dropout mask.
+
+Cached in-batch negatives (``mini_batch_size``): GradCache (Gao, Zhang, Han & Callan 2021, "Scaling Deep
+Contrastive Learning Batch Size under Memory Limited Setup"; sentence-transformers' Cached* losses). The step's
+embeddings are first computed without a graph, chunk by chunk; the loss and its gradient with respect to every
+embedding are computed on them; then each chunk is encoded again (with the same dropout masks: the random state is
+replayed) and back-propagated with its cached gradient. Loss and gradients equal the big batch's, with the memory of
+one chunk.
+
+Distillation (``teacher``): the student's embeddings of both sides are drawn to a finished contrastive run's
+embeddings of the same texts, by mean squared error (Reimers & Gurevych 2020, "Making Monolingual Sentence
+Embeddings Multilingual using Knowledge Distillation"), mixed with the loss by ``alpha``.
+
+Evaluation: the loss, and on pairs retrieval over the held-out split -- each anchor against every distinct
+positive text of the split: Recall@1, Recall@10, MRR@10, nDCG@10 -- or, for scored pairs, Spearman's rho between
+cosine similarity and score (scipy.stats). ``graft predict RUN --file texts.txt --json`` gives embeddings;
+``graft export`` (and every finished run) writes ``sentence-transformers/``, a folder that
+``sentence_transformers.SentenceTransformer(path)`` loads (Transformer, Pooling, Normalize modules).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from graft import GraftError, Strategy, hookimpl, option, warn
+
+
+@dataclass
+class ContrastiveOptions:
+    normalize: bool = option(True, "Embeddings are L2-normalised (unit length): dot product = cosine similarity.")
+    mini_batch_size: int = option(0, "GradCache: encode the step's texts in chunks of this many, so that a large "
+                                     "batch of in-batch negatives fits in memory (same loss and gradients); 0 = off.")
+    gather: bool = option(True, "Under DDP, every process's embeddings are negatives for every other's (2 processes "
+                                "of batch B = 1 of 2B). False: each process's own batch only.")
+    teacher: str = option("", "Distil a finished contrastive run: the mean squared error between this model's and "
+                              "the teacher's embeddings of the same texts (Reimers & Gurevych 2020).", path=True)
+    alpha: float = option(1.0, "With teacher: weight of the embedding MSE; the [loss] gets 1 - alpha.")
+
+    def validate(self):
+        if self.mini_batch_size < 0:
+            raise ValueError("mini_batch_size must be >= 0.")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError("alpha must be in [0, 1].")
+
+
+def retrieval_metrics(anchors, candidates, relevant, ks=(1, 10)) -> dict:
+    """Recall@k, MRR@10 and nDCG@10 of retrieving, for each anchor (row of ``anchors`` [n, D]), its one relevant
+    candidate ``relevant[i]`` among ``candidates`` [m, D] by dot product (cosine for unit vectors). Ties count
+    against the anchor. Means over anchors, in [0, 1]."""
+    import torch
+
+    ranks = []
+    for i in range(0, len(anchors), 1024):
+        s = anchors[i:i + 1024].float() @ candidates.float().T
+        own = s.gather(1, relevant[i:i + 1024, None])
+        ranks.append((s >= own).sum(1))  # 1 = first
+    r = torch.cat(ranks).double()
+    out = {f"recall@{k}": float((r <= k).double().mean()) for k in ks}
+    top = r <= 10
+    out["mrr@10"] = float(torch.where(top, 1 / r, torch.zeros_like(r)).mean())
+    out["ndcg@10"] = float(torch.where(top, 1 / torch.log2(r + 1), torch.zeros_like(r)).mean())
+    return out
+
+
+class _Replay:
+    """GradCache's second pass, as an autograd function: ``apply(dummy, loss)`` returns the loss; its backward
+    encodes each chunk again under the random state of its first pass and back-propagates the cached gradient of
+    its embeddings (times the incoming gradient: the loop's loss scale and accumulation share)."""
+
+    @staticmethod
+    def make(strategy, base, chunks, grads, autocast, world):
+        import torch
+
+        class Replay(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, dummy, loss):
+                return loss.detach().clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                params = [p for p in base.parameters() if p.requires_grad]
+                # under DDP the encoder ran outside DDP's forward: this step's gradients are summed here by hand
+                kept = [p.grad for p in params] if world > 1 else None
+                if kept is not None:
+                    for p in params:
+                        p.grad = None
+                device = g.device
+                for (side, inputs, state), grad in zip(chunks, grads):
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        torch.set_rng_state(state[0])
+                        if state[1] is not None:
+                            torch.cuda.set_rng_state(state[1], device)
+                        with torch.enable_grad(), torch.autocast(device.type, dtype=autocast[1],
+                                                                 enabled=autocast[0]):
+                            e = strategy.encode(base, inputs)
+                        torch.autograd.backward(e.float(), grad * g)
+                if kept is not None:
+                    _sum_gradients(params, kept)
+                return None, None
+
+        return Replay
+
+
+def _sum_gradients(params, kept) -> None:
+    """Sum this step's gradients of ``params`` over processes (one flat all-reduce), then add back the gradients
+    ``kept`` from earlier micro-batches. A parameter no process gave a gradient keeps none (the optimizer skips it,
+    weight decay included), as under DDP."""
+    import torch
+    import torch.distributed as td
+
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    td.all_reduce(used)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    td.all_reduce(flat)
+    at = 0
+    for p, k, u in zip(params, kept, used.tolist()):
+        n = p.numel()
+        if u:
+            p.grad = flat[at:at + n].view_as(p).to(p.dtype) + (k if k is not None else 0)
+        else:
+            p.grad = k
+        at += n
+
+
+class Contrastive(Strategy):
+    """Embedding training (retrieval, similarity): in-batch negatives, CoSENT, triplet; SimCSE; GradCache; KD."""
+
+    Options = ContrastiveOptions
+    default_loss = "infonce"
+    supports_adapters = True
+    primary_metric = "recall@1"
+    metric_modes = {"loss": "min", "recall@1": "max", "recall@10": "max", "mrr@10": "max", "ndcg@10": "max",
+                    "spearman": "max"}
+
+    def build(self):
+        o = self.options
+        self.pairs = self.data.task == "seq2seq"  # the pairs source
+        if not self.pairs and self.backbone.modality != "text":
+            raise GraftError(f"[strategy] plugin = \"contrastive\" on unlabelled {self.backbone.modality} data: "
+                             f"self-supervised positives are made for text only (SimCSE's dropout views); use "
+                             f"[data] plugin = \"pairs\" (anchor/positive rows).")
+        needs = getattr(self.loss, "needs", None)
+        if needs is None:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} is not an embedding loss: use \"infonce\", "
+                             f"\"cosent\" (scored pairs) or \"triplet\".")
+        self.scored = self.pairs and self._scored()
+        if needs == "scores" and not self.scored and not self.predicting:
+            raise GraftError(f"[loss] plugin = {self.loss.name!r} learns from scored pairs: set [data] score_column "
+                             f"(a similarity per row), or use \"infonce\".")
+        self.primary_metric = "spearman" if self.scored else "recall@1" if self.pairs else "loss"
+        self.teacher = None
+        if o.teacher and not self.predicting:
+            self.teacher = self._load_teacher(o.teacher)
+        self.model = embedder(self.backbone.module, o.normalize)
+        return self.model
+
+    def _scored(self) -> bool:
+        for split in ("train", "val", "test"):
+            ds = self.data.dataset(split) if not self.predicting else None
+            if ds:
+                return ds[0][6] is not None
+        return False
+
+    def _load_teacher(self, path):
+        from graft import load_run
+
+        run = load_run(Path(path), for_prediction=True, device="cpu")
+        if not isinstance(run.strategy, Contrastive):
+            raise GraftError(f"[strategy] teacher = {path!r} is a {run.strategy.name!r} run; embedding distillation "
+                             f"needs a contrastive run.")
+        if run.backbone.num_features != self.backbone.num_features:
+            raise GraftError(f"[strategy] teacher = {path!r} gives {run.backbone.num_features}-dimensional "
+                             f"embeddings and this backbone {self.backbone.num_features}: the squared error compares "
+                             f"them dimension by dimension. Use a student of the same width.")
+        self.teacher_run = run
+        return run.model.eval().requires_grad_(False)
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+    def encode(self, model, inputs):
+        """[B, D] float32 embeddings of prepared inputs (unit length with ``normalize``) through ``model``, the
+        strategy's module (or DDP around it, whose forward this bypasses)."""
+        return getattr(model, "module", model).embed(inputs)
+
+    def _sides(self, batch) -> dict:
+        if self.pairs:
+            sides = {"anchors": batch["inputs"], "positives": batch["positives"]}
+            if "negatives" in batch:
+                sides["negatives"] = batch["negatives"]
+            return sides
+        return {"anchors": batch["inputs"], "positives": batch["inputs"]}  # SimCSE: a second dropout mask
+
+    def _teacher_embeddings(self, batch) -> dict | None:
+        import torch
+
+        if self.teacher is None:
+            return None
+        t = self.teacher_run
+        ds = self.data.dataset(batch["split"])
+        rows = [ds[i] for i in batch["index"].tolist()]
+        texts = {"anchors": [r[3] for r in rows], "positives": [r[2] for r in rows]} if self.pairs else None
+        device = batch["inputs"]["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        out = {}
+        with torch.no_grad():
+            for side in ("anchors", "positives"):
+                if texts is None:  # SimCSE data: the teacher reads the same token ids (same tokenizer required)
+                    inputs = batch["inputs"]
+                else:
+                    inputs = {k: v.to(device) for k, v in t.data.encode(t.backbone, texts[side]).items()}
+                out[side] = t.strategy.encode(self.teacher, inputs)
+        return out
+
+    # -- the objective -----------------------------------------------------------------------------------------
+    def _gathered(self, emb: dict, batch: dict, mode: str):
+        """The step's embeddings of every process (rank-major), the hard negatives' rows offset to the gathered rows,
+        and the scores. ``mode``: "grad" (gathered with their gradients), "leaves" (the others' without; this
+        process's own tensors kept, GradCache's leaves) or "local" (no gathering: evaluation, where processes may
+        hold different numbers of batches)."""
+        import torch
+        import torch.distributed as td
+
+        scores = batch.get("scores")
+        rows = batch.get("negative_rows")
+        if mode == "local" or not (self.options.gather and td.is_available() and td.is_initialized()
+                                   and td.get_world_size() > 1):
+            return dict(emb), rows, scores
+        grad = mode == "grad"
+        w, rank = td.get_world_size(), td.get_rank()
+        n_local = emb["anchors"].shape[0]
+        counts = torch.tensor([n_local, len(rows) if rows is not None else 0], device=emb["anchors"].device)
+        sizes = [torch.zeros_like(counts) for _ in range(w)]
+        td.all_gather(sizes, counts)
+        sizes = torch.stack(sizes).tolist()
+
+        def gather(t, n_max, fill=0.0):
+            pad = torch.full((n_max - t.shape[0], *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            t = torch.cat([t, pad])
+            if grad and t.is_floating_point():
+                import warnings
+
+                import torch.distributed.nn.functional as dnn
+
+                with warnings.catch_warnings():  # "deprecated" for a private module's function; still the public one
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return list(dnn.all_gather(t))
+            parts = [torch.empty_like(t) for _ in range(w)]
+            td.all_gather(parts, t.detach())
+            return parts
+
+        n_rows, n_neg = max(s[0] for s in sizes), max(s[1] for s in sizes)
+        out = {}
+        for side in ("anchors", "positives"):
+            parts = gather(emb[side], n_rows)
+            if not grad:  # the local part keeps its graph (GradCache's leaves)
+                parts[rank] = emb[side]
+            out[side] = torch.cat([p[: s[0]] for p, s in zip(parts, sizes)])
+        if n_neg:
+            local = emb.get("negatives")
+            if local is None:
+                local = emb["anchors"].new_zeros((0, emb["anchors"].shape[1]))
+            parts = gather(local, n_neg)
+            if not grad:
+                parts[rank] = local
+            out["negatives"] = torch.cat([p[: s[1]] for p, s in zip(parts, sizes)])
+            r = rows if rows is not None else torch.zeros(0, dtype=torch.long, device=local.device)
+            r_parts = gather(r, n_neg, fill=0)
+            base = [sum(s[0] for s in sizes[:k]) for k in range(w)]
+            rows = torch.cat([p[: s[1]] + b for p, s, b in zip(r_parts, sizes, base)])
+        if scores is not None:
+            s_parts = gather(scores.float(), n_rows)
+            scores = torch.cat([p[: s[0]] for p, s in zip(s_parts, sizes)])
+        return out, rows, scores
+
+    def _objective(self, emb: dict, batch: dict, teacher: dict | None, mode: str = "grad"):
+        """The loss of the step's embeddings ``emb`` (this process's rows; gathered inside, see ``_gathered``)."""
+        import torch.nn.functional as F
+
+        everyone, rows, scores = self._gathered(emb, batch, mode)
+        if rows is not None:
+            everyone["negative_rows"] = rows
+        loss = self.loss(everyone, scores) if self.options.alpha < 1 or teacher is None else None
+        if teacher is None:
+            return loss
+        t, _, _ = self._gathered(teacher, batch, "local" if mode == "local" else "leaves")
+        mse = (F.mse_loss(everyone["anchors"], t["anchors"]) + F.mse_loss(everyone["positives"], t["anchors"]
+                                                                          if self.pairs else t["positives"])) / 2
+        a = self.options.alpha
+        return mse if loss is None else a * mse + (1 - a) * loss
+
+    def training_step(self, model, batch):
+        sides = self._sides(batch)
+        teacher = self._teacher_embeddings(batch)
+        chunk = self.options.mini_batch_size
+        if chunk and batch["inputs"]["input_ids"].shape[0] > chunk:
+            return {"loss": self._cached_step(model, sides, batch, teacher, chunk)}
+        return {"loss": self._objective(model(sides), batch, teacher)}
+
+    def _cached_step(self, model, sides, batch, teacher, chunk):
+        """GradCache (see the module's docstring): the loss, whose backward replays the chunks."""
+        import torch
+        import torch.distributed as td
+
+        base = getattr(model, "module", model)
+        device = batch["inputs"]["input_ids"].device
+        chunks, emb = [], {}
+        with torch.no_grad():
+            for side, inputs in sides.items():
+                parts = []
+                n = inputs["input_ids"].shape[0]
+                for i in range(0, n, chunk):
+                    piece = {k: v[i:i + chunk] for k, v in inputs.items()}
+                    state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda"
+                             else None)
+                    parts.append(self.encode(base, piece))
+                    chunks.append((side, piece, state))
+                emb[side] = torch.cat(parts).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self._objective(emb, batch, teacher, "leaves")
+            leaves = list(emb.values())
+            grads = torch.autograd.grad(loss, leaves)
+        per_side = dict(zip(emb.keys(), grads))
+        cached, offsets = [], {}
+        for side, piece, _ in chunks:
+            at, n = offsets.get(side, 0), piece["input_ids"].shape[0]
+            cached.append(per_side[side][at:at + n])
+            offsets[side] = at + n
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        world = td.get_world_size() if td.is_available() and td.is_initialized() else 1
+        dummy = torch.zeros((), device=device, requires_grad=True)
+        return _Replay.make(self, model, chunks, cached, autocast, world).apply(dummy, loss.detach())
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def eval_step(self, model, batch):
+        import torch
+
+        emb = model(self._sides(batch))
+        n = emb["anchors"].shape[0]
+        loss = self._objective(emb, batch, self._teacher_embeddings(batch), "local")
+        out = {"loss_sum": loss.detach().float() * n, "rows": torch.tensor(float(n))}
+        if self.pairs:
+            out["embedded"] = [(batch["index"].cpu(), emb["anchors"].detach().float().cpu(),
+                                emb["positives"].detach().float().cpu(), list(batch["references"]),
+                                batch["scores"].cpu() if "scores" in batch else None)]
+        return out
+
+    def compute_metrics(self, sums):
+        import torch
+
+        out = {"loss": float(sums["loss_sum"]) / max(1.0, float(sums["rows"]))}
+        parts = sums.get("embedded") or []
+        if not parts:
+            return out
+        parts.sort(key=lambda p: int(p[0][0]) if len(p[0]) else 0)
+        anchors = torch.cat([p[1] for p in parts])
+        positives = torch.cat([p[2] for p in parts])
+        texts = [t for p in parts for t in p[3]]
+        if self.scored:
+            from scipy.stats import spearmanr
+
+            scores = torch.cat([p[4] for p in parts])
+            cos = torch.nn.functional.cosine_similarity(anchors, positives, dim=-1)
+            out["spearman"] = float(spearmanr(cos.numpy(), scores.numpy()).statistic)
+            return out
+        first: dict[str, int] = {}
+        for i, t in enumerate(texts):  # one candidate per distinct positive text
+            first.setdefault(t, i)
+        keep = sorted(first.values())
+        where = {i: k for k, i in enumerate(keep)}
+        relevant = torch.tensor([where[first[t]] for t in texts])
+        candidates = positives[keep]
+        if not self.options.normalize:
+            import torch.nn.functional as F
+
+            anchors, candidates = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        out.update(retrieval_metrics(anchors, candidates, relevant), candidates=len(keep))
+        return out
+
+    # -- batches, prediction, export ---------------------------------------------------------------------------
+    def batch_keys(self, split):
+        """Each training row's texts (anchor, positive, negatives): rows sharing one never meet in a step."""
+        ds = self.data.dataset(split)
+        if not ds:
+            return None
+        if self.pairs:
+            return [frozenset((tuple(e[0]), tuple(e[1]), *(tuple(n) for n in e[4]))) for e in ds]
+        first = ds[0][0] if isinstance(ds[0], tuple) else None
+        if isinstance(first, (list, tuple)):
+            return [frozenset([tuple(e[0])]) for e in ds]
+        return None
+
+    def predict(self, model, inputs):
+        import torch
+
+        with torch.no_grad():
+            e = self.encode(model, inputs)
+        return [{"embedding": [round(float(x), 7) for x in row]} for row in e.float().cpu()]
+
+    def report(self, model):
+        return {"embedding_dim": int(self.backbone.num_features), "normalize": self.options.normalize}
+
+    def export(self, model, directory):
+        """backbone/ and, for an hf text backbone, sentence-transformers/: the backbone's folder with modules.json,
+        sentence_bert_config.json, 1_Pooling/ (the backbone's pooling) and 2_Normalize/ (with normalize)."""
+        d = Path(directory, "backbone")
+        d.mkdir(exist_ok=True)
+        self.backbone.export(str(d))
+        pooling = getattr(getattr(self.backbone, "options", None), "pooling", None)
+        if self.backbone.modality != "text" or pooling not in ("mean", "cls"):
+            warn(f"contrastive: no sentence-transformers/ folder (backbone {self.backbone.name!r}, pooling "
+                 f"{pooling!r}): it is written for a text backbone with pooling \"mean\" or \"cls\".")
+            return
+        st = Path(directory, "sentence-transformers")
+        st.mkdir(exist_ok=True)
+        self.backbone.export(str(st))
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if self.options.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (st / "2_Normalize").mkdir(exist_ok=True)
+        (st / "modules.json").write_text(json.dumps(modules, indent=2))
+        limit = getattr(self.data, "max_source", None) or self.backbone.limits().get("max_tokens") or 512
+        (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": int(limit),
+                                                                  "do_lower_case": False}, indent=2))
+        (st / "1_Pooling").mkdir(exist_ok=True)
+        (st / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": int(self.backbone.num_features), "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}, indent=2))
+
+
+def embedder(encoder, normalize: bool):
+    """The strategy's module: ``forward(sides)`` maps each side's prepared inputs to its ``[rows, D]`` embeddings in
+    one call (DDP prepares one gradient reduction for all of them); ``embed(inputs)`` one side's."""
+    import torch
+    import torch.nn.functional as F
+
+    class Embedder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def embed(self, inputs):
+            e = self.encoder(inputs)
+            e = e[0] if isinstance(e, tuple) else e
+            return F.normalize(e.float(), dim=-1) if normalize else e.float()
+
+        def forward(self, sides: dict) -> dict:
+            return {side: self.embed(inputs) for side, inputs in sides.items()}
+
+    return Embedder()
+
+
+@hookimpl
+def register_strategies(register):
+    register(Contrastive, name="contrastive")
