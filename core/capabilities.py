@@ -16,8 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
-           "SettableTokenizer",
-           "TaskModel", "TextGeneration", "Views", "require"]
+           "ServingModel", "SettableTokenizer", "TaskModel", "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------
@@ -123,6 +122,19 @@ class DistinctBatches(Protocol):
     """
 
     def batch_keys(self, split: str) -> list | None: ...
+
+
+@runtime_checkable
+class ServingModel(Protocol):
+    """Give the network to export when it is not a task's classifier (``serving_model``).
+
+    ``serving_model(model) -> (module, output_names, output_shape)``: a module mapping the data's prepared inputs
+    (``collate``'s "inputs") to its outputs, their names and a description of their shape. ``graft export --format
+    onnx`` / ``torchscript`` export it and check it in onnxruntime; ``contrastive`` gives its encoder with pooling
+    (``embeddings`` ``[batch, dim]``).
+    """
+
+    def serving_model(self, model: "nn.Module") -> tuple: ...
 
 
 # -- data sources ------------------------------------------------------------------------------------------------

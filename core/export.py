@@ -277,23 +277,28 @@ def export_run(run: Run, run_dir: Path, fmt: str, out: Path) -> dict:
     export.json) the facts: format, files, inputs, parity (max abs difference of logits), sizes."""
     import contextlib
 
-    task = serving_strategy(run.strategy, "--format " + fmt + ": ").task
+    from .capabilities import ServingModel
+
+    if isinstance(run.strategy, ServingModel):  # e.g. an embedding model: inputs -> embeddings, no task
+        model, output_names, output_shape = run.strategy.serving_model(run.model.eval())
+    else:
+        task = serving_strategy(run.strategy, "--format " + fmt + ": ").task
+        model, output_names, output_shape = run.model.eval(), task.output_names, task.output_shape
     out.mkdir(parents=True, exist_ok=True)
-    model = run.model.eval()
     inputs = sample_inputs(run)
     file = MODEL_FILES[fmt]
     merged = run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext()
     with merged:
         if fmt == "onnx":
-            names = to_onnx(model, inputs, out / file, run.backbone.limits().get("max_tokens"), task.output_names)
+            names = to_onnx(model, inputs, out / file, run.backbone.limits().get("max_tokens"), output_names)
             loaded = OnnxModel(out / file)
         else:
             names = to_torchscript(model, inputs, out / file)
             loaded = TorchScriptModel(out / file, names)
         diff = max_abs_difference(model, loaded, inputs)
     copy_run_files(run_dir, out, run)
-    info = {"format": fmt, "source": str(run_dir), "file": file, "inputs": names, "outputs": list(task.output_names),
-            "output_shape": task.output_shape, "max_abs_difference": diff, "checked_examples": len(flatten(inputs)[1][0]),
+    info = {"format": fmt, "source": str(run_dir), "file": file, "inputs": names, "outputs": list(output_names),
+            "output_shape": output_shape, "max_abs_difference": diff, "checked_examples": len(flatten(inputs)[1][0]),
             "size_bytes": files_size(out, [file]), "torch": torch.__version__}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=2))
     return info
@@ -366,6 +371,12 @@ class ExportedRun(Run):
         return SavedPreprocessing(self.directory / PREPROCESSING, self.config.plugins["backbone"].cls)
 
     def _strategy(self, strategy):
+        from .capabilities import ServingModel
+
+        if isinstance(strategy, ServingModel):
+            raise GraftError(f"{self.directory} holds an exported {strategy.name!r} network (export.json names its "
+                             f"inputs and outputs): run it with onnxruntime itself. graft eval / predict take the run "
+                             f"directory it was exported from.")
         serving = serving_strategy(strategy)
         self.loss = serving.loss
         return serving

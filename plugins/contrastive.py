@@ -408,6 +408,22 @@ class Contrastive(Strategy):
             e = self.encode(model, inputs)
         return [{"embedding": [round(float(x), 7) for x in row]} for row in e.float().cpu()]
 
+    def serving_model(self, model):
+        """The encoder with pooling (and normalisation) as one module: prepared inputs -> ``embeddings`` [B, D], for
+        ``graft export --format onnx``."""
+        import torch
+
+        class Encoder(torch.nn.Module):
+            def __init__(self, embedder):
+                super().__init__()
+                self.embedder = embedder
+
+            def forward(self, inputs):
+                return self.embedder.embed(inputs)
+
+        return Encoder(getattr(model, "module", model)).eval(), ("embeddings",), \
+            f"[batch, {int(self.backbone.num_features)}]"
+
     def report(self, model):
         return {"embedding_dim": int(self.backbone.num_features), "normalize": self.options.normalize}
 

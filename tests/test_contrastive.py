@@ -157,6 +157,21 @@ def test_fine_tuning_on_pairs_improves_retrieval_and_writes_a_sentence_transform
     theirs = torch.tensor(st.encode(texts, convert_to_numpy=True))
     assert torch.allclose(mine, theirs, atol=1e-5), (mine - theirs).abs().max()
 
+    # ONNX: the encoder with pooling and normalisation, checked in onnxruntime on inputs of other lengths
+    code, out = cli_run("export", tmp_path / "run", "--format", "onnx", "--out", tmp_path / "onnx")
+    assert code == 0, out
+    info = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert info["outputs"] == ["embeddings"] and info["max_abs_difference"] < 1e-4, info
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(str(tmp_path / "run" / "sentence-transformers"))(texts, padding=True,
+                                                                                        return_tensors="np")
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: enc[i.name] for i in session.get_inputs()})[0]
+    assert torch.allclose(torch.tensor(got), mine, atol=1e-4)
+    assert_bad_input(*cli_run("predict", tmp_path / "onnx", "--file", tmp_path / "t.txt"), "onnxruntime")
+
 
 def test_gradcache_gives_the_big_batch_loss_and_gradients(bert, tmp_path):
     write_pairs(tmp_path / "p.jsonl", n=40, negatives=True)
