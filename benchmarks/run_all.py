@@ -28,6 +28,7 @@ BENCHMARKS = {  # name -> (script, arguments, budget in seconds)
     "lora": ("adapters.py", [], 360),
     "detection": ("detection.py", [], 240),
     "seq2seq": ("seq2seq.py", [], 360),
+    "contrastive": ("contrastive.py", [], 360),
 }
 
 
