@@ -8,7 +8,10 @@ Two kinds of data:
   (``torch.distributed.nn.functional.all_gather``), so 2 processes of batch B train like 1 of batch 2B;
 - any other text data (``text``, ``corpus``...): unsupervised SimCSE (Gao, Yao & Chen 2021, "SimCSE: Simple
   Contrastive Learning of Sentence Embeddings"): the positive of a text is the text itself, encoded a second time
-  under another dropout mask.
+  under another dropout mask;
+- any image data (``imagefolder``, ``digits``...): SimCLR (Chen, Kornblith, Norouzi & Hinton 2020, "A Simple
+  Framework for Contrastive Learning of Visual Representations"): two random augmentations of the same image are
+  each other's positives (``crop_scale``, ``color_jitter``). Labels, if any, are not used.
 
 Cached in-batch negatives (``mini_batch_size``): GradCache (Gao, Zhang, Han & Callan 2021, "Scaling Deep
 Contrastive Learning Batch Size under Memory Limited Setup"; sentence-transformers' Cached* losses). The step's
@@ -47,10 +50,18 @@ class ContrastiveOptions:
     teacher: str = option("", "Distil a finished contrastive run: the mean squared error between this model's and "
                               "the teacher's embeddings of the same texts (Reimers & Gurevych 2020).", path=True)
     alpha: float = option(1.0, "With teacher: weight of the embedding MSE; the [loss] gets 1 - alpha.")
+    crop_scale: float = option(0.2, "Unlabelled images (SimCLR): each view is a random crop of at least this "
+                                    "fraction of the image's area, resized back (SimCLR's 0.08 for ImageNet-sized "
+                                    "images; larger for small ones).")
+    color_jitter: float = option(0.4, "Unlabelled images: strength of the views' colour distortion (brightness, "
+                                      "contrast, saturation; hue at a quarter of it), applied with probability 0.8, "
+                                      "then grey scale with probability 0.2; 0 = crops and flips only.")
 
     def validate(self):
         if self.mini_batch_size < 0:
             raise ValueError("mini_batch_size must be >= 0.")
+        if not 0 < self.crop_scale <= 1 or not 0 <= self.color_jitter <= 1:
+            raise ValueError("crop_scale must be in (0, 1] and color_jitter in [0, 1].")
         if not 0 <= self.alpha <= 1:
             raise ValueError("alpha must be in [0, 1].")
 
@@ -147,10 +158,7 @@ class Contrastive(Strategy):
     def build(self):
         o = self.options
         self.pairs = self.data.task == "seq2seq"  # the pairs source
-        if not self.pairs and self.backbone.modality != "text":
-            raise GraftError(f"[strategy] plugin = \"contrastive\" on unlabelled {self.backbone.modality} data: "
-                             f"self-supervised positives are made for text only (SimCSE's dropout views); use "
-                             f"[data] plugin = \"pairs\" (anchor/positive rows).")
+        self.images = not self.pairs and self.backbone.modality == "image"  # SimCLR's two augmented views
         needs = getattr(self.loss, "needs", None)
         if needs is None:
             raise GraftError(f"[loss] plugin = {self.loss.name!r} is not an embedding loss: use \"infonce\", "
@@ -199,7 +207,37 @@ class Contrastive(Strategy):
             if "negatives" in batch:
                 sides["negatives"] = batch["negatives"]
             return sides
+        if self.images:
+            return {"anchors": self._views(batch, 0), "positives": self._views(batch, 1)}
         return {"anchors": batch["inputs"], "positives": batch["inputs"]}  # SimCSE: a second dropout mask
+
+    def _views(self, batch, view: int):
+        """One augmented view of each image of the batch (SimCLR, Chen et al. 2020: random resized crop, flip, colour
+        distortion, grey scale; torchvision.transforms.v2), each drawn from a seed of the example, the epoch and the
+        view (``DataSource.example_seed``): the same views with any number of processes, and after a resume.
+        Evaluation draws from the example alone, so every evaluation sees the same views."""
+        import torch
+        from torchvision.transforms import v2
+
+        x = batch["inputs"]
+        cfg = self.backbone.image_config()
+        mean = torch.tensor(cfg["mean"], device=x.device).view(-1, 1, 1)
+        std = torch.tensor(cfg["std"], device=x.device).view(-1, 1, 1)
+        o, s = self.options, self.options.color_jitter
+        steps = [v2.RandomResizedCrop(tuple(x.shape[-2:]), scale=(o.crop_scale, 1.0), antialias=True),
+                 v2.RandomHorizontalFlip()]
+        if s > 0:
+            steps += [v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8)]
+            if x.shape[1] == 3:
+                steps += [v2.RandomGrayscale(p=0.2)]
+        augment = v2.Compose(steps)
+        out = []
+        for image, index in zip(x, batch["index"].tolist()):
+            seed = self.data.example_seed(index) if batch.get("split") == "train" else index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 2 + view) % (1 << 63))
+                out.append((augment((image * std + mean).clamp(0, 1)) - mean) / std)
+        return torch.stack(out)
 
     def _teacher_embeddings(self, batch) -> dict | None:
         import torch
@@ -391,7 +429,7 @@ class Contrastive(Strategy):
     # -- batches, prediction, export ---------------------------------------------------------------------------
     def batch_keys(self, split):
         """Each training row's texts (anchor, positive, negatives): rows sharing one never meet in a step."""
-        ds = self.data.dataset(split)
+        ds = self.data.dataset(split) if not self.images else None  # images: reading them all is no key
         if not ds:
             return None
         if self.pairs:

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_same_weights, graft, one_step_weights, weights, write_config
+from conftest import TINY_VIT, assert_same_weights, graft, one_step_weights, weights, write_config
 from test_seq2seq import WORDS, OLD
 from test_user_files import assert_bad_input, cli_run
 from graft import Run, load_config, train
@@ -351,3 +351,26 @@ def test_bad_input_exits_2(bert, tmp_path):
     c["data"]["score_column"] = "score"
     assert_bad_input(*cli_run("train", write_config(tmp_path / "x.toml", c), "--out", tmp_path / "x"),
                      "x.jsonl, line 1", "'high'")
+
+
+def test_simclr_views_of_unlabelled_images(tmp_path):
+    """SimCLR on digits (labels unused): each example's two views are drawn from its own seed, so a view does not
+    depend on the batch it came in, differs between the two sides and between epochs; training lowers the loss."""
+    c = {"backbone": dict(TINY_VIT), "strategy": {"plugin": "contrastive", "crop_scale": 0.5},
+         "data": {"plugin": "digits", "image_size": 8},
+         "train": {"seed": 0, "max_steps": 30, "batch_size": 32, "lr": 3e-3, "progress": False, "plot": False,
+                   "log_every": 1, "eval_every": 30}}
+    run = Run(load_config(c, where="c.toml"))
+    s = run.strategy
+    batch = next(iter(run.loader("train", True)))
+    a0, p0 = s._views(batch, 0), s._views(batch, 1)
+    half = {k: (v[:5] if hasattr(v, "shape") else v) for k, v in batch.items()}
+    assert torch.equal(s._views(half, 0), a0[:5])  # the same view of an example in another batch
+    assert not torch.allclose(a0, p0)
+    run.data.set_epoch(1)
+    assert not torch.allclose(s._views(batch, 0), a0)
+    train(load_config(c, where="c.toml"), tmp_path / "simclr", echo=lambda m: None)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "simclr" / "metrics.jsonl").read_text().splitlines()
+              if '"train"' in x]
+    assert sum(losses[-5:]) < sum(losses[:5]), losses
+    assert (tmp_path / "simclr" / "backbone").is_dir()
