@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from graft import GraftError, Strategy, hookimpl, option, warn
 
@@ -50,6 +51,16 @@ class ContrastiveOptions:
     teacher: str = option("", "Distil a finished contrastive run: the mean squared error between this model's and "
                               "the teacher's embeddings of the same texts (Reimers & Gurevych 2020).", path=True)
     alpha: float = option(1.0, "With teacher: weight of the embedding MSE; the [loss] gets 1 - alpha.")
+    tower: dict = option(help="Two towers: a [backbone]-style table (e.g. { plugin = \"hf\", weights = \"DIR\" }) "
+                              "of the network that embeds the positives and negatives (text); the [backbone] "
+                              "embeds the anchors (text, or images with [data] source_images). Empty: one network "
+                              "for both sides.", default_factory=dict)
+    lock: Literal["none", "anchors", "positives"] = option(
+        "none", "Two towers: the tower that does not train (LiT, Zhai et al. 2022: e.g. an image tower learning to "
+                "meet a locked text tower = lock \"positives\"); a locked tower stays in eval mode.")
+    projection_dim: int = option(0, "Two towers: a trained linear projection of each unlocked tower to this width "
+                                    "(needed when the towers' widths differ and neither is locked; with a locked "
+                                    "tower, 0 projects the other tower to the locked one's width).")
     crop_scale: float = option(0.2, "Unlabelled images (SimCLR): each view is a random crop of at least this "
                                     "fraction of the image's area, resized back (SimCLR's 0.08 for ImageNet-sized "
                                     "images; larger for small ones).")
@@ -115,7 +126,7 @@ class _Replay:
                             torch.cuda.set_rng_state(state[1], device)
                         with torch.enable_grad(), torch.autocast(device.type, dtype=autocast[1],
                                                                  enabled=autocast[0]):
-                            e = strategy.encode(base, inputs)
+                            e = strategy.encode(base, inputs, side)
                         torch.autograd.backward(e.float(), grad * g)
                 if kept is not None:
                     _sum_gradients(params, kept)
@@ -171,8 +182,51 @@ class Contrastive(Strategy):
         self.teacher = None
         if o.teacher and not self.predicting:
             self.teacher = self._load_teacher(o.teacher)
-        self.model = embedder(self.backbone.module, o.normalize)
+        self.tower = self._tower() if o.tower else None
+        if self.pairs and self.backbone.modality == "image" and self.tower is None:
+            raise GraftError("[strategy] plugin = \"contrastive\" on image sources: the target texts need a text "
+                             "tower. Set [strategy] tower = { plugin = \"hf\", weights = \"DIR\" } (and lock = "
+                             "\"positives\" to keep it as it is: LiT).")
+        self.model = embedder(self.backbone.module, o.normalize, *self._towers())
         return self.model
+
+    def _tower(self):
+        from graft import create
+
+        o = self.options
+        tower = create("backbone", o.tower, where="[strategy] tower")
+        tower.build()
+        if tower.modality != "text":
+            raise GraftError(f"[strategy] tower: the second tower embeds the target texts; backbone "
+                             f"{tower.name!r} takes {tower.modality}. Use a text backbone there (image anchors go "
+                             f"in [backbone], with [data] source_images = true).")
+        if not self.pairs:
+            raise GraftError("[strategy] tower: two towers need (anchor, positive) pairs: [data] plugin = \"pairs\".")
+        if tower.tokenizer() is None:
+            raise GraftError(f"[strategy] tower: backbone {tower.name!r} has no tokenizer; give it one (tokenizer = "
+                             f"\"DIR\").")
+        return tower
+
+    def _towers(self):
+        """(tower module, {side: projection}) for the embedder: projections to a common width (see projection_dim),
+        and the locked side frozen."""
+        import torch
+
+        if self.tower is None:
+            return None, {}, None
+        o = self.options
+        widths = {"anchors": self.backbone.num_features, "positives": self.tower.num_features}
+        locked = {"anchors": self.backbone.module, "positives": self.tower.module}.get(o.lock)
+        if locked is not None:
+            locked.requires_grad_(False)
+        target = o.projection_dim or (widths[o.lock] if o.lock != "none" else 0)
+        if not target and widths["anchors"] != widths["positives"]:
+            raise GraftError(f"[strategy] tower: the towers give {widths['anchors']} and {widths['positives']} "
+                             f"features and neither is locked; set projection_dim (e.g. 256) to project both to "
+                             f"one width.")
+        projections = {side: torch.nn.Linear(w, target, bias=False) for side, w in widths.items()
+                       if target and side != o.lock and (o.projection_dim or w != target)}
+        return self.tower.module, projections, locked
 
     def _scored(self) -> bool:
         for split in ("train", "val", "test"):
@@ -196,12 +250,18 @@ class Contrastive(Strategy):
         return run.model.eval().requires_grad_(False)
 
     # -- encoding ----------------------------------------------------------------------------------------------
-    def encode(self, model, inputs):
-        """[B, D] float32 embeddings of prepared inputs (unit length with ``normalize``) through ``model``, the
-        strategy's module (or DDP around it, whose forward this bypasses)."""
-        return getattr(model, "module", model).embed(inputs)
+    def encode(self, model, inputs, side: str = "anchors"):
+        """[B, D] float32 embeddings of prepared inputs (unit length with ``normalize``) of ``side`` ("anchors", or
+        "positives" / "negatives": the tower's, with two towers) through ``model``, the strategy's module (or DDP
+        around it, whose forward this bypasses)."""
+        return getattr(model, "module", model).embed(inputs, side)
 
     def _sides(self, batch) -> dict:
+        if self.pairs and self.tower is not None:  # the tower's own tokenizer reads the target texts
+            sides = {"anchors": batch["inputs"], "positives": self._tower_inputs(batch["references"], batch)}
+            if batch.get("negative_texts"):
+                sides["negatives"] = self._tower_inputs(batch["negative_texts"], batch)
+            return sides
         if self.pairs:
             sides = {"anchors": batch["inputs"], "positives": batch["positives"]}
             if "negatives" in batch:
@@ -210,6 +270,12 @@ class Contrastive(Strategy):
         if self.images:
             return {"anchors": self._views(batch, 0), "positives": self._views(batch, 1)}
         return {"anchors": batch["inputs"], "positives": batch["inputs"]}  # SimCSE: a second dropout mask
+
+    def _tower_inputs(self, texts, batch):
+        device = _first(batch["inputs"]).device
+        enc = self.tower.tokenizer()(list(texts), truncation=True, max_length=self.data.max_target, padding=True,
+                                     return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
     def _views(self, batch, view: int):
         """One augmented view of each image of the batch (SimCLR, Chen et al. 2020: random resized crop, flip, colour
@@ -248,7 +314,7 @@ class Contrastive(Strategy):
         ds = self.data.dataset(batch["split"])
         rows = [ds[i] for i in batch["index"].tolist()]
         texts = {"anchors": [r[3] for r in rows], "positives": [r[2] for r in rows]} if self.pairs else None
-        device = batch["inputs"]["input_ids"].device
+        device = _first(batch["inputs"]).device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         out = {}
@@ -342,7 +408,7 @@ class Contrastive(Strategy):
         sides = self._sides(batch)
         teacher = self._teacher_embeddings(batch)
         chunk = self.options.mini_batch_size
-        if chunk and batch["inputs"]["input_ids"].shape[0] > chunk:
+        if chunk and _first(batch["inputs"]).shape[0] > chunk:
             return {"loss": self._cached_step(model, sides, batch, teacher, chunk)}
         return {"loss": self._objective(model(sides), batch, teacher)}
 
@@ -352,17 +418,18 @@ class Contrastive(Strategy):
         import torch.distributed as td
 
         base = getattr(model, "module", model)
-        device = batch["inputs"]["input_ids"].device
+        device = _first(batch["inputs"]).device
         chunks, emb = [], {}
         with torch.no_grad():
             for side, inputs in sides.items():
                 parts = []
-                n = inputs["input_ids"].shape[0]
+                n = _first(inputs).shape[0]
                 for i in range(0, n, chunk):
-                    piece = {k: v[i:i + chunk] for k, v in inputs.items()}
+                    piece = inputs[i:i + chunk] if not isinstance(inputs, dict) else \
+                        {k: v[i:i + chunk] for k, v in inputs.items()}
                     state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda"
                              else None)
-                    parts.append(self.encode(base, piece))
+                    parts.append(self.encode(base, piece, side))
                     chunks.append((side, piece, state))
                 emb[side] = torch.cat(parts).detach().requires_grad_(True)
         with torch.enable_grad():
@@ -372,7 +439,7 @@ class Contrastive(Strategy):
         per_side = dict(zip(emb.keys(), grads))
         cached, offsets = [], {}
         for side, piece, _ in chunks:
-            at, n = offsets.get(side, 0), piece["input_ids"].shape[0]
+            at, n = offsets.get(side, 0), _first(piece).shape[0]
             cached.append(per_side[side][at:at + n])
             offsets[side] = at + n
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
@@ -429,11 +496,11 @@ class Contrastive(Strategy):
     # -- batches, prediction, export ---------------------------------------------------------------------------
     def batch_keys(self, split):
         """Each training row's texts (anchor, positive, negatives): rows sharing one never meet in a step."""
-        ds = self.data.dataset(split) if not self.images else None  # images: reading them all is no key
-        if not ds:
+        ds = self.data.dataset(split) if not self.images and not self.pairs else None  # images: not all read
+        if not ds and not self.pairs:
             return None
         if self.pairs:
-            return [frozenset((tuple(e[0]), tuple(e[1]), *(tuple(n) for n in e[4]))) for e in ds]
+            return [frozenset((source, target, *negatives)) for source, target, negatives in self.data.texts(split)]
         first = ds[0][0] if isinstance(ds[0], tuple) else None
         if isinstance(first, (list, tuple)):
             return [frozenset([tuple(e[0])]) for e in ds]
@@ -466,15 +533,22 @@ class Contrastive(Strategy):
         return {"embedding_dim": int(self.backbone.num_features), "normalize": self.options.normalize}
 
     def export(self, model, directory):
-        """backbone/ and, for an hf text backbone, sentence-transformers/: the backbone's folder with modules.json,
-        sentence_bert_config.json, 1_Pooling/ (the backbone's pooling) and 2_Normalize/ (with normalize)."""
+        """backbone/ and, for one hf text backbone, sentence-transformers/: the backbone's folder with modules.json,
+        sentence_bert_config.json, 1_Pooling/ (the backbone's pooling) and 2_Normalize/ (with normalize); with two
+        towers, backbone/ and tower/."""
         d = Path(directory, "backbone")
         d.mkdir(exist_ok=True)
         self.backbone.export(str(d))
+        if self.tower is not None:  # two towers: each in its family's format; the projections are in the weights
+            Path(directory, "tower").mkdir(exist_ok=True)
+            self.tower.export(str(Path(directory, "tower")))
+            return
         pooling = getattr(getattr(self.backbone, "options", None), "pooling", None)
-        if self.backbone.modality != "text" or pooling not in ("mean", "cls"):
-            warn(f"contrastive: no sentence-transformers/ folder (backbone {self.backbone.name!r}, pooling "
-                 f"{pooling!r}): it is written for a text backbone with pooling \"mean\" or \"cls\".")
+        if self.backbone.modality != "text":
+            return
+        if pooling not in ("mean", "cls"):
+            warn(f"contrastive: no sentence-transformers/ folder: it has no module for pooling {pooling!r}; use "
+                 f"[backbone] pooling = \"mean\" or \"cls\" for one.")
             return
         st = Path(directory, "sentence-transformers")
         st.mkdir(exist_ok=True)
@@ -496,9 +570,16 @@ class Contrastive(Strategy):
             "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}, indent=2))
 
 
-def embedder(encoder, normalize: bool):
+def _first(inputs):
+    """The tensor of prepared inputs (images) or the first of a dict of them (token ids): for rows and device."""
+    return inputs if not isinstance(inputs, dict) else next(iter(inputs.values()))
+
+
+def embedder(encoder, normalize: bool, tower=None, projections=None, locked=None):
     """The strategy's module: ``forward(sides)`` maps each side's prepared inputs to its ``[rows, D]`` embeddings in
-    one call (DDP prepares one gradient reduction for all of them); ``embed(inputs)`` one side's."""
+    one call (DDP prepares one gradient reduction for all of them); ``embed(inputs, side)`` one side's. With a
+    ``tower``, positives and negatives go through it; ``projections`` ({"anchors" / "positives": Linear}) map a
+    tower to the common width; the ``locked`` module stays in eval mode."""
     import torch
     import torch.nn.functional as F
 
@@ -506,14 +587,27 @@ def embedder(encoder, normalize: bool):
         def __init__(self):
             super().__init__()
             self.encoder = encoder
+            if tower is not None:
+                self.tower = tower
+            if projections:
+                self.project = torch.nn.ModuleDict(projections)
 
-        def embed(self, inputs):
-            e = self.encoder(inputs)
+        def embed(self, inputs, side: str = "anchors"):
+            key = "anchors" if side == "anchors" or tower is None else "positives"
+            e = (self.encoder if key == "anchors" else self.tower)(inputs)
             e = e[0] if isinstance(e, tuple) else e
+            if projections and key in self.project:
+                e = self.project[key](e)
             return F.normalize(e.float(), dim=-1) if normalize else e.float()
 
         def forward(self, sides: dict) -> dict:
-            return {side: self.embed(inputs) for side, inputs in sides.items()}
+            return {side: self.embed(inputs, side) for side, inputs in sides.items()}
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            if locked is not None:
+                locked.eval()
+            return self
 
     return Embedder()
 

@@ -41,6 +41,9 @@ class PairsOptions:
     target_column: str = option("target", "Column or field holding the target text.")
     negative_columns: list[str] = option(help="Embedding training (contrastive): columns holding hard negatives of the "
                                              "row (a JSONL field may hold a list of them).", default_factory=list)
+    source_images: bool = option(False, "Embedding training with an image backbone: the source column holds image "
+                                        "paths (relative to the file's folder), the targets are texts for the "
+                                        "contrastive strategy's text tower.")
     score_column: str = option("", "Embedding training (contrastive): a column holding each pair's similarity (e.g. "
                                    "in [0, 1] or [0, 5]; only its order matters to CoSENT and Spearman's rho).")
     val_path: str = option("", "Separate validation pairs (same layout); else a seeded sample of path.", path=True)
@@ -85,7 +88,22 @@ class Pair:
 
 def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: str = "path") -> list[Pair]:
     """The pairs of one split's file(s) (option ``key``: path, val_path or test_path), each with its file and line;
-    GraftError for unreadable files, missing columns, files of different lengths and (unless dropped) empty rows."""
+    GraftError for unreadable files, missing columns, files of different lengths, missing source images and (unless
+    dropped) empty rows."""
+    pairs = _read_pairs(path, target_path, o, where, key)
+    if o.source_images:
+        root = Path(path).expanduser().parent
+        for r in pairs:
+            image = Path(r.source.strip()).expanduser()
+            image = image if image.is_absolute() else root / image
+            if not image.is_file():
+                raise GraftError(f"{where}: {r.where}: source image {r.source.strip()!r} is not a file (relative "
+                                 f"paths are read from {root}).")
+            r.source = str(image)
+    return pairs
+
+
+def _read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: str) -> list[Pair]:
     target_key = "target_path" if key == "path" else key.replace("_path", "_target_path")
     p = Path(path).expanduser()
     if not p.is_file():
@@ -222,17 +240,23 @@ class Pairs(DataSource):
 
         o = self.options
         where = f"[data] plugin = \"{self.name or 'pairs'}\""
-        self.require(backbone, "text")
-        tok = backbone.tokenizer()
-        if tok is None:
+        if backbone.modality == "image" or o.source_images:
+            self._image_setup(backbone, where)
+        else:
+            self.require(backbone, "text")
+        tok = backbone.tokenizer() if backbone.modality == "text" else None
+        if tok is None and backbone.modality == "text":
             raise GraftError(f"{where}: backbone {backbone.name!r} has no tokenizer: set [backbone] tokenizer = "
                              f"\"DIR\" (a folder with tokenizer.json or vocab.txt).")
-        limit = check_limits(backbone, where=where, tokens=o.max_source_length or None, tokens_key="max_source_length",
-                             tokenizer=tok)
-        check_limits(backbone, where=where, tokens=o.max_target_length or None, tokens_key="max_target_length")
+        limit = None
+        if tok is not None:
+            limit = check_limits(backbone, where=where, tokens=o.max_source_length or None,
+                                 tokens_key="max_source_length", tokenizer=tok)
+            check_limits(backbone, where=where, tokens=o.max_target_length or None, tokens_key="max_target_length")
         self.max_source = o.max_source_length or min(512, limit or 512)
         self.max_target = o.max_target_length or min(128, limit or 128)
-        self.tokenizer, self.pad_id = tok, tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.tokenizer = tok
+        self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         main = read_pairs(o.path, o.target_path, o, where)
         if o.max_examples and o.max_examples < len(main):
             keep = np.random.default_rng([seed, 2]).permutation(len(main))[: o.max_examples]
@@ -258,9 +282,29 @@ class Pairs(DataSource):
                  f"and {self.truncated['targets']} target(s) longer than max_target_length = {self.max_target} "
                  f"tokens were cut; raise those limits to keep them whole.")
 
+    def _image_setup(self, backbone, where):
+        """An image backbone: the sources are image paths, read when an example is (eval-style resize + centre
+        crop to the backbone's size); the targets stay texts (for a text tower), untokenized."""
+        if backbone.modality != "image":
+            raise GraftError(f"{where}: source_images = true needs an image backbone; [backbone] plugin = "
+                             f"\"{backbone.name}\" takes {backbone.modality}.")
+        if not self.options.source_images:
+            raise GraftError(f"{where} with an image backbone ({backbone.name!r}): the source column must hold image "
+                             f"paths. Set source_images = true (embedding training with a text tower).")
+        import torch
+        from torchvision.transforms import v2 as T
+
+        cfg = backbone.image_config()
+        size = tuple(cfg["size"])
+        gray = [T.Grayscale(1)] if cfg["channels"] == 1 else []
+        self.image_tf = T.Compose(gray + [T.Resize(int(round(size[0] / 0.875))), T.CenterCrop(size), T.ToImage(),
+                                          T.ToDtype(torch.float32, scale=True), T.Normalize(cfg["mean"], cfg["std"])])
+
     def _encode(self, pairs: list[Pair]) -> list[tuple]:
         if not pairs:
             return []
+        if self.tokenizer is None:  # image sources: paths; texts for the strategy's tower
+            return [(p.source, [], p.target, p.source, (), p.negatives, p.score) for p in pairs]
         tok = self.tokenizer
         src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
         tgt = tok(text_target=[p.target for p in pairs], add_special_tokens=True)["input_ids"]
@@ -287,12 +331,28 @@ class Pairs(DataSource):
     def report(self):
         return {"truncated_sources": self.truncated["sources"], "truncated_targets": self.truncated["targets"]}
 
+    def texts(self, split) -> list[tuple]:
+        """(source, target, hard negatives) as strings for each example of ``split`` (image sources: their paths),
+        without reading images."""
+        return [(e[3], e[2], e[5]) for e in self.splits.get(split) or []]
+
     def dataset(self, split):
-        return self.splits.get(split) or None
+        rows = self.splits.get(split) or None
+        return _SourceImages(rows, self.image_tf) if rows and self.tokenizer is None else rows
 
     def collate(self, examples):
         import torch
 
+        if self.tokenizer is None:  # images and target texts (a text tower tokenizes them)
+            batch = {"inputs": torch.stack([e[0] for e in examples]), "references": [e[2] for e in examples],
+                     "targets": torch.zeros(len(examples), dtype=torch.long)}
+            negatives = [(row, n) for row, e in enumerate(examples) for n in e[5]]
+            if negatives:
+                batch["negative_rows"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)
+                batch["negative_texts"] = [n for _, n in negatives]
+            if examples[0][6] is not None:
+                batch["scores"] = torch.tensor([e[6] for e in examples], dtype=torch.float32)
+            return batch
         input_ids, mask = pad_tokens([e[0] for e in examples], self.pad_id)
         targets, _ = pad_tokens([e[1] for e in examples], UNLABELLED)
         batch = {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
@@ -305,16 +365,42 @@ class Pairs(DataSource):
             ids, mask = pad_tokens([n for _, n in negatives], self.pad_id)
             batch["negatives"] = {"input_ids": ids, "attention_mask": mask}
             batch["negative_rows"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)
+            batch["negative_texts"] = [t for e in examples for t in e[5]]
         if examples[0][6] is not None:
             batch["scores"] = torch.tensor([e[6] for e in examples], dtype=torch.float32)
         return batch
 
     def encode(self, backbone, items):
+        if backbone.modality == "image":
+            import torch
+
+            from graft.data import open_image
+
+            if not hasattr(self, "image_tf"):
+                self._image_setup(backbone, "graft predict")
+            return torch.stack([self.image_tf(open_image(path)) for path in items])
         tok = backbone.tokenizer()
         limit = backbone.limits().get("max_tokens")
         n = self.options.max_source_length or min(512, limit or 512)
         enc = tok(list(items), truncation=True, max_length=n, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class _SourceImages:
+    """A split whose sources are image paths: each example's image read and prepared when it is taken (in the loader's
+    workers)."""
+
+    def __init__(self, rows, transform):
+        self.rows, self.transform = rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        from graft.data import open_image
+
+        row = self.rows[i]
+        return (self.transform(open_image(row[0])), *row[1:])
 
 
 @hookimpl

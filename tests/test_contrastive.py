@@ -374,3 +374,72 @@ def test_simclr_views_of_unlabelled_images(tmp_path):
               if '"train"' in x]
     assert sum(losses[-5:]) < sum(losses[:5]), losses
     assert (tmp_path / "simclr" / "backbone").is_dir()
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory, bert):
+    """A second random-init BERT of another width (48), same vocabulary: a tower."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("wide")
+    BertTokenizerFast.from_pretrained(str(bert)).save_pretrained(d)
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(d)
+    return d
+
+
+def test_two_towers_one_locked_meet_in_the_locked_ones_space(bert, wide_bert, tmp_path):
+    write_pairs(tmp_path / "p.jsonl", n=96)
+    c = conf(bert, tmp_path / "p.jsonl", max_steps=40, eval_every=40)
+    c["strategy"].update(tower={"plugin": "hf", "weights": str(wide_bert)}, lock="positives")
+    before = Run(load_config(c, where="c.toml"))
+    assert set(before.strategy.model.project) == {"anchors"}  # 32 -> the locked tower's 48
+    base = before.evaluate(before.model, "val")
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    val = json.loads((tmp_path / "run" / "summary.json").read_text())["val"]
+    assert val["recall@1"] > base["recall@1"] + 0.2, (base, val)
+    trained = weights(tmp_path / "run", "model.safetensors")
+    start = before.model.state_dict()
+    tower = [k for k in trained if k.startswith("tower.")]
+    assert tower and all(torch.equal(trained[k], start[k]) for k in tower)  # locked
+    assert not torch.equal(trained["project.anchors.weight"], start["project.anchors.weight"])
+    assert (tmp_path / "run" / "tower" / "config.json").is_file()
+    assert not (tmp_path / "run" / "sentence-transformers").exists()
+    c["strategy"]["lock"] = "none"
+    cfg = write_config(tmp_path / "w.toml", c)
+    assert_bad_input(*cli_run("train", cfg, "--out", tmp_path / "w"), "projection_dim")
+
+
+def test_an_image_tower_learns_to_meet_a_locked_text_tower(bert, tmp_path):
+    """LiT-style: digits images (anchors, a tiny ViT that trains) against their digit's name embedded by a locked
+    text tower; retrieval of the right name among the ten."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(300):
+        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append({"source": f"img/{i}.png", "target": f"{OLD[digits.target[i]]} {OLD[10 + digits.target[i]]}"})
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = conf(bert, tmp_path / "p.jsonl", max_steps=60, eval_every=60, batch_size=8, lr=3e-3)
+    c["backbone"] = dict(TINY_VIT)
+    c["data"]["source_images"] = True
+    c["strategy"].update(tower={"plugin": "hf", "weights": str(bert)}, lock="positives")
+    untrained = Run(load_config(c, where="c.toml"))
+    base = untrained.evaluate(untrained.model, "val")
+    train(load_config(c, where="c.toml"), tmp_path / "lit", echo=lambda m: None)
+    val = json.loads((tmp_path / "lit" / "summary.json").read_text())["val"]
+    assert val["candidates"] == 10 and val["recall@1"] > max(0.4, base["recall@1"] + 0.2), (base, val)
+    code, out = cli_run("predict", tmp_path / "lit", tmp_path / "img" / "0.png", "--json")
+    assert code == 0, out
+    assert len(json.loads(out.splitlines()[-1])["embedding"]) == 32
+    rows[3]["source"] = "img/missing.png"
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c["data"]["path"] = str(tmp_path / "m.jsonl")
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "m.toml", c), "--out", tmp_path / "m"),
+                     "m.jsonl, line 4", "img/missing.png")
