@@ -443,3 +443,22 @@ def test_an_image_tower_learns_to_meet_a_locked_text_tower(bert, tmp_path):
     c["data"]["path"] = str(tmp_path / "m.jsonl")
     assert_bad_input(*cli_run("train", write_config(tmp_path / "m.toml", c), "--out", tmp_path / "m"),
                      "m.jsonl, line 4", "img/missing.png")
+
+
+def test_lora_run_exports_merged_weights_that_sentence_transformers_reproduces(bert, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    write_pairs(tmp_path / "p.jsonl", n=48)
+    c = conf(bert, tmp_path / "p.jsonl", max_steps=6, precision="bf16")
+    c["adapter"] = {"plugin": "lora", "r": 4}
+    c["strategy"]["mini_batch_size"] = 3  # GradCache replays under the step's autocast
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    assert (tmp_path / "run" / "adapter").is_dir()
+    texts = ["in the beginning", "thou hast said unto"]
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    code, out = cli_run("predict", tmp_path / "run", "--file", tmp_path / "t.txt", "--json")
+    assert code == 0, out
+    mine = torch.tensor([json.loads(line)["embedding"] for line in out.splitlines() if line.startswith("{")])
+    st = SentenceTransformer(str(tmp_path / "run" / "sentence-transformers"), device="cpu")
+    theirs = torch.tensor(st.encode(texts))
+    assert torch.allclose(mine, theirs, atol=2e-2), (mine - theirs).abs().max()  # bf16 prediction vs fp32
