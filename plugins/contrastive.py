@@ -61,6 +61,8 @@ class ContrastiveOptions:
     projection_dim: int = option(0, "Two towers: a trained linear projection of each unlocked tower to this width "
                                     "(needed when the towers' widths differ and neither is locked; with a locked "
                                     "tower, 0 projects the other tower to the locked one's width).")
+    freeze_layers: int = option(0, "The first N layer groups of the [backbone] do not train (embeddings first, then "
+                                   "each block: Backbone.layer_groups()).")
     crop_scale: float = option(0.2, "Unlabelled images (SimCLR): each view is a random crop of at least this "
                                     "fraction of the image's area, resized back (SimCLR's 0.08 for ImageNet-sized "
                                     "images; larger for small ones).")
@@ -69,8 +71,8 @@ class ContrastiveOptions:
                                       "then grey scale with probability 0.2; 0 = crops and flips only.")
 
     def validate(self):
-        if self.mini_batch_size < 0:
-            raise ValueError("mini_batch_size must be >= 0.")
+        if self.mini_batch_size < 0 or self.freeze_layers < 0:
+            raise ValueError("mini_batch_size and freeze_layers must be >= 0.")
         if not 0 < self.crop_scale <= 1 or not 0 <= self.color_jitter <= 1:
             raise ValueError("crop_scale must be in (0, 1] and color_jitter in [0, 1].")
         if not 0 <= self.alpha <= 1:
@@ -188,6 +190,13 @@ class Contrastive(Strategy):
                              "tower. Set [strategy] tower = { plugin = \"hf\", weights = \"DIR\" } (and lock = "
                              "\"positives\" to keep it as it is: LiT).")
         self.model = embedder(self.backbone.module, o.normalize, *self._towers())
+        groups = self.backbone.layer_groups()
+        if o.freeze_layers > len(groups):
+            raise GraftError(f"[strategy] freeze_layers = {o.freeze_layers}: backbone {self.backbone.name!r} has "
+                             f"{len(groups)} layer groups. Use at most {len(groups)}.")
+        params = dict(self.backbone.module.named_parameters())
+        for name in (n for g in groups[: o.freeze_layers] for n in g):
+            params[name].requires_grad_(False)
         return self.model
 
     def _tower(self):

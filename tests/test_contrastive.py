@@ -274,6 +274,21 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(bert, tmp_path):
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
 
 
+def test_frozen_layers_stay_as_they_were(bert, tmp_path):
+    write_pairs(tmp_path / "p.jsonl", n=32)
+    c = conf(bert, tmp_path / "p.jsonl", max_steps=3)
+    c["strategy"]["freeze_layers"] = 2  # embeddings and the first block
+    start = Run(load_config(c, where="c.toml")).model.state_dict()
+    train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
+    end = weights(tmp_path / "run")
+    moved = {k for k in end if not torch.equal(end[k], start[k])}
+    assert moved and not any(".embeddings." in k or ".layer.0." in k for k in moved), sorted(moved)[:5]
+    assert any(".layer.1." in k for k in moved)
+    c["strategy"]["freeze_layers"] = 9
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "f.toml", c), "--out", tmp_path / "f"),
+                     "freeze_layers = 9", "layer groups")
+
+
 def test_scored_pairs_with_cosent_report_spearman(bert, tmp_path):
     write_pairs(tmp_path / "p.jsonl", n=128, scores=True)
     c = conf(bert, tmp_path / "p.jsonl", {"plugin": "cosent"}, max_steps=60, eval_every=60)
