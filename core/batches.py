@@ -31,8 +31,10 @@ class EpochSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
-        if self.keys is not None and self.group > 1:
-            order = distinct_order(order, self.keys, self.group)
+        if self.keys is not None and self.group > 1:  # once per epoch: len() and iter() both ask
+            if getattr(self, "_distinct", (None,))[0] != self.epoch:
+                self._distinct = (self.epoch, distinct_order(order, self.keys, self.group))
+            order = list(self._distinct[1])
         w = self.dist.world_size
         if self.pad and self.n % w:
             order += order[: w - self.n % w]

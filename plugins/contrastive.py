@@ -80,16 +80,21 @@ class ContrastiveOptions:
 
 
 def retrieval_metrics(anchors, candidates, relevant, ks=(1, 10)) -> dict:
-    """Recall@k, MRR@10 and nDCG@10 of retrieving, for each anchor (row of ``anchors`` [n, D]), its one relevant
-    candidate ``relevant[i]`` among ``candidates`` [m, D] by dot product (cosine for unit vectors). Ties count
-    against the anchor. Means over anchors, in [0, 1]."""
+    """Recall@k, MRR@10 and nDCG@10 of retrieving, for each anchor (row of ``anchors`` [n, D]), its relevant
+    candidate among ``candidates`` [m, D] by dot product (cosine for unit vectors): ``relevant`` is its index
+    (long ``[n]``), or a bool ``[n, m]`` mask when an anchor has several -- then the first relevant one found counts
+    (success@k, and the reciprocal rank and gain of that one). Ties count against the anchor. Means over anchors,
+    in [0, 1]."""
     import torch
 
     ranks = []
     for i in range(0, len(anchors), 1024):
         s = anchors[i:i + 1024].float() @ candidates.float().T
-        own = s.gather(1, relevant[i:i + 1024, None])
-        ranks.append((s >= own).sum(1))  # 1 = first
+        mask = relevant[i:i + 1024]
+        if mask.dtype != torch.bool:
+            mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, mask[:, None], True)
+        best = s.masked_fill(~mask, float("-inf")).max(1, keepdim=True).values
+        ranks.append(((s >= best) & ~mask).sum(1) + 1)  # 1 = first
     r = torch.cat(ranks).double()
     out = {f"recall@{k}": float((r <= k).double().mean()) for k in ks}
     top = r <= 10
@@ -104,7 +109,7 @@ class _Replay:
     its embeddings (times the incoming gradient: the loop's loss scale and accumulation share)."""
 
     @staticmethod
-    def make(strategy, base, chunks, grads, autocast, world):
+    def make(strategy, base, chunks, grads, autocast, world, mean=False):
         import torch
 
         class Replay(torch.autograd.Function):
@@ -131,16 +136,16 @@ class _Replay:
                             e = strategy.encode(base, inputs, side)
                         torch.autograd.backward(e.float(), grad * g)
                 if kept is not None:
-                    _sum_gradients(params, kept)
+                    _sum_gradients(params, kept, world if mean else 1)
                 return None, None
 
         return Replay
 
 
-def _sum_gradients(params, kept) -> None:
-    """Sum this step's gradients of ``params`` over processes (one flat all-reduce), then add back the gradients
-    ``kept`` from earlier micro-batches. A parameter no process gave a gradient keeps none (the optimizer skips it,
-    weight decay included), as under DDP."""
+def _sum_gradients(params, kept, divide: int = 1) -> None:
+    """Sum this step's gradients of ``params`` over processes (one flat all-reduce; divided by ``divide``: the
+    world size gives DDP's mean), then add back the gradients ``kept`` from earlier micro-batches. A parameter no
+    process gave a gradient keeps none (the optimizer skips it, weight decay included), as under DDP."""
     import torch
     import torch.distributed as td
 
@@ -148,6 +153,8 @@ def _sum_gradients(params, kept) -> None:
     td.all_reduce(used)
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
     td.all_reduce(flat)
+    if divide > 1:
+        flat /= divide
     at = 0
     for p, k, u in zip(params, kept, used.tolist()):
         n = p.numel()
@@ -181,15 +188,21 @@ class Contrastive(Strategy):
             raise GraftError(f"[loss] plugin = {self.loss.name!r} learns from scored pairs: set [data] score_column "
                              f"(a similarity per row), or use \"infonce\".")
         self.primary_metric = "spearman" if self.scored else "recall@1" if self.pairs else "loss"
-        self.teacher = None
-        if o.teacher and not self.predicting:
-            self.teacher = self._load_teacher(o.teacher)
         self.tower = self._tower() if o.tower else None
+        if o.lock != "none" and self.tower is None:
+            raise GraftError(f"[strategy] lock = \"{o.lock}\" locks one of two towers: set [strategy] tower (a "
+                             f"second backbone for the positives), or remove lock.")
         if self.pairs and self.backbone.modality == "image" and self.tower is None:
             raise GraftError("[strategy] plugin = \"contrastive\" on image sources: the target texts need a text "
                              "tower. Set [strategy] tower = { plugin = \"hf\", weights = \"DIR\" } (and lock = "
                              "\"positives\" to keep it as it is: LiT).")
         self.model = embedder(self.backbone.module, o.normalize, *self._towers())
+        project = getattr(self.model, "project", {})
+        #: the embeddings' width (a projection's, with two towers)
+        self.dim = project["anchors"].out_features if "anchors" in project else int(self.backbone.num_features)
+        self.teacher = None
+        if o.teacher and not self.predicting:
+            self.teacher = self._load_teacher(o.teacher)
         groups = self.backbone.layer_groups()
         if o.freeze_layers > len(groups):
             raise GraftError(f"[strategy] freeze_layers = {o.freeze_layers}: backbone {self.backbone.name!r} has "
@@ -251,9 +264,13 @@ class Contrastive(Strategy):
         if not isinstance(run.strategy, Contrastive):
             raise GraftError(f"[strategy] teacher = {path!r} is a {run.strategy.name!r} run; embedding distillation "
                              f"needs a contrastive run.")
-        if run.backbone.num_features != self.backbone.num_features:
-            raise GraftError(f"[strategy] teacher = {path!r} gives {run.backbone.num_features}-dimensional "
-                             f"embeddings and this backbone {self.backbone.num_features}: the squared error compares "
+        if not self.pairs and run.backbone.tokenizer().get_vocab() != self.backbone.tokenizer().get_vocab():
+            raise GraftError(f"[strategy] teacher = {path!r} has another vocabulary than this backbone: on plain "
+                             f"text the teacher reads the student's token ids. Use pairs data (each side read by its "
+                             f"own tokenizer), or a student with the teacher's tokenizer.")
+        if run.strategy.dim != self.dim:
+            raise GraftError(f"[strategy] teacher = {path!r} gives {run.strategy.dim}-dimensional "
+                             f"embeddings and this model {self.dim}: the squared error compares "
                              f"them dimension by dimension. Use a student of the same width.")
         self.teacher_run = run
         return run.model.eval().requires_grad_(False)
@@ -382,8 +399,8 @@ class Contrastive(Strategy):
             out[side] = torch.cat([p[: s[0]] for p, s in zip(parts, sizes)])
         if n_neg:
             local = emb.get("negatives")
-            if local is None:
-                local = emb["anchors"].new_zeros((0, emb["anchors"].shape[1]))
+            if local is None:  # a slice keeps the graph: every process must run the gather's backward
+                local = emb["anchors"][:0]
             parts = gather(local, n_neg)
             if not grad:
                 parts[rank] = local
@@ -408,8 +425,7 @@ class Contrastive(Strategy):
         if teacher is None:
             return loss
         t, _, _ = self._gathered(teacher, batch, "local" if mode == "local" else "leaves")
-        mse = (F.mse_loss(everyone["anchors"], t["anchors"]) + F.mse_loss(everyone["positives"], t["anchors"]
-                                                                          if self.pairs else t["positives"])) / 2
+        mse = (F.mse_loss(everyone["anchors"], t["anchors"]) + F.mse_loss(everyone["positives"], t["positives"])) / 2
         a = self.options.alpha
         return mse if loss is None else a * mse + (1 - a) * loss
 
@@ -427,6 +443,10 @@ class Contrastive(Strategy):
         import torch.distributed as td
 
         base = getattr(model, "module", model)
+        if any(type(p).__name__ == "DTensor" for p in base.parameters()):
+            raise GraftError("[strategy] mini_batch_size (GradCache) with [train] parallel = \"fsdp\": FSDP reduces "
+                             "gradients during the replayed backward itself. Use DDP (parallel = \"ddp\") or set "
+                             "mini_batch_size = 0.")
         device = _first(batch["inputs"]).device
         chunks, emb = [], {}
         with torch.no_grad():
@@ -440,21 +460,37 @@ class Contrastive(Strategy):
                              else None)
                     parts.append(self.encode(base, piece, side))
                     chunks.append((side, piece, state))
-                emb[side] = torch.cat(parts).detach().requires_grad_(True)
+                emb[side] = torch.cat(parts).detach()
+        trained = {side: self._trains(side) for side in emb}  # a locked tower's side needs no replay
+        for side, e in emb.items():
+            e.requires_grad_(trained[side])
         with torch.enable_grad():
             loss = self._objective(emb, batch, teacher, "leaves")
-            leaves = list(emb.values())
-            grads = torch.autograd.grad(loss, leaves)
-        per_side = dict(zip(emb.keys(), grads))
-        cached, offsets = [], {}
-        for side, piece, _ in chunks:
+            leaves = [e for side, e in emb.items() if trained[side]]
+            # a side the loss does not read (negatives under CoSENT) has no gradient: its chunks are not replayed
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+        per_side = dict(zip([side for side in emb if trained[side]], grads))
+        kept, cached, offsets = [], [], {}
+        for side, piece, state in chunks:
             at, n = offsets.get(side, 0), _first(piece).shape[0]
-            cached.append(per_side[side][at:at + n])
             offsets[side] = at + n
+            if per_side.get(side) is not None:
+                kept.append((side, piece, state))
+                cached.append(per_side[side][at:at + n])
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         world = td.get_world_size() if td.is_available() and td.is_initialized() else 1
+        # gathered negatives: each process's gradient is its share of the one loss (summed); else each process has
+        # its own loss, and DDP's mean is what the plain step gets
+        mean = world > 1 and not self.options.gather
         dummy = torch.zeros((), device=device, requires_grad=True)
-        return _Replay.make(self, model, chunks, cached, autocast, world).apply(dummy, loss.detach())
+        return _Replay.make(self, model, kept, cached, autocast, world, mean).apply(dummy, loss.detach())
+
+    def _trains(self, side: str) -> bool:
+        """Whether ``side``'s embeddings depend on trained parameters (not a locked tower's side)."""
+        o = self.options
+        if self.tower is None or o.lock == "none":
+            return True
+        return (side == "anchors") != (o.lock == "anchors")
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def eval_step(self, model, batch):
@@ -467,7 +503,7 @@ class Contrastive(Strategy):
         if self.pairs:
             out["embedded"] = [(batch["index"].cpu(), emb["anchors"].detach().float().cpu(),
                                 emb["positives"].detach().float().cpu(), list(batch["references"]),
-                                batch["scores"].cpu() if "scores" in batch else None)]
+                                batch["scores"].cpu() if "scores" in batch else None, list(batch["sources"]))]
         return out
 
     def compute_metrics(self, sums):
@@ -486,14 +522,22 @@ class Contrastive(Strategy):
 
             scores = torch.cat([p[4] for p in parts])
             cos = torch.nn.functional.cosine_similarity(anchors, positives, dim=-1)
-            out["spearman"] = float(spearmanr(cos.numpy(), scores.numpy()).statistic)
+            rho = float(spearmanr(cos.numpy(), scores.numpy()).statistic)
+            out["spearman"] = rho if rho == rho else 0.0  # constant embeddings: no correlation (NaN would stick)
             return out
         first: dict[str, int] = {}
         for i, t in enumerate(texts):  # one candidate per distinct positive text
             first.setdefault(t, i)
         keep = sorted(first.values())
         where = {i: k for k, i in enumerate(keep)}
-        relevant = torch.tensor([where[first[t]] for t in texts])
+        queries: dict[str, int] = {}  # one query per distinct anchor text, relevant: each of its positives
+        for i, a in enumerate(t for p in parts for t in p[5]):
+            queries.setdefault(a, len(queries))
+        rows = [queries[a] for p in parts for a in p[5]]
+        relevant = torch.zeros(len(queries), len(keep), dtype=torch.bool)
+        relevant[torch.tensor(rows), torch.tensor([where[first[t]] for t in texts])] = True
+        pick = sorted({q: i for i, q in reversed(list(enumerate(rows)))}.values())
+        anchors = anchors[pick]
         candidates = positives[keep]
         if not self.options.normalize:
             import torch.nn.functional as F
@@ -536,10 +580,10 @@ class Contrastive(Strategy):
                 return self.embedder.embed(inputs)
 
         return Encoder(getattr(model, "module", model)).eval(), ("embeddings",), \
-            f"[batch, {int(self.backbone.num_features)}]"
+            f"[batch, {self.dim}]"
 
     def report(self, model):
-        return {"embedding_dim": int(self.backbone.num_features), "normalize": self.options.normalize}
+        return {"embedding_dim": self.dim, "normalize": self.options.normalize}
 
     def export(self, model, directory):
         """backbone/ and, for one hf text backbone, sentence-transformers/: the backbone's folder with modules.json,
@@ -569,7 +613,8 @@ class Contrastive(Strategy):
                             "type": "sentence_transformers.models.Normalize"})
             (st / "2_Normalize").mkdir(exist_ok=True)
         (st / "modules.json").write_text(json.dumps(modules, indent=2))
-        limit = getattr(self.data, "max_source", None) or self.backbone.limits().get("max_tokens") or 512
+        limit = getattr(self.data, "max_source", None) or getattr(self.data.options, "max_length", 0) or \
+            min(256 if not self.pairs else 512, self.backbone.limits().get("max_tokens") or 512)
         (st / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": int(limit),
                                                                   "do_lower_case": False}, indent=2))
         (st / "1_Pooling").mkdir(exist_ok=True)

@@ -345,7 +345,7 @@ class Pairs(DataSource):
 
         if self.tokenizer is None:  # images and target texts (a text tower tokenizes them)
             batch = {"inputs": torch.stack([e[0] for e in examples]), "references": [e[2] for e in examples],
-                     "targets": torch.zeros(len(examples), dtype=torch.long)}
+                     "sources": [e[3] for e in examples], "targets": torch.zeros(len(examples), dtype=torch.long)}
             negatives = [(row, n) for row, e in enumerate(examples) for n in e[5]]
             if negatives:
                 batch["negative_rows"] = torch.tensor([row for row, _ in negatives], dtype=torch.long)
@@ -356,7 +356,7 @@ class Pairs(DataSource):
         input_ids, mask = pad_tokens([e[0] for e in examples], self.pad_id)
         targets, _ = pad_tokens([e[1] for e in examples], UNLABELLED)
         batch = {"inputs": {"input_ids": input_ids, "attention_mask": mask}, "targets": targets,
-                 "references": [e[2] for e in examples]}
+                 "references": [e[2] for e in examples], "sources": [e[3] for e in examples]}
         # the target side as encoder inputs, for embedding training (contrastive): positives, hard negatives, scores
         ids, mask = pad_tokens([e[1] for e in examples], self.pad_id)
         batch["positives"] = {"input_ids": ids, "attention_mask": mask}

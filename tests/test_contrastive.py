@@ -40,14 +40,14 @@ def rewrite(words):
     return " ".join(CIPHER[w] for w in reversed(words))
 
 
-def write_pairs(path, n=32, seed=0, duplicates=0, negatives=False, scores=False):
+def write_pairs(path, n=32, seed=0, duplicates=0, negatives=False, scores=False, negatives_in=None):
     """(text, ciphered text) rows; ``duplicates`` rows repeat an earlier row's anchor."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         words = rng.sample(OLD, 5) if i < n - duplicates else rows[rng.randrange(n - duplicates)]["w"]
         r = {"w": words, "source": " ".join(words), "target": rewrite(words)}
-        if negatives:
+        if negatives and (negatives_in is None or i < negatives_in):
             r["negative"] = rewrite(rng.sample(OLD, 5))
         if scores:  # a [0, 5] similarity: 4-5 for a text and its cipher, 0-1 for a text and another's
             r["score"] = rng.choice([0, 1, 4, 5])
@@ -117,6 +117,17 @@ def test_cosent_and_triplet_equal_hand_computations():
         neg = d(a[i], n[0]) if i == 2 else min(d(a[i], p[j]) for j in range(4) if j != i)
         want += max(0.0, d(a[i], p[i]) - neg + 1.0)
     assert float(Triplet(Triplet.Options(margin=1.0))(emb)) == pytest.approx(want / 4, rel=1e-5)
+
+
+def test_retrieval_with_several_relevant_candidates_counts_the_first_found():
+    from graft.plugins.contrastive import retrieval_metrics
+
+    cands = torch.eye(4)
+    anchors = torch.tensor([[0.1, 0.9, 0.5, 0.0]])  # order: 1, 2, 0, 3
+    both = torch.tensor([[True, False, True, False]])  # relevant: 0 and 2 -> the first found is at rank 2
+    m = retrieval_metrics(anchors, cands, both)
+    assert m["recall@1"] == 0 and m["mrr@10"] == pytest.approx(1 / 2)
+    assert retrieval_metrics(anchors, cands, torch.tensor([0]))["mrr@10"] == pytest.approx(1 / 3)
 
 
 def test_retrieval_metrics_by_hand():
@@ -194,25 +205,35 @@ def test_gradcache_gives_the_big_batch_loss_and_gradients(bert, tmp_path):
 
 
 def test_gradcache_replays_dropout_masks(bert, tmp_path):
-    """With dropout on, the replayed chunks must see their first pass's masks: the gradient then equals autograd's
-    through the same masks (one chunk = the whole batch, drawn from the same random state)."""
+    """With dropout on, each replayed chunk must see its first pass's masks: GradCache's gradient then equals
+    autograd's through the same chunked forward passes drawn from the same random state."""
     write_pairs(tmp_path / "p.jsonl", n=24)
     c = conf(bert, tmp_path / "p.jsonl")
     c["backbone"]["overrides"] = {"hidden_dropout_prob": 0.3}
-    c["strategy"]["mini_batch_size"] = 8  # one chunk per side: the same draws as the plain step
-    grads = []
-    for chunk in (0, 8):
-        c["strategy"]["mini_batch_size"] = chunk
-        run = Run(load_config(c, where="c.toml"))
-        batch = next(iter(run.loader("train", True)))
-        torch.manual_seed(1)
-        run.strategy.training_step(run.model, batch)["loss"].backward()
-        grads.append({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
-    assert max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) < 1e-5
+    c["strategy"]["mini_batch_size"] = 3
+    run = Run(load_config(c, where="c.toml"))
+    s, model = run.strategy, run.model.train()  # from_pretrained leaves it in eval mode: dropout off
+    batch = next(iter(run.loader("train", True)))
+    torch.manual_seed(1)
+    s.training_step(model, batch)["loss"].backward()
+    cached = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(1)  # the reference: the same chunks in the same order, with their graphs
+    emb = {side: torch.cat([s.encode(model, {k: v[i:i + 3] for k, v in inputs.items()}, side)
+                            for i in range(0, 8, 3)]) for side, inputs in s._sides(batch).items()}
+    s._objective(emb, batch, None).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert max((cached[k] - reference[k]).abs().max().item() for k in cached) < 1e-5
+    model.zero_grad()
+    torch.manual_seed(2)  # other masks: another gradient (the check can fail)
+    emb = {side: torch.cat([s.encode(model, {k: v[i:i + 3] for k, v in inputs.items()}, side)
+                            for i in range(0, 8, 3)]) for side, inputs in s._sides(batch).items()}
+    s._objective(emb, batch, None).backward()
+    assert max((cached[k] - p.grad).abs().max().item() for k, p in model.named_parameters() if k in cached) > 1e-4
 
 
 def test_two_processes_with_gathered_negatives_train_like_one_with_twice_the_batch(bert, tmp_path):
-    write_pairs(tmp_path / "p.jsonl", n=32, negatives=True)
+    write_pairs(tmp_path / "p.jsonl", n=32, negatives=True, negatives_in=4)  # some steps of a process have none
 
     def make(batch, accum):
         c = conf(bert, tmp_path / "p.jsonl", max_steps=2, batch_size=batch, grad_accum=accum, optimizer="sgd",
@@ -232,6 +253,12 @@ def test_two_processes_with_gathered_negatives_train_like_one_with_twice_the_bat
     two = graft("train", write_config(tmp_path / "g.toml", c), "--nproc", "2", "--out", tmp_path / "two-cached")
     assert two.returncode == 0, two.stderr
     assert_same_weights(big, weights(tmp_path / "two-cached"), atol=1e-5)
+    c["strategy"]["gather"] = False  # each process its own negatives: GradCache still = the plain step (DDP's mean)
+    cached = graft("train", write_config(tmp_path / "n.toml", c), "--nproc", "2", "--out", tmp_path / "own-cached")
+    c["strategy"]["mini_batch_size"] = 0
+    plain = graft("train", write_config(tmp_path / "p.toml", c), "--nproc", "2", "--out", tmp_path / "own")
+    assert cached.returncode == 0 and plain.returncode == 0, cached.stderr + plain.stderr
+    assert_same_weights(weights(tmp_path / "own"), weights(tmp_path / "own-cached"), atol=1e-5)
 
 
 def test_duplicates_never_share_a_step(bert, tmp_path):
@@ -444,7 +471,8 @@ def test_an_image_tower_learns_to_meet_a_locked_text_tower(bert, tmp_path):
     c = conf(bert, tmp_path / "p.jsonl", max_steps=60, eval_every=60, batch_size=8, lr=3e-3)
     c["backbone"] = dict(TINY_VIT)
     c["data"]["source_images"] = True
-    c["strategy"].update(tower={"plugin": "hf", "weights": str(bert)}, lock="positives")
+    # GradCache over image chunks; the locked text side is neither a leaf nor replayed
+    c["strategy"].update(tower={"plugin": "hf", "weights": str(bert)}, lock="positives", mini_batch_size=3)
     untrained = Run(load_config(c, where="c.toml"))
     base = untrained.evaluate(untrained.model, "val")
     train(load_config(c, where="c.toml"), tmp_path / "lit", echo=lambda m: None)
