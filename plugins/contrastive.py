@@ -192,7 +192,11 @@ class Contrastive(Strategy):
         if o.lock != "none" and self.tower is None:
             raise GraftError(f"[strategy] lock = \"{o.lock}\" locks one of two towers: set [strategy] tower (a "
                              f"second backbone for the positives), or remove lock.")
-        if self.pairs and self.backbone.modality == "image" and self.tower is None:
+        images_out = self.pairs and getattr(self.data.options, "target_images", False)
+        if images_out and self.tower is None and self.backbone.modality != "image":
+            raise GraftError("[data] target_images = true with a text [backbone]: the target images need an image "
+                             "tower. Set [strategy] tower = { plugin = \"timm\", model = \"...\" }.")
+        if self.pairs and self.backbone.modality == "image" and self.tower is None and not images_out:
             raise GraftError("[strategy] plugin = \"contrastive\" on image sources: the target texts need a text "
                              "tower. Set [strategy] tower = { plugin = \"hf\", weights = \"DIR\" } (and lock = "
                              "\"positives\" to keep it as it is: LiT).")
@@ -218,13 +222,24 @@ class Contrastive(Strategy):
         o = self.options
         tower = create("backbone", o.tower, where="[strategy] tower")
         tower.build()
-        if tower.modality != "text":
-            raise GraftError(f"[strategy] tower: the second tower embeds the target texts; backbone "
-                             f"{tower.name!r} takes {tower.modality}. Use a text backbone there (image anchors go "
-                             f"in [backbone], with [data] source_images = true).")
         if not self.pairs:
             raise GraftError("[strategy] tower: two towers need (anchor, positive) pairs: [data] plugin = \"pairs\".")
-        if tower.tokenizer() is None:
+        wanted = "image" if getattr(self.data.options, "target_images", False) else "text"
+        if tower.modality != wanted:
+            raise GraftError(f"[strategy] tower: the second tower embeds the targets, which are {wanted}s here "
+                             f"([data] target_images = {str(wanted == 'image').lower()}); backbone {tower.name!r} "
+                             f"takes {tower.modality}.")
+        if tower.modality == "image":
+            from torchvision.transforms import v2 as T
+            import torch
+
+            cfg = tower.image_config()
+            size = tuple(cfg["size"])
+            gray = [T.Grayscale(1)] if cfg["channels"] == 1 else []
+            self.tower_tf = T.Compose(gray + [T.Resize(int(round(size[0] / 0.875))), T.CenterCrop(size),
+                                              T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                                              T.Normalize(cfg["mean"], cfg["std"])])
+        elif tower.tokenizer() is None:
             raise GraftError(f"[strategy] tower: backbone {tower.name!r} has no tokenizer; give it one (tokenizer = "
                              f"\"DIR\").")
         return tower
@@ -298,7 +313,14 @@ class Contrastive(Strategy):
         return {"anchors": batch["inputs"], "positives": batch["inputs"]}  # SimCSE: a second dropout mask
 
     def _tower_inputs(self, texts, batch):
+        """The tower's inputs of target texts (its own tokenizer) or image paths (its own preprocessing)."""
         device = _first(batch["inputs"]).device
+        if self.tower.modality == "image":
+            import torch
+
+            from graft.data import open_image
+
+            return torch.stack([self.tower_tf(open_image(path)) for path in texts]).to(device)
         enc = self.tower.tokenizer()(list(texts), truncation=True, max_length=self.data.max_target, padding=True,
                                      return_tensors="pt")
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}

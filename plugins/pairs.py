@@ -44,6 +44,9 @@ class PairsOptions:
     source_images: bool = option(False, "Embedding training with an image backbone: the source column holds image "
                                         "paths (relative to the file's folder), the targets are texts for the "
                                         "contrastive strategy's text tower.")
+    target_images: bool = option(False, "Embedding training: the target (and negative) columns hold image paths "
+                                        "(relative to the file's folder): embedded by an image [backbone], or by "
+                                        "the contrastive strategy's image tower.")
     score_column: str = option("", "Embedding training (contrastive): a column holding each pair's similarity (e.g. "
                                    "in [0, 1] or [0, 5]; only its order matters to CoSENT and Spearman's rho).")
     val_path: str = option("", "Separate validation pairs (same layout); else a seeded sample of path.", path=True)
@@ -91,15 +94,22 @@ def read_pairs(path: str, target_path: str, o: PairsOptions, where: str, key: st
     GraftError for unreadable files, missing columns, files of different lengths, missing source images and (unless
     dropped) empty rows."""
     pairs = _read_pairs(path, target_path, o, where, key)
-    if o.source_images:
-        root = Path(path).expanduser().parent
-        for r in pairs:
-            image = Path(r.source.strip()).expanduser()
-            image = image if image.is_absolute() else root / image
-            if not image.is_file():
-                raise GraftError(f"{where}: {r.where}: source image {r.source.strip()!r} is not a file (relative "
-                                 f"paths are read from {root}).")
-            r.source = str(image)
+    root = Path(path).expanduser().parent
+
+    def image(value: str, r: Pair, side: str) -> str:
+        found = Path(value.strip()).expanduser()
+        found = found if found.is_absolute() else root / found
+        if not found.is_file():
+            raise GraftError(f"{where}: {r.where}: {side} image {value.strip()!r} is not a file (relative paths are "
+                             f"read from {root}).")
+        return str(found)
+
+    for r in pairs:
+        if o.source_images:
+            r.source = image(r.source, r, "source")
+        if o.target_images:
+            r.target = image(r.target, r, "target")
+            r.negatives = tuple(image(n, r, "negative") for n in r.negatives)
     return pairs
 
 
@@ -307,6 +317,9 @@ class Pairs(DataSource):
             return [(p.source, [], p.target, p.source, (), p.negatives, p.score) for p in pairs]
         tok = self.tokenizer
         src = tok([p.source for p in pairs], add_special_tokens=True)["input_ids"]
+        if self.options.target_images:  # image paths: for the strategy's image tower
+            return [(self._cut(s, self.max_source, "sources"), [], p.target, p.source, (), p.negatives, p.score)
+                    for p, s in zip(pairs, src)]
         tgt = tok(text_target=[p.target for p in pairs], add_special_tokens=True)["input_ids"]
         flat = [n for p in pairs for n in p.negatives]
         neg = iter(tok(text_target=flat, add_special_tokens=True)["input_ids"] if flat else [])
@@ -338,7 +351,8 @@ class Pairs(DataSource):
 
     def dataset(self, split):
         rows = self.splits.get(split) or None
-        return _SourceImages(rows, self.image_tf) if rows and self.tokenizer is None else rows
+        return _SourceImages(rows, self.image_tf, self.options.target_images) if rows and self.tokenizer is None \
+            else rows
 
     def collate(self, examples):
         import torch
@@ -352,6 +366,10 @@ class Pairs(DataSource):
                 batch["negative_texts"] = [n for _, n in negatives]
             if examples[0][6] is not None:
                 batch["scores"] = torch.tensor([e[6] for e in examples], dtype=torch.float32)
+            if self.options.target_images:  # images on both sides, prepared alike
+                batch["positives"] = torch.stack([e[1] for e in examples])
+                if negatives:
+                    batch["negatives"] = torch.stack([n for e in examples for n in e[4]])
             return batch
         input_ids, mask = pad_tokens([e[0] for e in examples], self.pad_id)
         targets, _ = pad_tokens([e[1] for e in examples], UNLABELLED)
@@ -387,11 +405,11 @@ class Pairs(DataSource):
 
 
 class _SourceImages:
-    """A split whose sources are image paths: each example's image read and prepared when it is taken (in the loader's
-    workers)."""
+    """A split whose sources (and with ``targets``, targets and negatives) are image paths: each example's images read
+    and prepared when it is taken (in the loader's workers)."""
 
-    def __init__(self, rows, transform):
-        self.rows, self.transform = rows, transform
+    def __init__(self, rows, transform, targets: bool = False):
+        self.rows, self.transform, self.targets = rows, transform, targets
 
     def __len__(self):
         return len(self.rows)
@@ -400,7 +418,11 @@ class _SourceImages:
         from graft.data import open_image
 
         row = self.rows[i]
-        return (self.transform(open_image(row[0])), *row[1:])
+        if not self.targets:
+            return (self.transform(open_image(row[0])), *row[1:])
+        target = self.transform(open_image(row[2]))
+        negatives = tuple(self.transform(open_image(n)) for n in row[5])
+        return (self.transform(open_image(row[0])), target, row[2], row[3], negatives, *row[5:])
 
 
 @hookimpl

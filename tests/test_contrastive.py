@@ -496,3 +496,41 @@ def test_lora_run_exports_merged_weights_that_sentence_transformers_reproduces(b
     st = SentenceTransformer(str(tmp_path / "run" / "sentence-transformers"), device="cpu")
     theirs = torch.tensor(st.encode(texts))
     assert torch.allclose(mine, theirs, atol=2e-2), (mine - theirs).abs().max()  # bf16 prediction vs fp32
+
+
+def test_images_on_the_target_side_with_an_image_tower_or_one_image_backbone(bert, tmp_path):
+    """Text anchors against images through an image tower, and image -> image pairs through one image backbone."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    (tmp_path / "img").mkdir()
+    for i in range(200):
+        Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    names = [f"{OLD[d]} {OLD[10 + d]}" for d in range(10)]
+    rows = [{"source": names[digits.target[i]], "target": f"img/{i}.png"} for i in range(200)]
+    (tmp_path / "t2i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = conf(bert, tmp_path / "t2i.jsonl", max_steps=40, eval_every=40, batch_size=8, lr=3e-3)
+    c["data"]["target_images"] = True
+    c["strategy"]["tower"] = dict(TINY_VIT)
+    untrained = Run(load_config(c, where="c.toml"))
+    base = untrained.evaluate(untrained.model, "val")
+    train(load_config(c, where="c.toml"), tmp_path / "t2i", echo=lambda m: None)
+    val = json.loads((tmp_path / "t2i" / "summary.json").read_text())["val"]
+    assert val["recall@1"] > base["recall@1"] + 0.2, (base, val)  # a query per name, any image of its digit counts
+
+    same = {d: [i for i in range(200) if digits.target[i] == d] for d in range(10)}
+    rows = [{"source": f"img/{i}.png", "target": f"img/{same[digits.target[i]][0]}.png"} for i in range(200)]
+    (tmp_path / "i2i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = conf(bert, tmp_path / "i2i.jsonl", max_steps=3, batch_size=8)
+    c["backbone"] = dict(TINY_VIT)
+    c["data"].update(source_images=True, target_images=True)
+    train(load_config(c, where="c.toml"), tmp_path / "i2i", echo=lambda m: None)
+    val = json.loads((tmp_path / "i2i" / "summary.json").read_text())["val"]
+    assert val["candidates"] <= 10 and 0 <= val["recall@1"] <= 1
+    c["data"]["target_images"] = False
+    c["backbone"] = {"plugin": "hf", "weights": str(bert)}
+    c["data"].update(source_images=False, target_images=True)
+    assert_bad_input(*cli_run("train", write_config(tmp_path / "x.toml", c), "--out", tmp_path / "x"),
+                     "image tower")
