@@ -77,6 +77,10 @@ class ContrastiveOptions:
             raise ValueError("crop_scale must be in (0, 1] and color_jitter in [0, 1].")
         if not 0 <= self.alpha <= 1:
             raise ValueError("alpha must be in [0, 1].")
+        for key in ("weights", "tokenizer"):  # as top-level path options: absolute, so a saved config reloads anywhere
+            value = self.tower.get(key)
+            if isinstance(value, str) and value and not value.startswith("pkg:"):
+                self.tower = {**self.tower, key: str(Path(value).expanduser().absolute())}
 
 
 def retrieval_metrics(anchors, candidates, relevant, ks=(1, 10)) -> dict:

@@ -289,7 +289,8 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(bert, tmp_path):
     c = conf(bert, tmp_path / "p.jsonl", max_steps=8, batch_size=8, checkpoint_every=1, keep_checkpoints=10)
     c["strategy"]["mini_batch_size"] = 5
     c["backbone"]["overrides"] = {"hidden_dropout_prob": 0.2}
-    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)  # 4 steps per epoch: cut inside the first
+    # 4 steps per epoch: cut inside the first
+    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)
 
 
 def test_frozen_layers_stay_as_they_were(bert, tmp_path):
@@ -439,6 +440,15 @@ def test_two_towers_one_locked_meet_in_the_locked_ones_space(bert, wide_bert, tm
     assert tower and all(torch.equal(trained[k], start[k]) for k in tower)  # locked
     assert not torch.equal(trained["project.anchors.weight"], start["project.anchors.weight"])
     assert (tmp_path / "run" / "tower" / "config.json").is_file()
+    import os
+    here = os.getcwd()
+    try:  # a relative tower path is saved absolute: the run reloads from another folder
+        os.chdir(wide_bert.parent)
+        tower = {"plugin": "hf", "weights": wide_bert.name}
+        relative = load_config({**c, "strategy": {**c["strategy"], "tower": tower}}, where="c.toml")
+    finally:
+        os.chdir(here)
+    assert relative.plugins["strategy"].options.tower["weights"] == str(wide_bert)
     assert not (tmp_path / "run" / "sentence-transformers").exists()
     c["strategy"]["lock"] = "none"
     cfg = write_config(tmp_path / "w.toml", c)

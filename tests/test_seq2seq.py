@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from conftest import (assert_resume_from_step_reproduces, assert_same_weights, graft, one_step_weights, read_metrics, weights, write_config)
+from conftest import (assert_resume_from_step_reproduces, assert_same_weights, graft, one_step_weights, read_metrics,
+                      weights, write_config)
 from test_user_files import assert_bad_input, cli_run
 from graft import load_config, train
 
@@ -214,7 +215,8 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(word_tokenizer, tmp_p
     write_pairs(tmp_path / "p.jsonl", n=16)
     c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=8, batch_size=4, checkpoint_every=1,
              keep_checkpoints=10)
-    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)  # 3 steps per epoch: cut inside the first
+    # 3 steps per epoch: cut inside the first
+    assert_resume_from_step_reproduces(load_config(c, where="c.toml"), tmp_path, step=2)
 
 
 def test_warm_start_lora_reaches_both_halves_and_trains_the_new_cross_attention(bert, tmp_path):
