@@ -1,4 +1,5 @@
-"""Batches: the seeded, shardable, resumable sampler, example indices in every batch, moving to a device."""
+"""Batches: the seeded, shardable, resumable sampler, a second source's stream, example indices in every batch,
+moving to a device."""
 
 from __future__ import annotations
 
@@ -72,6 +73,39 @@ def distinct_order(order: list[int], keys, size: int) -> list[int]:
             batch.append(pending.popleft())
         out += batch
     return out
+
+
+class Stream:
+    """Batches of one split of a second data source (a [target] domain's), drawn one by one beside the training
+    loader's: ``next()`` gives the batch at ``position`` (on ``device``, with "index" and "split" like the loader's)
+    and moves on. Epoch after epoch of the split, each in its own seeded order split across processes as
+    ``EpochSampler`` splits it, so w processes drawing ``batch_size`` each see what one process drawing
+    w x ``batch_size`` sees. The batch at a position depends on nothing else: a checkpoint keeps ``position``, and a
+    resumed run draws the same batches. Raises GraftError (naming ``where``) for an empty split."""
+
+    def __init__(self, data, split: str, batch_size: int, seed: int, dist, device, where: str = ""):
+        self.data, self.split, self.device = data, split, device
+        self.ds = data.dataset(split)
+        if not self.ds:
+            from .errors import GraftError
+
+            raise GraftError(f"{where or 'The data source'} plugin = {getattr(data, 'name', '')!r} has an empty "
+                             f"{split} split: there is nothing to draw batches from.")
+        self.sampler = EpochSampler(len(self.ds), shuffle=True, seed=seed, dist=dist, pad=True)
+        self.batch_size = min(batch_size, len(self.sampler))
+        self.per_epoch = len(self.sampler) // self.batch_size  # a smaller last batch would weigh its examples more
+        self.position, self._epoch, self._order = 0, None, []
+
+    def next(self) -> dict:
+        epoch, b = divmod(self.position, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch, self._order = epoch, self.sampler._order()
+            self.data.set_epoch(epoch)  # augmentation seeds (example_seed) follow the stream's epoch
+        idx = self._order[b * self.batch_size:(b + 1) * self.batch_size]
+        batch = _IndexedCollate(self.data.collate, self.split)([(i, self.ds[i]) for i in idx])
+        self.position += 1
+        return move(batch, self.device)
 
 
 class _Indexed:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
-           "ServingModel", "SettableTokenizer", "TaskModel", "TextGeneration", "Views", "require"]
+           "ServingModel", "SettableTokenizer", "TargetData", "TaskModel", "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------
@@ -135,6 +135,21 @@ class ServingModel(Protocol):
     """
 
     def serving_model(self, model: "nn.Module") -> tuple: ...
+
+
+@runtime_checkable
+class TargetData(Protocol):
+    """Train on a target domain's data beside [data] (``set_target``).
+
+    ``set_target(source, stream)``: the config's [target] data source, set up with the run's backbone and seed (its
+    labels, if it has any, are for evaluation only), and ``stream``, a ``graft.batches.Stream`` of its training split
+    (``stream.next()``: the next batch, on the run's device -- seeded, split across processes like the training
+    loader; a checkpoint keeps ``stream.position``). Called before ``build`` when a run trains (``stream`` given) or
+    is scored (``stream`` None); a run rebuilt to predict or export reads no target. Evaluation then covers the
+    target's val and test splits too, their batches carrying ``batch["source"] = "target"``. ``adapt`` has it.
+    """
+
+    def set_target(self, source: DataSource, stream: Any) -> None: ...
 
 
 # -- data sources ------------------------------------------------------------------------------------------------

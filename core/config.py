@@ -102,7 +102,9 @@ class TrainOptions:
 
 
 PLUGIN_TABLES = tuple(k for k in KINDS if k not in ("logger", "task"))  # backbone, strategy, loss, data, adapter
-TABLES = PLUGIN_TABLES + ("train", "loggers")
+#: tables holding a data source beside [data], for the strategies that take them (``graft.capabilities.TargetData``)
+DATA_TABLES = ("target",)
+TABLES = PLUGIN_TABLES + DATA_TABLES + ("train", "loggers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,22 +127,23 @@ class PluginSpec:
         return obj
 
 
-def plugin_spec(kind: str, table: dict, where: str, registry: Registry | None = None) -> PluginSpec:
+def plugin_spec(kind: str, table: dict, where: str, registry: Registry | None = None, name: str = "") -> PluginSpec:
     """A ``[kind]`` table (``plugin = "NAME"`` and that plugin's options) checked against the registry and the
-    plugin's option dataclass. Raises GraftError naming ``where``, the table and the key."""
+    plugin's option dataclass. Raises GraftError naming ``where``, the table (``name``, default ``kind``: [target]
+    holds a data source) and the key."""
     registry = registry or get_registry()
-    table = dict(table)
+    table, label = dict(table), name or kind
     if "plugin" not in table:
         known = ", ".join(e.name for e in registry.list(kind))
-        raise GraftError(f"{where}: [{kind}] needs plugin = \"NAME\". Available: {known or '(none)'}.")
+        raise GraftError(f"{where}: [{label}] needs plugin = \"NAME\". Available: {known or '(none)'}.")
     name = table.pop("plugin")
     if not isinstance(name, str):
-        raise GraftError(f"{where}: [{kind}] plugin must be a string, got {name!r}.")
+        raise GraftError(f"{where}: [{label}] plugin must be a string, got {name!r}.")
     try:
         cls = registry.get(kind, name)
     except GraftError as e:
-        raise GraftError(f"{where}: [{kind}] plugin = {name!r}: {e}") from None
-    return PluginSpec(kind, name, cls, opts.build(cls.Options, table, f"{where}: [{kind}]"))
+        raise GraftError(f"{where}: [{label}] plugin = {name!r}: {e}") from None
+    return PluginSpec(kind, name, cls, opts.build(cls.Options, table, f"{where}: [{label}]"))
 
 
 def create(kind: str, table: dict, *, where: str = "", registry: Registry | None = None, **kwargs):
@@ -262,6 +265,9 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
         if not table and kind in ("loss", "adapter"):
             continue  # the strategy's default loss applies, or it needs none; an adapter is optional
         plugins[kind] = plugin_spec(kind, table, where, registry)
+    for name in DATA_TABLES:
+        if name in data:
+            plugins[name] = _data_table(name, data[name], plugins["strategy"], where, registry)
     if "loss" not in plugins:
         default = _fitting_loss(plugins["strategy"].cls.default_loss, plugins["data"].cls, registry)
         if default:
@@ -270,6 +276,17 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
     train = opts.build(TrainOptions, data.get("train", {}), f"{where}: [train]")
     return Config(path=where, train=train, plugins=plugins, loggers=_loggers(train, data.get("loggers", {}), where,
                                                                            registry))
+
+
+def _data_table(name: str, table: dict, strategy: PluginSpec, where: str, registry: Registry) -> PluginSpec:
+    """A data source's table beside [data] ([target]), for a strategy that takes it."""
+    from .capabilities import TargetData
+
+    if not isinstance(strategy.cls, TargetData):
+        raise GraftError(f"{where}: [{name}] is data of a target domain, and [strategy] plugin = {strategy.name!r} "
+                         f"does not train on one. Domain adaptation does: [strategy] plugin = \"adapt\"; or remove "
+                         f"the [{name}] table.")
+    return plugin_spec("data", table, where, registry, name=name)
 
 
 def _fitting_loss(default: str | None, data_cls, registry: Registry) -> str | None:

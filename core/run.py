@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed, rundir
-from .batches import make_loader, move
+from .batches import Stream, make_loader, move
 from .capabilities import DistinctBatches, PreparesBackbone
 from .config import Config
 from .device import autocast_dtype, seed_everything, select_device
@@ -84,7 +84,21 @@ class Run:
         self.strategy = self._strategy(specs["strategy"].instantiate(backbone=self.backbone, loss=self.loss,
                                                                      data=self.data))
         self.strategy.predicting = data_info is not None
+        self.sources = {}  # data sources beside [data] that evaluation covers too: name -> source
+        if "target" in specs and self.mode in ("train", "eval"):
+            self._target(specs["target"])
         self.model = self._model()
+
+    def _target(self, spec) -> None:
+        """The [target] data source, set up like [data], handed to the strategy with its batch stream."""
+        t = self.config.train
+        target = self.sources["target"] = spec.instantiate()
+        target.seed = t.seed
+        target.setup(self.backbone, t.seed)
+        # seed + 1: the target's order is not the source's order replayed on another length
+        stream = Stream(target, "train", t.batch_size, t.seed + 1, self.dist, self.device, where="[target]") \
+            if self.mode == "train" else None
+        self.strategy.set_target(target, stream)
 
     # The parts a served run (graft.export.ExportedRun) supplies itself: its preprocessing, serving strategy, network.
     def _backbone(self):
@@ -136,24 +150,28 @@ class Run:
         # A sharded model's forward is collective: every process must run the same batches, so each evaluates the
         # whole split (and needs no gathering after).
         sharded = distributed.fsdp(self.config.train, self.dist)
-        loader = make_loader(self.data, split, False, self.config.train, distributed.Dist() if sharded else self.dist,
-                             self.device, None)
-        if loader is None:
+        loaders = {name: make_loader(source, split, False, self.config.train,
+                                     distributed.Dist() if sharded else self.dist, self.device, None)
+                   for name, source in {"": self.data, **self.sources}.items()}
+        if loaders[""] is None:
             return None
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        for batch in loader:
-            batch = move(batch, self.device)
-            with self.autocast():
-                out = strategy.eval_step(model, batch)
-            for k, v in out.items():
-                if isinstance(v, torch.Tensor):
-                    v = v.detach().float() if v.is_floating_point() else v.detach().double()
-                if isinstance(v, list):  # JSON-able records (detection's boxes), concatenated
-                    sums.setdefault(k, []).extend(v)
-                else:
-                    sums[k] = sums[k] + v if k in sums else v
+        for name, loader in loaders.items():
+            for batch in loader or ():
+                batch = move(batch, self.device)
+                if name:  # a source beside [data] (the [target])
+                    batch["source"] = name
+                with self.autocast():
+                    out = strategy.eval_step(model, batch)
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor):
+                        v = v.detach().float() if v.is_floating_point() else v.detach().double()
+                    if isinstance(v, list):  # JSON-able records (detection's boxes), concatenated
+                        sums.setdefault(k, []).extend(v)
+                    else:
+                        sums[k] = sums[k] + v if k in sums else v
         model.train(was_training)
         if self.dist.enabled and not sharded:
             # Gathered as dicts, not reduced key by key: a process may have had fewer batches, or none.

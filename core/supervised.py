@@ -138,7 +138,7 @@ class Supervised(Strategy):
         if self.backbone.adapter_frozen and o.freeze == "backbone":
             raise GraftError(f"[strategy] freeze = \"backbone\" would freeze the [adapter] too (only the head would "
                              f"train). Drop the adapter for a linear probe, or use freeze = \"none\".")
-        self.model = classifier(self.backbone.module, head, dense=None if task.features == "pooled" else task.features)
+        self.model = self.make_model(head)
         names = {n for n, _ in self.model.named_parameters()}
         self.groups = [[f"backbone.{n}" for n in g if f"backbone.{n}" in names] for g in self.backbone.layer_groups()]
         self.groups = [g for g in self.groups if g]
@@ -153,6 +153,13 @@ class Supervised(Strategy):
         if not self.predicting:
             self._check_targets()
         return self.model
+
+    def make_model(self, head):
+        """The module ``build`` returns: ``classifier`` of the backbone and ``head``. A subclass may add modules of its
+        own (``adapt``'s domain discriminator) beside ``backbone`` and ``head``, whose names the freezing schedules
+        and parameter groups read; its ``forward(inputs)`` must stay the classifier's."""
+        task = self.task
+        return classifier(self.backbone.module, head, dense=None if task.features == "pooled" else task.features)
 
     def _check_targets(self):
         """The task's check of the first training examples' targets (a bad label fails here, not mid-run)."""
