@@ -1,8 +1,9 @@
 """Run configuration: TOML tables, ``--set`` overrides, validation against the plugins' option dataclasses.
 
 A config has one table per plugin kind -- ``[backbone]``, ``[strategy]``, ``[loss]``, ``[data]`` -- each naming
-its plugin with ``plugin = "..."``, and a ``[train]`` table read by the loop (``TrainOptions``). Configs are
-data only: nothing in them is executed.
+its plugin with ``plugin = "..."``, and a ``[train]`` table read by the loop (``TrainOptions``); a strategy that
+adapts to a target domain also takes ``[target]``, a second data source. Configs are data only: nothing in them is
+executed.
 """
 
 from __future__ import annotations
