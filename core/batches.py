@@ -15,19 +15,25 @@ class EpochSampler(torch.utils.data.Sampler):
     counted twice.
 
     With ``keys`` (one set of hashable keys per example, e.g. its texts) and ``group`` (the examples of one step
-    across processes), each group of the order holds no two examples sharing a key (``distinct_order``).
+    across processes), each group of the order holds no two examples sharing a key (``distinct_order``). With
+    ``plan`` (``plan(epoch, seed, group) -> positions``: a data source's ``epoch_order``, e.g. a task mixture's
+    groups of one task each), training takes that order instead of a shuffle.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, dist, pad: bool, keys=None, group: int = 0):
+    def __init__(self, n: int, shuffle: bool, seed: int, dist, pad: bool, keys=None, group: int = 0, plan=None):
         self.n, self.shuffle, self.seed, self.dist, self.pad = n, shuffle, seed, dist, pad
-        self.keys, self.group = keys, group
+        self.keys, self.group, self.plan = keys, group, plan
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0):
         self.epoch, self.skip = epoch, skip
 
     def _order(self) -> list[int]:
-        if self.shuffle:
+        if self.shuffle and self.plan is not None:  # the data's own order (a task mixture's), once per epoch
+            if getattr(self, "_planned", (None,))[0] != self.epoch:
+                self._planned = (self.epoch, self.plan(self.epoch, self.seed, self.group))
+            order = list(self._planned[1])
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
@@ -36,9 +42,9 @@ class EpochSampler(torch.utils.data.Sampler):
             if getattr(self, "_distinct", (None,))[0] != self.epoch:
                 self._distinct = (self.epoch, distinct_order(order, self.keys, self.group))
             order = list(self._distinct[1])
-        w = self.dist.world_size
-        if self.pad and self.n % w:
-            order += order[: w - self.n % w]
+        w, n = self.dist.world_size, len(order)
+        if self.pad and n % w:
+            order += order[: w - n % w]
         return order[self.dist.rank::w]
 
     def __iter__(self):
@@ -157,7 +163,7 @@ def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int 
         return None
     size = batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size))
     sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=dist, pad=train, keys=keys,
-                           group=size * dist.world_size)
+                           group=size * dist.world_size, plan=getattr(data, "epoch_order", None) if train else None)
     # A private generator keeps the DataLoader from drawing on the global RNG, which resume restores.
     return torch.utils.data.DataLoader(
         _Indexed(ds), batch_size=size,

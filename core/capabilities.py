@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
-           "ServingModel", "SettableTokenizer", "TargetData", "TaskModel", "TextGeneration", "Views", "require"]
+           "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel", "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------
@@ -150,6 +150,19 @@ class TargetData(Protocol):
     """
 
     def set_target(self, source: DataSource, stream: Any) -> None: ...
+
+
+@runtime_checkable
+class TaskData(Protocol):
+    """Train several tasks on one backbone, each task's data a [tasks.NAME] table (``task_data``).
+
+    The classmethod ``task_data(options, sources) -> DataSource``: the run's data, made of the [tasks.NAME] sources
+    (name -> an instance not yet set up), e.g. a ``graft.data.TaskMixture`` sampled as the strategy's ``options``
+    say. A config with [tasks.NAME] tables has no [data]. ``multitask`` has it.
+    """
+
+    @classmethod
+    def task_data(cls, options: Any, sources: dict) -> DataSource: ...
 
 
 # -- data sources ------------------------------------------------------------------------------------------------

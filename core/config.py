@@ -105,7 +105,9 @@ class TrainOptions:
 PLUGIN_TABLES = tuple(k for k in KINDS if k not in ("logger", "task"))  # backbone, strategy, loss, data, adapter
 #: tables holding a data source beside [data], for the strategies that take them (``graft.capabilities.TargetData``)
 DATA_TABLES = ("target",)
-TABLES = PLUGIN_TABLES + DATA_TABLES + ("train", "loggers")
+#: a multi-task config's [tasks.NAME] tables, each a data source (in place of [data]; ``graft.capabilities.TaskData``)
+TASKS = "tasks"
+TABLES = PLUGIN_TABLES + DATA_TABLES + (TASKS, "train", "loggers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,10 @@ class Config:
                       loggers=self.loggers if loggers is None else tuple(loggers))
 
     def to_dict(self) -> dict:
-        out = {k: spec.table() for k, spec in self.plugins.items()}
+        out = {k: spec.table() for k, spec in self.plugins.items() if not k.startswith(TASKS + ".")}
+        tasks = {k.split(".", 1)[1]: spec.table() for k, spec in self.plugins.items() if k.startswith(TASKS + ".")}
+        if tasks:
+            out[TASKS] = tasks
         out["train"] = dataclasses.asdict(self.train)
         tables = {spec.name: dataclasses.asdict(spec.options) for spec in self.loggers}
         if any(tables.values()):
@@ -263,13 +268,15 @@ def resolve(data: dict, where: str, registry: Registry | None = None) -> Config:
     plugins = {}
     for kind in PLUGIN_TABLES:
         table = dict(data.get(kind, {}))
-        if not table and kind in ("loss", "adapter"):
+        if not table and (kind in ("loss", "adapter") or kind == "data" and TASKS in data):
             continue  # the strategy's default loss applies, or it needs none; an adapter is optional
         plugins[kind] = plugin_spec(kind, table, where, registry)
     for name in DATA_TABLES:
         if name in data:
             plugins[name] = _data_table(name, data[name], plugins["strategy"], where, registry)
-    if "loss" not in plugins:
+    if TASKS in data:
+        plugins.update(_task_tables(data, plugins["strategy"], where, registry))
+    if "loss" not in plugins and "data" in plugins:
         default = _fitting_loss(plugins["strategy"].cls.default_loss, plugins["data"].cls, registry)
         if default:
             cls = registry.get("loss", default)
@@ -288,6 +295,32 @@ def _data_table(name: str, table: dict, strategy: PluginSpec, where: str, regist
                          f"does not train on one. Domain adaptation does: [strategy] plugin = \"adapt\"; or remove "
                          f"the [{name}] table.")
     return plugin_spec("data", table, where, registry, name=name)
+
+
+def _task_tables(data: dict, strategy: PluginSpec, where: str, registry: Registry) -> dict[str, PluginSpec]:
+    """A multi-task config's [tasks.NAME] tables (data sources, in place of [data]) as "tasks.NAME" -> PluginSpec."""
+    import re
+
+    from .capabilities import TaskData
+
+    if not isinstance(strategy.cls, TaskData):
+        raise GraftError(f"{where}: [tasks.*] tables give several tasks' data, and [strategy] plugin = "
+                         f"{strategy.name!r} trains one task. Multi-task training does: [strategy] plugin = "
+                         f"\"multitask\"; or give one task's data as [data].")
+    if "data" in data:
+        raise GraftError(f"{where}: a multi-task config gives each task's data as a [tasks.NAME] table; remove "
+                         f"[data] (or make it one of the tasks).")
+    tables = data[TASKS]
+    if not tables or not all(isinstance(v, dict) for v in tables.values()):
+        raise GraftError(f"{where}: [tasks] must hold one table per task, e.g. [tasks.upos] with plugin = \"conll\" "
+                         f"and its options; got {tables!r}.")
+    specs = {}
+    for name, table in tables.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise GraftError(f"{where}: [tasks.{name}]: a task's name takes letters, digits, _ and - only (it "
+                             f"prefixes the task's metrics, e.g. {name}/accuracy).")
+        specs[f"{TASKS}.{name}"] = plugin_spec("data", table, where, registry, name=f"{TASKS}.{name}")
+    return specs
 
 
 def _fitting_loss(default: str | None, data_cls, registry: Registry) -> str | None:

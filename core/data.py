@@ -1,5 +1,5 @@
-"""Building blocks for data sources (``graft.data``, public): seeded stratified splits, few-label subsets, and
-images read as a person sees them and prepared as a backbone expects. The built-in sources use these; third-party
+"""Building blocks for data sources (``graft.data``, public): seeded stratified splits, few-label subsets, images
+read as a person sees them and prepared as a backbone expects, and several tasks' sources as one (``TaskMixture``). The built-in sources use these; third-party
 sources may too. Importing this module never imports torch."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Literal
 
 from .errors import GraftError
 from .files import ENCODING_HELP, check_encoding, text_lines  # noqa: F401 - public here for text sources
+from .mixture import TaskMixture  # noqa: F401 - public here: a multi-task strategy's data
 from .options import option
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

@@ -332,7 +332,7 @@ class Loop:
                 run = rebuilt_alone(run, best)
             if results["test"] is not None:
                 self.out.log({"step": s.step, "epoch": s.epoch, "split": "test", **scalars(results["test"])})
-            self.out.write_labels(run.data.task, run.data.label_names)
+            self.out.write_labels(run.data)
             if run.adapter is not None:
                 size = run.adapter.save(str(self.run_dir / rundir.ADAPTER), run.backbone)
                 measured["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": rundir.ADAPTER}

@@ -74,12 +74,17 @@ class Run:
             if self.mode != "serve":  # a served network has the adapter merged in
                 self.adapter = specs["adapter"].instantiate()
                 self.backbone.adapter_frozen = frozenset(self.adapter.apply(self.backbone))
-        self.data = specs["data"].instantiate()
+        tasks = {k.split(".", 1)[1]: spec.instantiate() for k, spec in specs.items() if k.startswith("tasks.")}
+        # a multi-task config has no [data]: its strategy makes one source of the [tasks.NAME] sources
+        self.data = specs["strategy"].cls.task_data(specs["strategy"].options, tasks) if tasks \
+            else specs["data"].instantiate()
         self.data.seed = t.seed
         if data_info is None:
             self.data.setup(self.backbone, t.seed)
         else:
             self.data.task, self.data.label_names = data_info["task"], data_info["label_names"]
+            if "tasks" in data_info:
+                self.data.restore(data_info["tasks"])
         self.loss = specs["loss"].instantiate() if "loss" in specs else None
         self.strategy = self._strategy(specs["strategy"].instantiate(backbone=self.backbone, loss=self.loss,
                                                                      data=self.data))
@@ -203,8 +208,7 @@ def rebuilt_alone(run: Run, weights: Path) -> Run:
     handed over."""
     from .capabilities import SettableTokenizer
 
-    info = {"task": run.data.task, "label_names": list(run.data.label_names or [])}
-    plain = Run(run.config, mode="rebuild", data_info=info)
+    plain = Run(run.config, mode="rebuild", data_info=rundir.data_info(run.data))
     if isinstance(plain.backbone, SettableTokenizer) and run.backbone.modality == "text" and \
             run.backbone.tokenizer() is not None:
         plain.backbone.set_tokenizer(run.backbone.tokenizer())

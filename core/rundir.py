@@ -15,7 +15,7 @@ from .errors import GraftError, warn
 from .files import atomic_write_text
 
 CONFIG = "config.toml"  # the resolved config, written before the first step
-LABELS = "labels.json"  # {"task", "label_names"}: enough to predict without reading the data
+LABELS = "labels.json"  # {"task", "label_names"(, "tasks")}: enough to predict without reading the data
 SUMMARY = "summary.json"  # what a finished run (or a compression) measured
 METRICS = "metrics.jsonl"
 DATA_REPORT = "data.json"
@@ -32,6 +32,15 @@ def read_config(run_dir: Path, overrides=(), registry=None):
     from .config import load_config
 
     return load_config(Path(run_dir) / CONFIG, list(overrides), registry)
+
+
+def data_info(data) -> dict:
+    """What a data source must know to predict without reading data: ``task``, ``label_names`` and, for a task
+    mixture, each task's (``tasks``)."""
+    info = {"task": data.task, "label_names": list(data.label_names or [])}
+    if hasattr(data, "tasks_info"):
+        info["tasks"] = data.tasks_info()
+    return info
 
 
 def read_labels(run_dir: Path) -> dict | None:
@@ -196,8 +205,8 @@ class RunDir:
         if self.enabled:
             atomic_write_text(self.path / CONFIG, config.to_toml())
 
-    def write_labels(self, task: str, label_names) -> None:
-        self.write_json(LABELS, {"task": task, "label_names": list(label_names or [])})
+    def write_labels(self, data) -> None:
+        self.write_json(LABELS, data_info(data))
 
     def write_data_report(self, report: dict) -> None:
         self.write_json(DATA_REPORT, report)
