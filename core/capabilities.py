@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
-           "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel", "TextGeneration", "Views", "require"]
+           "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel", "TextGeneration", "Views",
+           "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------

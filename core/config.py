@@ -2,8 +2,8 @@
 
 A config has one table per plugin kind -- ``[backbone]``, ``[strategy]``, ``[loss]``, ``[data]`` -- each naming
 its plugin with ``plugin = "..."``, and a ``[train]`` table read by the loop (``TrainOptions``); a strategy that
-adapts to a target domain also takes ``[target]``, a second data source. Configs are data only: nothing in them is
-executed.
+adapts to a target domain also takes ``[target]``, a second data source, and a multi-task strategy takes one
+``[tasks.NAME]`` data table per task in place of ``[data]``. Configs are data only: nothing in them is executed.
 """
 
 from __future__ import annotations

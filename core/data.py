@@ -1,6 +1,6 @@
 """Building blocks for data sources (``graft.data``, public): seeded stratified splits, few-label subsets, images
-read as a person sees them and prepared as a backbone expects, and several tasks' sources as one (``TaskMixture``). The built-in sources use these; third-party
-sources may too. Importing this module never imports torch."""
+read as a person sees them and prepared as a backbone expects, and several tasks' sources as one (``TaskMixture``).
+The built-in sources use these; third-party sources may too. Importing this module never imports torch."""
 
 from __future__ import annotations
 

@@ -148,7 +148,8 @@ def adapt_model(backbone_module, head, width: int, classes: int, o: AdaptOptions
     from torch import nn
 
     conditional = o.method == "cdan"
-    randomized = conditional and (o.randomized == "always" or o.randomized == "auto" and width * classes > CDAN_MAX_OUTER)
+    wide = width * classes > CDAN_MAX_OUTER
+    randomized = conditional and (o.randomized == "always" or o.randomized == "auto" and wide)
     in_width = (o.randomized_dim if randomized else width * classes) if conditional else width
 
     class AdaptModel(nn.Module):
