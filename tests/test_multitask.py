@@ -213,3 +213,20 @@ def test_task_tables_are_checked(tmp_path):
     r = graft("train", write_config(tmp_path / "d.toml", conf), "--out", tmp_path / "d")
     assert r.returncode == 2 and "[tasks.mnist]: unknown key 'imag_size'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tasks_share_a_lora_adapter(tmp_path, pos_tokenizer):
+    import graft as g
+
+    conf = pos_config(pos_tokenizer, conllu(tmp_path / "t.conllu"), weighting="uncertainty")
+    conf["adapter"] = {"plugin": "lora", "r": 4}
+    conf["train"]["max_steps"] = 3
+    run = g.Run(g.load_config(conf))
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    run.strategy.on_epoch_start(0, run.model)
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and {"log_vars"} <= trainable
+    assert any(n.startswith("heads.upos.") for n in trainable) and any(n.startswith("heads.xpos.") for n in trainable)
+    assert not any(n.startswith("backbone.") and "lora_" not in n for n in trainable)
+    g.train(g.load_config(conf), tmp_path / "run", echo=lambda m: None)
+    assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "heads" / "xpos.safetensors").is_file()
