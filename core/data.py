@@ -10,6 +10,7 @@ from typing import Literal
 
 from .errors import GraftError
 from .files import ENCODING_HELP, check_encoding, text_lines  # noqa: F401 - public here for text sources
+from .chat import IGNORE, ROLES, ChatRenderer, replies  # noqa: F401 - public here for chat sources
 from .mixture import TaskMixture  # noqa: F401 - public here: a multi-task strategy's data
 from .options import option
 
