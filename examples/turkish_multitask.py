@@ -73,7 +73,8 @@ def main():
     mean = statistics.mean
     print("\n| task | alone | multi-task |")
     for t in TASKS:
-        print(f"| {t} | {100 * mean(r[t]['single'] for r in rows):.2f} | {100 * mean(r[t]['multi'] for r in rows):.2f} |")
+        alone, multi = (100 * mean(r[t][k] for r in rows) for k in ("single", "multi"))
+        print(f"| {t} | {alone:.2f} | {multi:.2f} |")
     print(f"Delta-m (test): {mean(r['delta_m'] for r in rows):+.2f}% over seeds {a.seeds}")
 
 

@@ -1,0 +1,187 @@
+"""Preference tuning (issue 32): the preferences source, the losses against their formulas, the reference as a
+cache, a copy or the adapter switched off, and the loop's guarantees (accumulation, resume, processes)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import (assert_resume_from_step_reproduces, assert_same_weights, graft, one_step_weights, weights,
+                      write_config)
+from test_instructions import decoder  # noqa: F401 - the module's tiny pretrained GPT-2 fixture
+
+
+def write_preferences(path, n=24, unpaired=False):
+    rows = []
+    for i in range(n):
+        prompt, good, bad = f"say number {i % 9}", f"the film number {i % 9} was good", f"number {(i + 1) % 9}"
+        if unpaired:
+            rows.append({"prompt": prompt, "completion": good if i % 2 else bad, "label": bool(i % 2)})
+        else:
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pref_config(decoder, path, strategy=None, **train):
+    return {"backbone": {"plugin": "hf", "weights": str(decoder)},
+            "strategy": {"plugin": "preference", **(strategy or {})},
+            "data": {"plugin": "preferences", "path": str(path), "max_length": 48},
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, "plot": False, **train}}
+
+
+def test_each_loss_is_its_formula():
+    from graft.plugins.preference import PreferenceOptions, kto_losses, preference_losses
+
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])  # policy sums
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -2.5])  # reference sums
+    nc, nr = torch.tensor([3.0, 5.0]), torch.tensor([4.0, 2.0])  # response lengths
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for i in range(2):
+        x = 0.1 * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        dpo = preference_losses(PreferenceOptions(loss="dpo", label_smoothing=0.2), pc, pr, nc, nr, rc, rr)[0]
+        assert dpo[i].item() == pytest.approx(-0.8 * math.log(sig(x)) - 0.2 * math.log(sig(-x)), rel=1e-6)
+        h = ((pc[i] - rc[i]) / nc[i] - (pr[i] - rr[i]) / nr[i]).item()
+        ipo = preference_losses(PreferenceOptions(loss="ipo", beta=0.5), pc, pr, nc, nr, rc, rr)[0]
+        assert ipo[i].item() == pytest.approx((h - 1 / (2 * 0.5)) ** 2, rel=1e-6)
+        mc, mr = (pc[i] / nc[i]).item(), (pr[i] / nr[i]).item()
+        simpo = preference_losses(PreferenceOptions(loss="simpo", gamma=0.3), pc, pr, nc, nr)[0]
+        assert simpo[i].item() == pytest.approx(-math.log(sig(2.0 * (mc - mr) - 0.3)), rel=1e-6)
+        nll = torch.tensor([0.7, 1.1])
+        odds = (mc - mr) - (math.log(1 - math.exp(mc)) - math.log(1 - math.exp(mr)))
+        orpo = preference_losses(PreferenceOptions(loss="orpo", beta=0.25), pc, pr, nc, nr, nll=nll)[0]
+        assert orpo[i].item() == pytest.approx(nll[i].item() - 0.25 * math.log(sig(odds)), rel=1e-6)
+    logps, ref = torch.tensor([-3.0, -5.0, -2.0]), torch.tensor([-3.5, -4.0, -2.5])
+    desirable = torch.tensor([True, False, True])
+    r = (logps - ref).tolist()
+    z = max(0.0, sum(r) / 3)
+    kto = kto_losses(PreferenceOptions(loss="kto", desirable_weight=1.0, undesirable_weight=2.0), logps, ref,
+                     desirable)[0]
+    expected = [1 - sig(0.1 * (r[0] - z)), 2 * (1 - sig(0.1 * (z - r[1]))), 1 - sig(0.1 * (r[2] - z))]
+    assert kto.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_cached_reference_gives_the_live_references_loss(decoder, tmp_path):
+    import graft as g
+
+    path = write_preferences(tmp_path / "p.jsonl")
+    losses = {}
+    for mode in ("copy", "cache"):
+        conf = pref_config(decoder, path, {"reference": mode, "cache_dir": str(tmp_path / "cache")})
+        run = g.Run(g.load_config(conf))
+        batch = next(iter(run.loader("train", train=True)))
+        run.model.train()
+        losses[mode] = run.strategy.training_step(run.model, batch)["loss"]
+        assert run.strategy.reference_logps(run.model, batch).shape == (8,)
+    assert float(losses["copy"].detach()) == pytest.approx(float(losses["cache"].detach()), rel=1e-5)
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 1
+    conf = pref_config(decoder, path, {"reference": "cache", "cache_dir": str(tmp_path / "cache")})
+    conf["data"]["max_length"] = 40  # other data options: another cache
+    same = pref_config(decoder, path, {"reference": "cache", "cache_dir": str(tmp_path / "cache")})
+    assert g.Run(g.load_config(conf)).strategy.cache_file() != g.Run(g.load_config(same)).strategy.cache_file()
+    assert g.Run(g.load_config(same)).strategy.cache_file() == g.Run(g.load_config(same)).strategy.cache_file()
+
+
+def test_the_adapter_off_reference_is_the_base_model(decoder, tmp_path):
+    import graft as g
+
+    conf = pref_config(decoder, write_preferences(tmp_path / "p.jsonl"), {"reference": "adapter"})
+    conf["adapter"] = {"plugin": "lora", "r": 4, "target_modules": ["c_attn"]}
+    run = g.Run(g.load_config(conf))
+    with torch.no_grad():  # a trained adapter: its B matrices no longer zero
+        for name, p in run.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = next(iter(run.loader("train", train=True)))
+    base = g.Run(g.load_config(pref_config(decoder, tmp_path / "p.jsonl", {"reference": "copy"})))
+    base.model.eval()
+    with torch.no_grad():
+        expected = base.strategy._logps(base.model, batch)[0]
+        adapted = run.strategy._logps(run.model.eval(), batch)[0]
+    torch.testing.assert_close(run.strategy.reference_logps(run.model, batch), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapter is on again afterwards
+    torch.testing.assert_close(run.strategy._logps(run.model, batch)[0], adapted)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+def test_batch_4_equals_batch_2_times_accumulation_2(decoder, tmp_path, loss):
+    path = write_preferences(tmp_path / "p.jsonl")
+
+    def make(batch, accum):
+        return pref_config(decoder, path, {"loss": loss, "reference": "copy"}, max_steps=2, batch_size=batch,
+                           grad_accum=accum, optimizer="sgd", lr=0.5)
+
+    big, small, half = one_step_weights(make, tmp_path, (4, 1), (2, 2), (2, 1))
+    assert_same_weights(big, small, atol=1e-5)
+    with pytest.raises(AssertionError):
+        assert_same_weights(big, half, atol=1e-6)
+
+
+def test_resume_is_exact_with_the_cached_reference(decoder, tmp_path):
+    import graft as g
+
+    conf = pref_config(decoder, write_preferences(tmp_path / "p.jsonl"),
+                       {"reference": "cache", "cache_dir": str(tmp_path / "cache")}, max_steps=5, checkpoint_every=1,
+                       keep_checkpoints=10, eval_every=5)
+    assert_resume_from_step_reproduces(g.load_config(conf), tmp_path, step=2)
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert {"reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"} <= set(summary["val"])
+    assert summary["reference"] == "cache" and (tmp_path / "full" / "lm" / "config.json").is_file()
+
+
+def test_kto_trains_on_unpaired_rows(decoder, tmp_path):
+    import graft as g
+
+    conf = pref_config(decoder, write_preferences(tmp_path / "k.jsonl", unpaired=True),
+                       {"loss": "kto", "reference": "copy"})
+    summary = g.train(g.load_config(conf), tmp_path / "run", echo=lambda m: None)
+    assert summary["metric"] == "reward_margin" and "desirable_reward" in summary["val"]
+
+
+def test_two_processes_train_like_one(decoder, tmp_path):
+    path = write_preferences(tmp_path / "p.jsonl")
+
+    def make(batch, accum):
+        return pref_config(decoder, path, {"reference": "copy"}, max_steps=2, batch_size=batch, grad_accum=accum,
+                           optimizer="sgd", lr=0.5)
+
+    big, = one_step_weights(make, tmp_path, (4, 1))
+    two = graft("train", write_config(tmp_path / "c.toml", make(2, 1)), "--nproc", "2", "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    assert_same_weights(big, weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_bad_preference_rows_exit_2_naming_file_and_line(decoder, tmp_path):
+    path = write_preferences(tmp_path / "p.jsonl", n=6)
+    lines = path.read_text().splitlines()
+    lines[3] = json.dumps({"prompt": "say number 1", "chosen": "the film"})
+    path.write_text("\n".join(lines) + "\n")
+    r = graft("train", write_config(tmp_path / "c.toml", pref_config(decoder, path)), "--out", tmp_path / "run")
+    assert r.returncode == 2 and f"{path}:4: no 'rejected' field" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    conf = pref_config(decoder, write_preferences(tmp_path / "q.jsonl"), {"loss": "kto"})
+    r = graft("train", write_config(tmp_path / "d.toml", conf), "--out", tmp_path / "run2")
+    assert r.returncode == 2 and "needs unpaired preference data" in r.stderr, r.stderr
+
+
+def test_long_prompts_are_cut_before_responses_and_counted(decoder, tmp_path):
+    import graft as g
+
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "say " * 60 + "number 1", "chosen": "the film number 1 was good", "rejected": "number 2"},
+            {"prompt": "say number 2", "chosen": "the film was good " * 30, "rejected": "number 3"},
+            {"prompt": [{"role": "user", "content": "say number 3"}, {"role": "assistant", "content": "number 3"},
+                        {"role": "user", "content": "again"}],
+             "chosen": [{"role": "assistant", "content": "the film number 3"}], "rejected": "number"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conf = pref_config(decoder, path)
+    conf["data"].update(val_fraction=0.0, max_length=80)
+    with pytest.warns(UserWarning, match="1 response"):
+        run = g.Run(g.load_config(conf))
+    assert run.data.report()["truncated_responses"] == 1 and run.data.report()["truncated_prompts"] == 3
+    tok = run.backbone.tokenizer()
+    for e in run.data.dataset("train"):
+        for ids, labels in ((e[0], e[1]), (e[2], e[3])):
+            assert len(ids) <= 80 and (labels != -100).any()
+    third = [e for e in run.data.dataset("train") if "again" in tok.decode(e[0])][0]
+    assert tok.decode(third[0][third[1] != -100]).strip().startswith("the film number 3")  # not the earlier turn
