@@ -185,3 +185,40 @@ def test_long_prompts_are_cut_before_responses_and_counted(decoder, tmp_path):
             assert len(ids) <= 80 and (labels != -100).any()
     third = [e for e in run.data.dataset("train") if "again" in tok.decode(e[0])][0]
     assert tok.decode(third[0][third[1] != -100]).strip().startswith("the film number 3")  # not the earlier turn
+
+
+def test_the_dpo_loss_and_gradients_equal_trls(decoder, tmp_path):
+    """TRL's DPOTrainer (the reference implementation, a test-only dependency) on the same model, reference and
+    batch: the same loss and the same gradient of every parameter. (TRL 1.x keeps label smoothing for its robust and
+    EXO losses only; the conservative variant is checked against its formula above.)"""
+    import copy
+
+    import graft as g
+
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    path = write_preferences(tmp_path / "p.jsonl")
+    run = g.Run(g.load_config(pref_config(decoder, path, {"reference": "copy"})))
+    with torch.no_grad():  # a policy that has moved away from its reference: the loss is not log 2
+        for p in run.model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = next(iter(run.loader("train", train=True)))
+    policy = copy.deepcopy(run.model)
+    run.model.train()
+    ours = run.strategy.training_step(run.model, batch)["loss"]
+    ours.backward()
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, report_to=[],
+                         per_device_train_batch_size=4, use_cpu=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    trainer = trl.DPOTrainer(model=policy, ref_model=copy.deepcopy(run.strategy.reference), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=run.backbone.tokenizer())
+    trainer.model.train()
+    inputs = {"input_ids": batch["inputs"]["input_ids"], "attention_mask": batch["inputs"]["attention_mask"],
+              "completion_mask": (batch["targets"] != -100).long()}
+    theirs = trainer._compute_loss(trainer.model, inputs, False)
+    theirs.backward()
+    assert abs(float(ours.detach()) - 0.6931) > 1e-3
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), abs=1e-5)
+    for (name, a), b in zip(run.model.named_parameters(), policy.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-5, msg=name)
