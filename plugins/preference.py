@@ -22,8 +22,8 @@ log-probabilities of every example computed once and kept on disk (``reference =
 reference's weights, the data and its options, so any change makes a new cache. Log-probabilities are sums over
 response tokens only; the loss is a mean over the optimizer step's pairs (all micro-batches and processes), so batch
 4 = batch 2 x accumulation 2. Metrics: reward accuracy (chosen reward above rejected), mean reward margin, mean
-chosen and rejected log-probabilities, and the loss; rewards are beta x the log-ratio to the reference (SimPO and
-ORPO: beta x the mean log-probability).
+chosen and rejected log-probabilities, the loss, and with ``rouge_examples`` ROUGE-L of greedy answers against the
+chosen ones; rewards are beta x the log-ratio to the reference (SimPO and ORPO: beta x the mean log-probability).
 """
 
 from __future__ import annotations
@@ -59,12 +59,19 @@ class PreferenceOptions:
                 "with an [adapter], else cache.")
     cache_dir: str = option("", "reference = \"cache\": where; empty = $GRAFT_CACHE_DIR or ~/.cache/graftkit.",
                             path=True)
+    rouge_examples: int = option(0, "At each evaluation, generate greedy answers to the prompts of the split's first "
+                                    "N pairs and report ROUGE-L F1 (Lin 2004; Google's rouge-score, stemmed) against "
+                                    "the chosen answers as rougeL. Needs pip install 'graftkit[lm]'.")
+    max_new_tokens: int = option(32, "Tokens generated per answer for rouge_examples, at most (generation also stops "
+                                     "at the end-of-sequence and the chat template's end-of-turn tokens).")
 
     def validate(self):
         if self.beta < 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError("beta must not be negative and label_smoothing must be in [0, 0.5).")
         if min(self.desirable_weight, self.undesirable_weight) < 0:
             raise ValueError("desirable_weight and undesirable_weight must not be negative.")
+        if self.rouge_examples < 0 or self.max_new_tokens < 1:
+            raise ValueError("rouge_examples must be >= 0 and max_new_tokens >= 1.")
 
 
 def sequence_logps(logits, targets):
@@ -125,7 +132,7 @@ class Preference(Strategy):
     primary_metric = "reward_accuracy"
     supports_adapters = True
     metric_modes = {"loss": "min", "reward_accuracy": "max", "reward_margin": "max", "logps_chosen": "max",
-                    "logps_rejected": "min"}
+                    "logps_rejected": "min", "rougeL": "max"}
 
     def build(self):
         o = self.options
@@ -137,6 +144,17 @@ class Preference(Strategy):
             raise GraftError(f"[strategy] loss = {o.loss!r} needs {'unpaired' if o.loss == 'kto' else 'paired'} "
                              f"preference data, and [data] holds {kind} rows. Paired losses (dpo, ipo, orpo, simpo) "
                              f"need chosen and rejected on every line; kto needs completion and label.")
+        self.scorer = None
+        if o.rouge_examples:
+            if kind == "unpaired":
+                raise GraftError("[strategy] rouge_examples scores answers against the chosen ones: it needs paired "
+                                 "preference data.")
+            try:  # built now: a missing package is bad input at the start, not an error at the first evaluation
+                from rouge_score import rouge_scorer
+            except ImportError:
+                raise GraftError("[strategy] rouge_examples needs the rouge-score package: pip install "
+                                 "'graftkit[lm]'.") from None
+            self.scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         self.model = require(self.backbone, TaskModel, "[strategy] plugin = \"preference\"",
                              "Use an hf text backbone.").task_model("causal-lm")
         self.mode = None if o.loss in REFERENCE_FREE else o.reference
@@ -301,8 +319,42 @@ class Preference(Strategy):
             d = batch["desirable"]
             return {**sums, "desirable_reward": rewards[d].sum(), "undesirable_reward": rewards[~d].sum(),
                     "desirable": d.sum().float(), "undesirable": (~d).sum().float()}
-        return {**sums, "correct": (rewards[0] > rewards[1]).sum().float(), "margin": (rewards[0] - rewards[1]).sum(),
-                "logps_chosen": logps[:b].sum().float(), "logps_rejected": logps[b:].sum().float()}
+        sums.update(correct=(rewards[0] > rewards[1]).sum().float(), margin=(rewards[0] - rewards[1]).sum(),
+                    logps_chosen=logps[:b].sum().float(), logps_rejected=logps[b:].sum().float())
+        if self.scorer is not None:
+            sums["rouge_sum"], sums["rouge_count"] = self._rouge(batch, b)
+        return sums
+
+    def _rouge(self, batch, b):
+        """(sum of ROUGE-L F1, count) of greedy answers to the prompts of the batch's pairs among the split's first
+        ``rouge_examples``, each against its chosen answer."""
+        import torch
+
+        ids, targets = batch["inputs"]["input_ids"][:b], batch["targets"][:b]
+        tok = self.backbone.tokenizer()
+        stops = list(dict.fromkeys(t for t in self.data.renderer.stop_ids() + [tok.eos_token_id] if t is not None))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        total, count = 0.0, 0
+        for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
+            where = (targets[row] != IGNORE).nonzero().flatten()
+            if where.numel() == 0:
+                continue
+            start = int(where[0])
+            prompt = ids[row, :start].unsqueeze(0)
+            with torch.no_grad():
+                out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                          max_new_tokens=self.options.max_new_tokens, pad_token_id=pad,
+                                          eos_token_id=stops)
+            answer, reference = (self._text(tok, t, stops) for t in (out[0, start:], ids[row, where]))
+            total += self.scorer.score(reference, answer)["rougeL"].fmeasure
+            count += 1
+        return ids.new_tensor(total, dtype=torch.float32), ids.new_tensor(float(count), dtype=torch.float32)
+
+    @staticmethod
+    def _text(tok, ids, stops) -> str:
+        ids = ids.tolist()
+        ends = [i for i, t in enumerate(ids) if t in stops]
+        return tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True).strip()
 
     def compute_metrics(self, sums):
         n = max(1.0, float(sums["count"]))
@@ -310,6 +362,8 @@ class Preference(Strategy):
         if "correct" in sums:
             out.update(reward_accuracy=float(sums["correct"]) / n, reward_margin=float(sums["margin"]) / n,
                        logps_chosen=float(sums["logps_chosen"]) / n, logps_rejected=float(sums["logps_rejected"]) / n)
+            if "rouge_sum" in sums:
+                out["rougeL"] = float(sums["rouge_sum"]) / max(1.0, float(sums["rouge_count"]))
         else:
             out.update(desirable_reward=float(sums["desirable_reward"]) / max(1.0, float(sums["desirable"])),
                        undesirable_reward=float(sums["undesirable_reward"]) / max(1.0, float(sums["undesirable"])))

@@ -122,11 +122,12 @@ def test_resume_is_exact_with_the_cached_reference(decoder, tmp_path):
     import graft as g
 
     conf = pref_config(decoder, write_preferences(tmp_path / "p.jsonl"),
-                       {"reference": "cache", "cache_dir": str(tmp_path / "cache")}, max_steps=5, checkpoint_every=1,
-                       keep_checkpoints=10, eval_every=5)
+                       {"reference": "cache", "cache_dir": str(tmp_path / "cache"), "rouge_examples": 2,
+                        "max_new_tokens": 8}, max_steps=5, checkpoint_every=1, keep_checkpoints=10, eval_every=5)
     assert_resume_from_step_reproduces(g.load_config(conf), tmp_path, step=2)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert {"reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"} <= set(summary["val"])
+    assert {"reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected", "rougeL"} <= set(summary["val"])
+    assert 0 <= summary["val"]["rougeL"] <= 1
     assert summary["reference"] == "cache" and (tmp_path / "full" / "lm" / "config.json").is_file()
 
 
