@@ -15,7 +15,7 @@ from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
+__all__ = ["BatchGeneration", "DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
            "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel", "TextGeneration", "Views",
            "require"]
 
@@ -97,6 +97,19 @@ class TextGeneration(Protocol):
 
     def generate(self, model: "nn.Module", prompt: str, max_new_tokens: int = 50, temperature: float = 0.0,
                  top_p: float = 1.0, stream=None, raw: bool = False) -> str: ...
+
+
+@runtime_checkable
+class BatchGeneration(Protocol):
+    """Answer many prompts in batches (``generate_batch``).
+
+    ``generate_batch(model, prompts, max_new_tokens, temperature, top_p, seed, raw) -> list[str]``: one answer per
+    prompt (text, or a chat: a list of {role, content} messages), greedy at temperature 0, else sampled from
+    ``seed``. ``graft generate RUN --file F`` calls it (``clm`` has it); a pipeline's generate stage too.
+    """
+
+    def generate_batch(self, model: "nn.Module", prompts: list, max_new_tokens: int = 50, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int = 0, raw: bool = False) -> list[str]: ...
 
 
 @runtime_checkable

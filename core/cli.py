@@ -318,7 +318,17 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--file", "prompt_file", metavar="FILE", help="Answer every prompt of FILE instead (JSONL rows with a "
+              "prompt -- text or messages --, or lines of text), in batches; JSON lines out.")
+@click.option("--out", "out_file", metavar="OUT", help="With --file: write the JSONL answers here (each row with "
+              "\"answer\" added) instead of printing them.")
+@click.option("--field", default="prompt", show_default=True, help="With --file: the rows' prompt field.")
+@click.option("--chosen", default="", metavar="FIELD", help="With --file: write preference pairs instead -- chosen = "
+              "the row's FIELD (e.g. response), rejected = the model's answer (SPIN) -- for the preferences source.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="With --file: prompts "
+              "per batch.")
+@click.option("--seed", default=0, show_default=True, type=int, help="With --file: sampling seed (batch k: seed + k).")
 @click.option("--max-new-tokens", default=50, show_default=True, type=click.IntRange(min=1), help="Tokens to add.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 = greedy; above 0 samples, softer as it grows.")
@@ -326,13 +336,20 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
 @click.option("--raw", is_flag=True, help="Give the prompt as it is, not wrapped in the run's instruction template.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, trust_remote_code):
+def generate(run_dir, prompt, prompt_file, out_file, field, chosen, batch_size, seed, max_new_tokens, temperature,
+             top_p, raw, as_json, trust_remote_code):
     """Continue PROMPT with a finished language-model run (strategy clm), streaming the text. A run tuned on
-    instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself)."""
+    instructions answers PROMPT as the user's message in its chat template (--raw: continue the text itself).
+    With --file, answer a file of prompts in batches (seeded sampling), e.g. to make preference pairs."""
     from .capabilities import TextGeneration, require
     from .export import load_run
 
-    if not prompt.strip():
+    if prompt_file:
+        return _generate_file(run_dir, prompt, prompt_file, out_file, field, chosen, batch_size, seed, max_new_tokens,
+                              temperature, top_p, raw, trust_remote_code)
+    if out_file or chosen:
+        raise GraftError("--out and --chosen go with --file (a file of prompts).")
+    if prompt is None or not prompt.strip():
         raise GraftError("The prompt is empty: give the text to continue, e.g. graft generate RUN \"Once upon a time\".")
     run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
     stream = None if as_json else (lambda text: click.echo(text, nl=False))
@@ -343,6 +360,27 @@ def generate(run_dir, prompt, max_new_tokens, temperature, top_p, raw, as_json, 
         click.echo(json.dumps({"prompt": prompt, "text": text}))
     else:
         click.echo()
+
+
+def _generate_file(run_dir, prompt, prompt_file, out_file, field, chosen, batch_size, seed, max_new_tokens,
+                   temperature, top_p, raw, trust_remote_code):
+    import tempfile
+
+    from .export import load_run
+    from .generate import answer_file
+
+    if prompt is not None:
+        raise GraftError("Give a PROMPT or --file, not both.")
+    run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
+    target = Path(out_file) if out_file else Path(tempfile.mkdtemp()) / "answers.jsonl"
+    n = answer_file(run, prompt_file, target, field, chosen, batch_size, max_new_tokens, temperature, top_p, seed, raw,
+                    echo=lambda m: click.echo(m, err=True))
+    if n["left_out"]:
+        click.echo(f"{n['left_out']} pair(s) left out: the answer was empty or the chosen one itself.", err=True)
+    if out_file:
+        click.echo(f"{n['rows']} {'pairs' if chosen else 'answers'} written to {out_file}")
+    else:
+        click.echo(target.read_text(encoding="utf-8"), nl=False)
 
 
 @cli.command("pipeline")

@@ -9,7 +9,11 @@ a run directory is what a backbone's ``weights``, a distill ``teacher`` or a clm
 
 A stage with ``compress = "@NAME"`` compresses that earlier stage's run instead of training (``graft compress``):
 its other keys are ``quantize``, ``prune``, ``finetune_steps``, ``finetune_lr``, ``calibration_samples`` and
-``calibration_method``.
+``calibration_method``. A stage with ``generate = "@NAME"`` answers the prompts of ``file`` with that run (``graft
+generate --file``) into its folder's answers.jsonl -- or, with ``chosen = "FIELD"``, pairs.jsonl: preference pairs
+whose chosen answer is the row's FIELD and rejected one the model's (SPIN), for a later stage's data
+(``"@NAME/pairs.jsonl"``); its other keys are ``field``, ``batch_size``, ``max_new_tokens``, ``temperature``,
+``top_p``, ``seed`` and ``raw``.
 
 Every stage is resolved and checked before anything runs. A stage whose run finished with the same resolved config
 and the same upstream stages is skipped; one that was interrupted resumes from its checkpoint; one whose config or
@@ -34,6 +38,8 @@ STATE_FILE = ".graft-stage.json"  # in each stage's run directory: the fingerpri
 
 COMPRESS_KEYS = {"compress": str, "quantize": str, "prune": str, "finetune_steps": int, "finetune_lr": float,
                  "calibration_samples": int, "calibration_method": str}
+GENERATE_KEYS = {"generate": str, "file": str, "field": str, "chosen": str, "batch_size": int, "max_new_tokens": int,
+                 "temperature": float, "top_p": float, "seed": int, "raw": bool}
 
 
 @dataclass(eq=False)
@@ -46,6 +52,7 @@ class Stage:
     status: str = ""  # done | resume | run
     summary: dict = field(default_factory=dict)
     compress: dict | None = None  # graft compress's options, "compress" the source run directory
+    generate: dict | None = None  # graft generate --file's options, "generate" the run that answers
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -107,11 +114,13 @@ def read_pipeline(path: str | Path, out: str | Path | None = None, registry=None
                              f"'.' or '@').")
         if name in dirs:
             raise GraftError(f"{at}: a stage named {name!r} comes earlier; names must differ.")
-        if "compress" in table:
+        if "compress" in table or "generate" in table:
             uses: list[str] = []
-            options = _substitute(_compress_options(table, at), dirs, set(names[i + 1:]), name, at, uses)
+            kind = "compress" if "compress" in table else "generate"
+            options = _compress_options(table, at) if kind == "compress" else _generate_options(table, at, path)
+            options = _substitute(options, dirs, set(names[i + 1:]), name, at, uses)
             dirs[name] = (root / name).absolute()
-            stages.append(Stage(name, None, dirs[name], sorted(set(uses)), compress=options))
+            stages.append(Stage(name, None, dirs[name], sorted(set(uses)), **{kind: options}))
             continue
         base = {}
         if "config" in table:
@@ -129,7 +138,7 @@ def read_pipeline(path: str | Path, out: str | Path | None = None, registry=None
         stages.append(Stage(name, config, dirs[name], sorted(set(uses))))
     for s in stages:
         upstream = [next(t.fingerprint for t in stages if t.name == u) for u in s.uses]
-        own = _tracked(s.config) if s.config is not None else s.compress
+        own = _tracked(s.config) if s.config is not None else s.compress or s.generate
         s.fingerprint = hashlib.sha256(json.dumps([own, upstream]).encode()).hexdigest()[:16]
         s.status = _status(s)
     return stages
@@ -156,6 +165,45 @@ def _compress_options(table: dict, at: str) -> dict:
         raise GraftError(f"{at}: compress = {options['compress']!r}: name an earlier stage, e.g. compress = "
                          f"\"@student\".")
     return options
+
+
+def _generate_options(table: dict, at: str, pipeline_file: Path) -> dict:
+    """A generate stage's options, its prompts file made absolute and fingerprinted (new prompts: run again)."""
+    options = {k: v for k, v in table.items() if k != "name"}
+    for key, value in options.items():
+        if key not in GENERATE_KEYS:
+            raise GraftError(f"{at}: a generate stage takes {', '.join(GENERATE_KEYS)}; not {key!r}."
+                             f"{did_you_mean(key, list(GENERATE_KEYS))}")
+        kind = GENERATE_KEYS[key]
+        if kind is not bool and isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                                          else kind):
+            raise GraftError(f"{at}: {key} = {value!r} should be a {kind.__name__}.")
+    if not str(options["generate"]).startswith("@") or "file" not in options:
+        raise GraftError(f"{at}: a generate stage answers the prompts of file = \"...\" with an earlier stage's run: "
+                         f"generate = \"@sft\".")
+    source = Path(options["file"])
+    source = source if source.is_absolute() else (pipeline_file.parent / source)
+    if not source.is_file():
+        raise GraftError(f"{at}: file = {options['file']!r}: no such file ({source}).")
+    options["file"] = str(source.absolute())
+    options["file_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    return options
+
+
+def _generate_stage(stage: Stage, echo) -> None:
+    from .export import load_run
+    from .generate import answer_file
+
+    o = stage.generate
+    out = stage.run_dir / ("pairs.jsonl" if o.get("chosen") else "answers.jsonl")
+    echo(f"[{stage.name}] answering {o['file']} with {o['generate']} -> {out}")
+    run = load_run(o["generate"], for_prediction=True)
+    n = answer_file(run, o["file"], out, o.get("field", "prompt"), o.get("chosen", ""), o.get("batch_size", 8),
+                    o.get("max_new_tokens", 64), o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("seed", 0),
+                    o.get("raw", False))
+    rundir.write_summary(stage.run_dir, {"stage": "generate", **n, "file": out.name, "run": o["generate"]})
+    if o.get("chosen"):
+        echo(f"[{stage.name}] {n['rows']} pairs ({n['left_out']} left out: empty answers or the chosen one itself)")
 
 
 def _status(stage: Stage) -> str:
@@ -201,8 +249,8 @@ def run_stages(stages: list[Stage], start: str | None = None, only: str | None =
         stage.run_dir.mkdir(parents=True, exist_ok=True)
         (stage.run_dir / STATE_FILE).write_text(json.dumps({"fingerprint": stage.fingerprint,
                                                             "uses": stage.uses}))
-        if stage.compress is not None:
-            _compress_stage(stage, echo)
+        if stage.compress is not None or stage.generate is not None:
+            (_compress_stage if stage.compress is not None else _generate_stage)(stage, echo)
             stage.status = "done"
             continue
         echo(f"[{stage.name}] {'resuming' if resume else 'training'} {stage.config.plugins['strategy'].name} -> "

@@ -247,6 +247,59 @@ class CLM(Strategy):
         answer = self._decode(tok, out[0, enc["input_ids"].shape[1]:], stops, strip=False)
         return answer[len(lead):] if lead and answer.startswith(lead) else answer
 
+    def generate_batch(self, model, prompts, max_new_tokens=50, temperature=0.0, top_p=1.0, seed=0, raw=False):
+        """Answers to ``prompts`` (texts, or chats as lists of {role, content} messages) in one batch: each wrapped
+        in the run's instruction template (unless ``raw``), padded on the left, greedy at temperature 0, else sampled
+        from ``seed`` (the same answers for the same seed, prompts and batch), stopping at the end-of-sequence and
+        the template's end-of-turn tokens."""
+        import torch
+
+        tok = self.backbone.tokenizer()
+        texts, leads, special = [], [], True
+        for prompt in prompts:
+            text, lead = prompt, ""
+            if not raw and hasattr(self.data, "prompt_text"):
+                text, special, lead = self.data.prompt_text(tok, prompt)
+            elif not isinstance(prompt, str):
+                raise GraftError("A chat (a list of messages) needs the run's instruction template: this run was not "
+                                 "tuned on instructions, so give plain text prompts (--raw).")
+            texts.append(text)
+            leads.append(lead)
+        side, tok.padding_side = tok.padding_side, "left"  # generation continues every row from its last token
+        pad = self._pad_id(tok)
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special) if tok.pad_token_id \
+                is not None else self._pad_left(tok, texts, special, pad)
+        finally:
+            tok.padding_side = side
+        enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+        sample, stops = temperature > 0, self.stop_ids(model, tok)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if enc["input_ids"].is_cuda:
+                torch.cuda.manual_seed_all(seed)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                 pad_token_id=pad, eos_token_id=stops)
+        answers = []
+        for row, lead in zip(out[:, enc["input_ids"].shape[1]:], leads):
+            answer = self._decode(tok, row, stops, strip=False)
+            answers.append(answer[len(lead):] if lead and answer.startswith(lead) else answer)
+        return answers
+
+    @staticmethod
+    def _pad_left(tok, texts, special, pad):
+        """Left-padded ids and mask for a tokenizer without a pad token (GPT-2's): padded with ``pad``."""
+        import torch
+
+        rows = [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+        n = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r, dtype=torch.long), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
     def export(self, model, directory):
         """backbone/ (the decoder + tokenizer: the hand-off) and lm/ (the whole causal LM + tokenizer)."""
         Path(directory, "backbone").mkdir(exist_ok=True)

@@ -200,13 +200,14 @@ class Instructions(DataSource):
     def _renderer(self, tokenizer):
         return Renderer(tokenizer, self.options.template, f"[data] plugin = \"{self.name or 'instructions'}\"")
 
-    def prompt_text(self, tokenizer, prompt: str) -> tuple[str, bool, str]:
-        """``prompt`` as the user's message in this source's template, ready for the model to answer: (text,
-        whether the tokenizer should add its special tokens, the end of the generation prompt that the model's first
-        token holds, as in training -- drop it from the answer). Works without ``setup`` (``graft generate``)."""
+    def prompt_text(self, tokenizer, prompt) -> tuple[str, bool, str]:
+        """``prompt`` as the user's message in this source's template (or a chat: a list of {role, content}
+        messages), ready for the model to answer: (text, whether the tokenizer should add its special tokens, the
+        end of the generation prompt that the model's first token holds, as in training -- drop it from the answer).
+        Works without ``setup`` (``graft generate``)."""
         r = self._renderer(tokenizer)
-        msgs = [{"role": "user", "content": prompt}]
-        if self.options.system:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.options.system and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": self.options.system}] + msgs
         text, lead = r.generation_prompt(msgs)
         return text, not r.chat, lead

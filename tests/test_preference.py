@@ -223,3 +223,70 @@ def test_the_dpo_loss_and_gradients_equal_trls(decoder, tmp_path):
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), abs=1e-5)
     for (name, a), b in zip(run.model.named_parameters(), policy.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-5, msg=name)
+
+
+def test_generate_a_file_of_prompts_seeded_and_as_spin_pairs(decoder, tmp_path):
+    from test_instructions import sft_config, write_pairs
+
+    from graft import load_config, train
+
+    data = write_pairs(tmp_path / "sft.jsonl", n=20)
+    train(load_config(sft_config(decoder, data, max_steps=3, eval_at_start=False)), tmp_path / "sft",
+          echo=lambda m: None)
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        r = graft("generate", tmp_path / "sft", "--file", data, "--out", tmp_path / f"{name}.jsonl", "--temperature",
+                  "1.0", "--seed", seed, "--batch-size", "8", "--max-new-tokens", "6")
+        assert r.returncode == 0, r.stderr
+        runs.append([json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()])
+    assert len(runs[0]) == 20 and all("answer" in row and "response" in row for row in runs[0])
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # seeded sampling
+    r = graft("generate", tmp_path / "sft", "--file", data, "--chosen", "response", "--max-new-tokens", "6",
+              "--temperature", "1.0")
+    pairs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and set(pairs[0]) == {"prompt", "chosen", "rejected"}, r.stderr
+    assert all(p["rejected"].strip() and p["rejected"] != p["chosen"] for p in pairs)
+    r = graft("generate", tmp_path / "sft", "--file", data, "--chosen", "reply")
+    assert r.returncode == 2 and "row 1 has no 'reply' field" in r.stderr, r.stderr
+
+
+def test_a_pipeline_makes_spin_pairs_and_tunes_on_them(decoder, tmp_path):
+    from test_instructions import write_pairs
+
+    write_pairs(tmp_path / "sft.jsonl", n=20)
+    (tmp_path / "p.toml").write_text(f"""
+[pipeline]
+out = "{tmp_path / 'runs'}"
+
+[[stage]]
+name = "sft"
+backbone = {{ plugin = "hf", weights = "{decoder}" }}
+strategy = {{ plugin = "clm" }}
+data = {{ plugin = "instructions", path = "{tmp_path / 'sft.jsonl'}", max_length = 64 }}
+train = {{ max_steps = 3, batch_size = 8, lr = 3e-3, progress = false, plot = false }}
+
+[[stage]]
+name = "pairs"
+generate = "@sft"
+file = "sft.jsonl"   # beside the pipeline file
+chosen = "response"
+max_new_tokens = 6
+temperature = 1.0
+
+[[stage]]
+name = "dpo"
+backbone = {{ plugin = "hf", weights = "@sft/lm" }}
+strategy = {{ plugin = "preference", loss = "dpo" }}
+adapter = {{ plugin = "lora", r = 4, target_modules = ["c_attn"] }}
+data = {{ plugin = "preferences", path = "@pairs/pairs.jsonl", max_length = 64 }}
+train = {{ max_steps = 3, batch_size = 4, lr = 1e-2, progress = false, plot = false }}
+""")
+    r = graft("pipeline", tmp_path / "p.toml")
+    assert r.returncode == 0, r.stderr + r.stdout
+    pairs = (tmp_path / "runs" / "pairs" / "pairs.jsonl").read_text().splitlines()
+    made = json.loads((tmp_path / "runs" / "pairs" / "summary.json").read_text())
+    assert len(pairs) == made["rows"] and made["rows"] + made["left_out"] == 20 and made["rows"] >= 10
+    summary = json.loads((tmp_path / "runs" / "dpo" / "summary.json").read_text())
+    assert summary["reference"] == "adapter" and "reward_accuracy" in summary["val"]
+    again = graft("pipeline", tmp_path / "p.toml")
+    assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout
