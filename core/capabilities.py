@@ -15,9 +15,9 @@ from .interfaces import Adapter, Backbone, DataSource, Logger, Loss, Strategy
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-__all__ = ["BatchGeneration", "DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone", "SavedTokenizer",
-           "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel", "TextGeneration", "Views",
-           "require"]
+__all__ = ["BatchGeneration", "DistinctBatches", "FreshParameters", "PretrainedFolder", "PreparesBackbone",
+           "SavedTokenizer", "ServingModel", "SettableTokenizer", "TargetData", "TaskData", "TaskModel",
+           "TextGeneration", "Views", "require"]
 
 
 # -- backbones ---------------------------------------------------------------------------------------------------
