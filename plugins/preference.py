@@ -80,10 +80,10 @@ def sequence_logps(logits, targets):
     import torch
 
     keep = targets != IGNORE
-    safe = targets.masked_fill(~keep, 0)
-    logits = logits.float()
-    token = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    return (token * keep).sum(-1), keep.sum(-1)
+    picked = logits[keep].float()  # only the response positions: the prompt's logits need no softmax
+    token = picked.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
+    sums = torch.zeros(targets.shape[0], dtype=token.dtype, device=token.device)
+    return sums.index_add(0, keep.nonzero()[:, 0], token), keep.sum(-1)
 
 
 def preference_losses(o: PreferenceOptions, chosen, rejected, n_chosen, n_rejected, ref_chosen=None,
