@@ -3,6 +3,8 @@ moving to a device."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -99,7 +101,9 @@ class Stream:
                              f"{split} split: there is nothing to draw batches from.")
         self.sampler = EpochSampler(len(self.ds), shuffle=True, seed=seed, dist=dist, pad=True)
         self.batch_size = min(batch_size, len(self.sampler))
-        self.per_epoch = len(self.sampler) // self.batch_size  # a smaller last batch would weigh its examples more
+        # whole global batches only, counted on the unpadded split: w processes then draw what one process drawing w x
+        # batch_size draws (a smaller last batch would also weigh its examples more)
+        self.per_epoch = max(1, len(self.ds) // (self.batch_size * dist.world_size))
         self.position, self._epoch, self._order = 0, None, []
 
     def next(self) -> dict:
@@ -155,6 +159,10 @@ def batch_size_of(batch) -> int:
     return int(x.shape[0])
 
 
+def _step_groups(plan, grad_accum: int, epoch: int, seed: int, group: int) -> list[int]:
+    return plan(epoch, seed, group * grad_accum)
+
+
 def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int | None = None, keys=None):
     """A DataLoader over ``data.dataset(split)`` whose batches carry ``index`` and ``split``; None when empty.
     ``keys``: per example, a set the other examples of its step must not share (``EpochSampler``)."""
@@ -162,8 +170,11 @@ def make_loader(data, split: str, train: bool, t, dist, device, batch_size: int 
     if ds is None or len(ds) == 0:
         return None
     size = batch_size or (t.batch_size if train else (t.eval_batch_size or t.batch_size))
+    plan = getattr(data, "epoch_order", None) if train else None
+    if plan is not None:  # the data plans its order in groups of one optimizer step (all micro-batches, processes)
+        plan = functools.partial(_step_groups, plan, t.grad_accum)
     sampler = EpochSampler(len(ds), shuffle=train, seed=t.seed, dist=dist, pad=train, keys=keys,
-                           group=size * dist.world_size, plan=getattr(data, "epoch_order", None) if train else None)
+                           group=size * dist.world_size, plan=plan)
     # A private generator keeps the DataLoader from drawing on the global RNG, which resume restores.
     return torch.utils.data.DataLoader(
         _Indexed(ds), batch_size=size,

@@ -2,7 +2,8 @@
 as a ``[tasks.NAME]`` table. Public as ``graft.data.TaskMixture``.
 
 Training batches hold one task each: every epoch, each task's examples are shuffled on their own (the seeded order a
-one-task run's sampler draws), cut into groups of one step's examples (batch size x processes), and the groups of all
+one-task run's sampler draws), cut into groups of one optimizer step's examples (batch size x accumulation x
+processes), and the groups of all
 tasks laid out by the sampling scheme; the training sampler (``graft.batches.EpochSampler``) takes this order as it
 is. Evaluation batches may hold several tasks: each batch is ``{"tasks": {NAME: that task's own batch}}``.
 """
@@ -103,7 +104,7 @@ class TaskMixture(DataSource):
 
     def epoch_order(self, epoch: int, seed: int, group: int) -> list[int]:
         """The training split's order in ``epoch``: positions in ``dataset("train")``, in groups of ``group`` (one
-        step's examples on all processes) that each hold one task. Each task's examples follow their own seeded
+        optimizer step's examples: every micro-batch on every process) that each hold one task. Each task's examples follow their own seeded
         shuffle (a one-task mixture gives exactly the order a plain run's sampler draws); a task's last group is
         filled up from the start of its order, except when it is the only task."""
         import torch

@@ -267,8 +267,13 @@ class Adapt(Supervised):
             raise GraftError("[strategy] plugin = \"adapt\" trains on a target domain: add a [target] table (any data "
                              "source; its labels are used only for scoring).")
         o = self.options
-        target = self.stream.next()
+        target = self.stream.next()  # drawn every step, used or not: the target order is the same in every method
         teach = o.self_training and self.progress >= o.self_training_start
+        if o.method == "none" and not teach:
+            # the source alone: the target must not reach the backbone, or its BatchNorm statistics would adapt to the
+            # target domain (AdaBN) and the baseline would not be source-only
+            loss = self.loss(*self.task.loss_inputs(model(batch["inputs"]), batch["targets"]))
+            return {"loss": loss, "source_loss": loss.detach()}
         strong = self.strong_view(target) if teach else None
         coeff = self.coefficient()
         out = model(batch["inputs"], target["inputs"], strong, coeff)
@@ -310,6 +315,10 @@ class Adapt(Supervised):
             return self._strong_images(x, seeds)
         tok = self.backbone.tokenizer()
         mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
+        if mask_id is None:
+            raise GraftError(f"[strategy] self_training on text masks tokens of the strong view, and the tokenizer of "
+                             f"[backbone] plugin = {self.backbone.name!r} has neither a mask nor an unknown token. Use "
+                             f"a tokenizer with one, or self_training = false.")
         special = torch.tensor(sorted(set(tok.all_special_ids)), device=x["input_ids"].device)
         ids = x["input_ids"].clone()
         for row, seed in zip(ids, seeds):

@@ -161,6 +161,12 @@ class Multitask(Strategy):
                 raise GraftError(f"[strategy] single_task.{name}: {path} has no val and test {metric!r}, the "
                                  f"metric of task {name!r}; is it a run of that task?")
             refs[name] = {split: summary[split][metric] for split in ("val", "test")}
+            if not all(refs[name].values()):
+                raise GraftError(f"[strategy] single_task.{name}: {path} has {metric} = 0, and Delta-m is a change "
+                                 f"relative to it; compare with a run that learned something.")
+            if not self.data.sources[name].dataset("val"):
+                raise GraftError(f"[strategy] single_task.{name}: Delta-m picks weights on validation, and "
+                                 f"[tasks.{name}] has no validation split; give it one (val_fraction).")
         return refs
 
     def mode_of(self, name: str, metric: str) -> str:
@@ -209,8 +215,9 @@ class Multitask(Strategy):
             else:
                 loss = self.losses[name](outputs, y)
             logs[f"{name}/loss"] = loss.detach()
-            if log_var is not None:
-                loss = (-log_var).exp() * loss + log_var / 2
+            if log_var is not None:  # a share of the step, as the loss is: the regulariser counts once per step
+                share = labelled / batch["step_targets"] if "step_targets" in batch else 1.0
+                loss = (-log_var).exp() * loss + log_var / 2 * share
             total = total + o.weights.get(name, 1.0) * loss
         return {"loss": total, **logs}
 

@@ -13,8 +13,9 @@ loss as an option (each as TRL computes it, which the tests check against the fo
   -log sigmoid(beta * (mean log p(chosen) - mean log p(rejected)) - gamma); no reference;
 - ``kto``: Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization" (ICML 2024), on unpaired
   data: 1 - sigmoid(beta * (r - z)) for desirable and 1 - sigmoid(beta * (z - r)) for undesirable responses, r the
-  policy / reference log-ratio, z the batch's mean log-ratio clamped at 0 (detached) -- the paper's batch estimate of
-  the reference point (TRL estimates it from mismatched prompt/response pairs instead); weights per side.
+  policy / reference log-ratio, z the micro-batch's mean log-ratio over all processes, clamped at 0 (detached) -- the
+  paper's batch estimate of the reference point (TRL estimates it from mismatched prompt/response pairs instead; with
+  accumulation each micro-batch has its own z); weights per side.
 
 The reference model (dpo, ipo, kto) is the policy as it starts: with an [adapter], the same network with the
 adapter switched off (no second model in memory); otherwise a frozen copy (``reference = "copy"``), or its
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +119,13 @@ def kto_losses(o: PreferenceOptions, logps, ref_logps, desirable):
 
     beta = o.beta or DEFAULT_BETA["kto"]
     r = logps - ref_logps
-    z = r.detach().mean().clamp(min=0)
+    z = r.detach().mean()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # the micro-batch's mean over every process, as TRL's
+        dist.all_reduce(z)
+        z = z / dist.get_world_size()
+    z = z.clamp(min=0)
     losses = torch.where(desirable, o.desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
                          o.undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
     return losses, beta * r.detach()
@@ -158,8 +164,8 @@ class Preference(Strategy):
         self.model = require(self.backbone, TaskModel, "[strategy] plugin = \"preference\"",
                              "Use an hf text backbone.").task_model("causal-lm")
         self.mode = None if o.loss in REFERENCE_FREE else o.reference
-        if self.mode == "auto":
-            self.mode = "adapter" if self.backbone.adapter_frozen else "cache"
+        if self.mode == "auto":  # a peft adapter switches off; any other (bitfit) changes the base weights
+            self.mode = "adapter" if self._adapter_layers() else "cache"
         if self.mode == "adapter" and not self._adapter_layers():
             raise GraftError("[strategy] reference = \"adapter\" switches the [adapter] off to get the reference, and "
                              "this run has no peft adapter (lora, ia3). Add one, or use reference = \"cache\".")
@@ -235,17 +241,18 @@ class Preference(Strategy):
         return rows.t().reshape(-1) if rows.shape[1] == 2 else rows[:, 0]
 
     def cache_file(self) -> Path:
-        """Reference weights + data + its options + the run's seed (the split): any change, a new file."""
+        """Reference weights + every encoded example of every split (its ids and targets, so the file, the split, the
+        template and the tokenizer): any change, a new file. Computed in float32 whatever the run's precision."""
         import torch
 
         h = hashlib.sha256()
         for v in self.reference.state_dict().values():
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        tok = self.backbone.tokenizer()
-        spec = {"data": self.data.name, "options": repr(self.data.options), "seed": self.data.seed,
-                "tokenizer": f"{type(tok).__name__}:{len(tok)}",
-                "sizes": [len(self.data.dataset(s) or []) for s in ("train", "val", "test")]}
-        h.update(json.dumps(spec, sort_keys=True).encode())
+        for split in ("train", "val", "test"):  # the encoded examples: file, template and tokenizer all show there
+            for example in self.data.dataset(split) or []:
+                for a in example[:4]:
+                    h.update(a.tobytes() if hasattr(a, "tobytes") else repr(a).encode())
+            h.update(split.encode())
         root = self.options.cache_dir or os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graftkit"
         return Path(root) / "reference" / f"{h.hexdigest()[:24]}.safetensors"
 
@@ -256,7 +263,9 @@ class Preference(Strategy):
         path = self.cache_file()
         if path.is_file():
             try:
-                return load_file(str(path))
+                cached = load_file(str(path))
+                self.reference = None  # the copy was only for the cache: free it
+                return cached
             except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
                 pass
         reference = self._on_device({"targets": torch.zeros(1, device=device)})
@@ -270,7 +279,7 @@ class Preference(Strategy):
                 batch = self.data.collate([ds[j] for j in range(i, min(len(ds), i + 8))])
                 batch = {"inputs": {k: v.to(device) for k, v in batch["inputs"].items()},
                          "targets": batch["targets"].to(device)}
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(device.type, enabled=False):
                     logps = self._logps(reference, batch)[0].float().cpu()
                 parts.append(logps.reshape(2, -1).t() if self.data.kind == "paired" else logps[:, None])
             out[split] = torch.cat(parts).contiguous()

@@ -6,9 +6,10 @@ Each JSONL line is ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (paired) 
 ``{role, content}`` messages; a response is text (the assistant's message) or a list of assistant messages -- TRL's
 standard and conversational formats. Each conversation is rendered with the tokenizer's chat template like the
 ``instructions`` source's (``graft.data.ChatRenderer``), and its targets are the response's tokens only (-100
-elsewhere; earlier assistant turns of a prompt are context). A conversation longer than ``max_length`` loses the end
-of its prompt's last user message first (at a token boundary); only when the response alone does not fit is the
-response cut, and those are counted (``truncated_responses`` in data.json) and warned about, never silently dropped.
+elsewhere; earlier assistant turns of a prompt are context). A row whose longest conversation is over ``max_length``
+loses the end of its prompt's last user message first (at a token boundary; the same cut for the chosen and the
+rejected response, so both answer the same prompt); only when a response does not fit even then is it cut, and those
+are counted (``truncated_responses`` in data.json) and warned about, never silently dropped.
 
 Batches: paired -- ``inputs`` ``[2B, T]`` with the B chosen conversations first, then the B rejected ones, in the
 same order, ``targets`` ``[2B, T]``; unpaired -- ``[B, T]`` and ``desirable`` ``[B]`` (bool). Padded on the right.
@@ -155,35 +156,31 @@ class Preferences(DataSource):
         self.examples = {split: [self._example(*rows[i]) for i in sorted(idx)] or None for split, idx in parts.items()}
         if self.truncated_responses:
             warn(f"{where}: {self.truncated_responses} response(s) did not fit in max_length = {self.max_length} "
-                 f"even with the prompt cut to nothing and were cut at their end; raise max_length to keep them "
-                 f"whole.")
+                 f"even with the prompt's last user message cut, and were cut at their end; raise max_length to keep "
+                 f"them whole.")
 
     def _example(self, prompt, responses, label, at):
+        """One row's arrays: (ids, targets) per response (and the label). Every response follows the same prompt: when
+        the longest conversation is over max_length, the prompt's last user message is cut for all of them alike."""
         import numpy as np
 
-        out = []
-        for response in responses:
-            ids, labels = self._encode(prompt, response, at)
-            out += [np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)]
+        encoded = [self._targets(prompt + r, len(r), at) for r in responses]
+        over = max(len(ids) for ids, _ in encoded) - self.max_length
+        if over > 0:
+            self.truncated_prompts += 1
+            cut = over
+            for _ in range(4):  # tokens can merge differently at the new end: cut a little more until it fits
+                shorter, left = self._shorten(prompt, cut)
+                encoded = [self._targets(shorter + r, len(r), at) for r in responses]
+                over = max(len(ids) for ids, _ in encoded) - self.max_length
+                if over <= 0 or not left:
+                    break
+                cut += over
+            if over > 0:  # a response does not fit even so: its end goes, counted
+                self.truncated_responses += sum(len(ids) > self.max_length for ids, _ in encoded)
+                encoded = [(ids[: self.max_length], labels[: self.max_length]) for ids, labels in encoded]
+        out = [np.asarray(x, dtype=np.int64) for pair in encoded for x in pair]
         return tuple(out) if label is None else (*out, bool(label))
-
-    def _encode(self, prompt, response, at):
-        """Ids and targets (the response's tokens; IGNORE elsewhere) of prompt + response, cut to max_length."""
-        ids, labels = self._targets(prompt + response, len(response), at)
-        if len(ids) <= self.max_length:
-            return ids, labels
-        self.truncated_prompts += 1
-        cut = len(ids) - self.max_length
-        for _ in range(4):  # tokens can merge differently at the new end: cut a little more until it fits
-            shorter, left = self._shorten(prompt, cut)
-            ids, labels = self._targets(shorter + response, len(response), at)
-            if len(ids) <= self.max_length or not left:
-                break
-            cut += len(ids) - self.max_length
-        if len(ids) > self.max_length:
-            self.truncated_responses += 1
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return ids, labels
 
     def _targets(self, messages, responses: int, at):
         """Token ids, and targets on the last ``responses`` assistant messages only (a token is a target when its

@@ -256,3 +256,29 @@ def test_mnist_rows_become_uci_style_8x8_digits(tmp_path):
     bad.write_text(path.read_text().splitlines()[0] + "\n1,2,3\n")
     with pytest.raises(GraftError, match=r"bad.csv, line 2: expected 784 pixel values"):
         mnist_8x8(str(bad))
+
+
+@pytest.mark.parametrize("n, batch", [(7, 2), (7, 3), (40, 4), (9, 4)])
+def test_a_stream_on_two_processes_draws_what_one_draws_with_twice_the_batch(n, batch):
+    from graft.batches import Stream
+    from graft.distributed import Dist
+
+    class Numbers:
+        epoch = 0
+
+        def dataset(self, split):
+            return list(range(n))
+
+        def collate(self, items):
+            return {"inputs": torch.tensor(items)}
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    one = Stream(Numbers(), "train", 2 * batch, 5, Dist(), torch.device("cpu"))
+    two = [Stream(Numbers(), "train", batch, 5, Dist(rank=r, world_size=2), torch.device("cpu")) for r in (0, 1)]
+    for _ in range(7):  # across epochs
+        whole = one.next()["index"].tolist()
+        halves = [s.next()["index"].tolist() for s in two]
+        assert sorted(whole) == sorted(halves[0] + halves[1])
+        assert len(set(whole)) == len(whole)  # no example twice in one step

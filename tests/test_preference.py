@@ -69,6 +69,7 @@ def test_the_cached_reference_gives_the_live_references_loss(decoder, tmp_path):
     losses = {}
     for mode in ("copy", "cache"):
         conf = pref_config(decoder, path, {"reference": mode, "cache_dir": str(tmp_path / "cache")})
+        conf["data"]["max_length"] = 40
         run = g.Run(g.load_config(conf))
         batch = next(iter(run.loader("train", train=True)))
         run.model.train()
@@ -77,10 +78,11 @@ def test_the_cached_reference_gives_the_live_references_loss(decoder, tmp_path):
     assert float(losses["copy"].detach()) == pytest.approx(float(losses["cache"].detach()), rel=1e-5)
     assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 1
     conf = pref_config(decoder, path, {"reference": "cache", "cache_dir": str(tmp_path / "cache")})
-    conf["data"]["max_length"] = 40  # other data options: another cache
     same = pref_config(decoder, path, {"reference": "cache", "cache_dir": str(tmp_path / "cache")})
-    assert g.Run(g.load_config(conf)).strategy.cache_file() != g.Run(g.load_config(same)).strategy.cache_file()
-    assert g.Run(g.load_config(same)).strategy.cache_file() == g.Run(g.load_config(same)).strategy.cache_file()
+    before = g.Run(g.load_config(same)).strategy.cache_file()
+    assert g.Run(g.load_config(conf)).strategy.cache_file() == before
+    path.write_text(path.read_text().replace("number 3 was good", "number 3 was fine", 1))  # same rows, one edited
+    assert g.Run(g.load_config(same)).strategy.cache_file() != before
 
 
 def test_the_adapter_off_reference_is_the_base_model(decoder, tmp_path):
@@ -179,11 +181,14 @@ def test_long_prompts_are_cut_before_responses_and_counted(decoder, tmp_path):
     conf["data"].update(val_fraction=0.0, max_length=80)
     with pytest.warns(UserWarning, match="1 response"):
         run = g.Run(g.load_config(conf))
-    assert run.data.report()["truncated_responses"] == 1 and run.data.report()["truncated_prompts"] == 3
+    assert run.data.report()["truncated_responses"] == 1 and run.data.report()["truncated_prompts"] == 2  # rows
     tok = run.backbone.tokenizer()
     for e in run.data.dataset("train"):
         for ids, labels in ((e[0], e[1]), (e[2], e[3])):
             assert len(ids) <= 80 and (labels != -100).any()
+    for e in run.data.dataset("train"):  # chosen and rejected answer the same (cut) prompt
+        first = [int((labels != -100).nonzero()[0][0]) for labels in (e[1], e[3])]
+        assert e[0][:first[0]].tolist() == e[2][:first[1]].tolist()
     third = [e for e in run.data.dataset("train") if "again" in tok.decode(e[0])][0]
     assert tok.decode(third[0][third[1] != -100]).strip().startswith("the film number 3")  # not the earlier turn
 
