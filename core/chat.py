@@ -90,6 +90,16 @@ class ChatRenderer:
         cut = max((e for s, e in self.encode_text(probe)["offset_mapping"] if s < e <= len(text)), default=0)
         return (text[:cut], text[cut:]) if cut else (text, "")
 
+    def prompt_text(self, prompt, system: str = "") -> tuple[str, bool, str]:
+        """``prompt`` (text: the user's message; or a chat: a list of {role, content} messages), with ``system`` put
+        first when it has none, ready for the model to answer: (text, whether the tokenizer should add its special
+        tokens, the end of the generation prompt that the model's first token holds -- drop it from the answer)."""
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system}] + msgs
+        text, lead = self.generation_prompt(msgs)
+        return text, not self.chat, lead
+
     def turn_end(self) -> tuple[list[int], str | None]:
         """(the special or added tokens the chat template writes right after an assistant message's text, e.g.
         <|im_end|>, <|eot_id|>, <end_of_turn>, </s>; that text, None where the template renders no plain user and

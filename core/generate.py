@@ -72,3 +72,141 @@ def answer_file(run, source: str | Path, out: str | Path, field: str = "prompt",
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return {"rows": len(lines), "left_out": len(rows) - len(lines)}
+
+class _Streamer:
+    """transformers' streamer protocol (``put(token ids)``, ``end()``): the answer's new text to ``stream`` as it
+    grows, without the prompt (the first ``put``), the template's ``lead`` or anything after a stop token."""
+
+    def __init__(self, tok, stops, lead: str, stream):
+        self.tok, self.stops, self.rest, self.stream = tok, set(stops), lead, stream
+        self.ids, self.sent, self.prompt_seen, self.done = [], "", False, False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for t in value.flatten().tolist():
+            if self.done or t in self.stops:
+                self.done = True
+                break
+            self.ids.append(t)
+        self._flush(final=False)
+
+    def end(self):
+        self._flush(final=True)
+
+    def _flush(self, final: bool):
+        import os
+
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
+            return
+        new, self.sent = text[len(self.sent):], text
+        if self.rest:
+            n = len(os.path.commonprefix([new, self.rest]))
+            new, self.rest = new[n:], self.rest[n:] if n == len(new) else ""
+        if new:
+            self.stream(new)
+
+
+class CausalGeneration:
+    """Generation for a decoder strategy (a mixin: ``class MyStrategy(CausalGeneration, Strategy)``): ``generate``
+    (capability ``TextGeneration``, ``graft generate RUN PROMPT``) and ``generate_batch`` (``BatchGeneration``,
+    ``graft generate --file`` and a pipeline's generate stage) with transformers' ``generate`` on the strategy's
+    causal LM. It uses ``self.backbone.tokenizer()`` and, when the run's data source has them, its
+    ``prompt_text(tokenizer, prompt) -> (text, add_special_tokens, lead)`` (the instruction template, as in
+    training) and ``stop_ids(tokenizer)`` (end-of-turn tokens); ``clm`` and ``preference`` use it."""
+
+    @staticmethod
+    def _pad_id(tok):
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @staticmethod
+    def _decode(tok, ids, stops, strip: bool = True) -> str:
+        """The text of ``ids`` up to the first stop token (an end-of-turn token need not be special)."""
+        ids = ids.tolist()
+        ends = [i for i, t in enumerate(ids) if t in stops]
+        text = tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True)
+        return text.strip() if strip else text
+
+    def stop_ids(self, model, tok) -> list[int]:
+        """Token ids that end generation: the instruction template's end-of-turn tokens and end-of-sequence (the
+        data source derives them from the run's tokenizer and template, so a saved run gives the same), and the
+        model's own end-of-sequence ids."""
+        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        mine = self.data.stop_ids(tok) if hasattr(self.data, "stop_ids") else [tok.eos_token_id]
+        return list(dict.fromkeys(t for t in mine + own if t is not None))
+
+    def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None, raw=False):
+        """Text continuing ``prompt`` through transformers' ``generate`` (greedy at temperature 0, else sampling
+        with nucleus ``top_p``); ``stream(text)`` receives it piece by piece as it is made. A run tuned on
+        instructions wraps the prompt in its template as the user's message, unless ``raw``."""
+        import torch
+
+        tok = self.backbone.tokenizer()
+        text, special, lead = prompt, True, ""
+        if not raw and hasattr(self.data, "prompt_text"):
+            text, special, lead = self.data.prompt_text(tok, prompt)
+        sample, stops = temperature > 0, self.stop_ids(model, tok)
+        streamer = None if stream is None else _Streamer(tok, stops, lead, stream)
+        enc = tok(text, return_tensors="pt", add_special_tokens=special).to(next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                 pad_token_id=self._pad_id(tok), eos_token_id=stops, streamer=streamer)
+        answer = self._decode(tok, out[0, enc["input_ids"].shape[1]:], stops, strip=False)
+        return answer[len(lead):] if lead and answer.startswith(lead) else answer
+
+    def generate_batch(self, model, prompts, max_new_tokens=50, temperature=0.0, top_p=1.0, seed=0, raw=False):
+        """Answers to ``prompts`` (texts, or chats as lists of {role, content} messages) in one batch: each wrapped
+        in the run's instruction template (unless ``raw``), padded on the left, greedy at temperature 0, else sampled
+        from ``seed`` (the same answers for the same seed, prompts and batch), stopping at the end-of-sequence and
+        the template's end-of-turn tokens."""
+        import torch
+
+        tok = self.backbone.tokenizer()
+        texts, leads, special = [], [], True
+        for prompt in prompts:
+            text, lead = prompt, ""
+            if not raw and hasattr(self.data, "prompt_text"):
+                text, special, lead = self.data.prompt_text(tok, prompt)
+            elif not isinstance(prompt, str):
+                raise GraftError("A chat (a list of messages) needs the run's instruction template: this run was not "
+                                 "tuned on instructions, so give plain text prompts (--raw).")
+            texts.append(text)
+            leads.append(lead)
+        side, tok.padding_side = tok.padding_side, "left"  # generation continues every row from its last token
+        pad = self._pad_id(tok)
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special) if tok.pad_token_id \
+                is not None else self._pad_left(tok, texts, special, pad)
+        finally:
+            tok.padding_side = side
+        enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+        sample, stops = temperature > 0, self.stop_ids(model, tok)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if enc["input_ids"].is_cuda:
+                torch.cuda.manual_seed_all(seed)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
+                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
+                                 pad_token_id=pad, eos_token_id=stops)
+        answers = []
+        for row, lead in zip(out[:, enc["input_ids"].shape[1]:], leads):
+            answer = self._decode(tok, row, stops, strip=False)
+            answers.append(answer[len(lead):] if lead and answer.startswith(lead) else answer)
+        return answers
+
+    @staticmethod
+    def _pad_left(tok, texts, special, pad):
+        """Left-padded ids and mask for a tokenizer without a pad token (GPT-2's): padded with ``pad``."""
+        import torch
+
+        rows = [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+        n = max(len(r) for r in rows)
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r, dtype=torch.long), 1
+        return {"input_ids": ids, "attention_mask": mask}

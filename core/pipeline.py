@@ -181,7 +181,7 @@ def _generate_options(table: dict, at: str, pipeline_file: Path) -> dict:
     if not str(options["generate"]).startswith("@") or "file" not in options:
         raise GraftError(f"{at}: a generate stage answers the prompts of file = \"...\" with an earlier stage's run: "
                          f"generate = \"@sft\".")
-    source = Path(options["file"])
+    source = Path(options["file"]).expanduser()
     source = source if source.is_absolute() else (pipeline_file.parent / source)
     if not source.is_file():
         raise GraftError(f"{at}: file = {options['file']!r}: no such file ({source}).")

@@ -10,6 +10,9 @@ never branches on a task name.
 third-party strategies subclass it and change the step. LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained
 Features and Underperform Out-of-Distribution" (ICLR 2022); gradual unfreezing: Howard & Ruder, ULMFiT (ACL 2018);
 layer-wise LR decay: Clark et al., ELECTRA (ICLR 2020) / BEiT.
+
+Also here for strategy authors: ``CausalGeneration``, the generation mixin of decoder strategies (``clm``,
+``preference``): ``graft generate`` with and without ``--file``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import GraftError
+from .generate import CausalGeneration  # noqa: F401 - public here
 from .interfaces import UNLABELLED, Strategy
 from .options import option
 from .registry import get_registry

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from graft import UNLABELLED, GraftError, SoftTargetLoss, Strategy, hookimpl, option
 from graft.capabilities import TaskModel, require
+from graft.supervised import CausalGeneration
 
 
 @dataclass
 class CLMOptions:
-    teacher: str = option("", "Token-level distillation: a finished clm run (the teacher) whose tokenizer is this "
-                              "model's; its softened next-token distributions teach through [loss] plugin = \"kd\" "
-                              "(alpha, temperature).", path=True)
+    teacher: str = option("", "Token-level distillation: a finished clm or preference run (the teacher) whose "
+                              "tokenizer is this model's; its softened next-token distributions teach through [loss] "
+                              "plugin = \"kd\" (alpha, temperature).", path=True)
     rouge_examples: int = option(0, "Instruction data: at each evaluation, generate greedy responses to the first N "
                                     "examples of the split and report ROUGE-L F1 (Lin 2004; Google's rouge-score, "
                                     "stemmed) against the references as rougeL. Needs pip install 'graftkit[lm]'.")
@@ -41,7 +42,7 @@ class CLMOptions:
             raise ValueError("rouge_examples must be >= 0 and max_new_tokens >= 1.")
 
 
-class CLM(Strategy):
+class CLM(CausalGeneration, Strategy):
     """Causal (next-token) language modelling of an hf decoder: pretraining, instruction tuning, distillation."""
 
     Options = CLMOptions
@@ -77,9 +78,9 @@ class CLM(Strategy):
             raise GraftError("[strategy] teacher is set, so clm distils: it needs a soft-target loss, e.g. [loss] "
                              "plugin = \"kd\" with alpha = 0.5 and temperature = 1.0.")
         run = load_run(Path(path), for_prediction=True, device="cpu")
-        if not isinstance(run.strategy, CLM):
+        if not isinstance(run.strategy, CausalGeneration):  # clm, preference: a causal LM with its tokenizer
             raise GraftError(f"[strategy] teacher = {path!r} is a {run.strategy.name!r} run; token-level "
-                             f"distillation needs a clm run (a causal language model).")
+                             f"distillation needs a causal language model's run (clm, preference).")
         mine, theirs = self.backbone.tokenizer(), run.backbone.tokenizer()
         if mine is None or theirs is None or mine.get_vocab() != theirs.get_vocab():
             sizes = f"{len(theirs) if theirs else 0} tokens vs {len(mine) if mine else 0} here"
@@ -190,115 +191,6 @@ class CLM(Strategy):
             total += scorer.score(reference, self._decode(tok, out[0, start:], stops))["rougeL"].fmeasure
             count += 1
         return ids.new_tensor(total, dtype=torch.float32), ids.new_tensor(float(count), dtype=torch.float32)
-
-    @staticmethod
-    def _pad_id(tok):
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    @staticmethod
-    def _decode(tok, ids, stops, strip: bool = True) -> str:
-        """The text of ``ids`` up to the first stop token (an end-of-turn token need not be special)."""
-        ids = ids.tolist()
-        ends = [i for i, t in enumerate(ids) if t in stops]
-        text = tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True)
-        return text.strip() if strip else text
-
-    def stop_ids(self, model, tok) -> list[int]:
-        """Token ids that end generation: the instruction template's end-of-turn tokens and end-of-sequence (the
-        data source derives them from the run's tokenizer and template, so a saved run gives the same), and the
-        model's own end-of-sequence ids."""
-        own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        own = [] if own is None else [own] if isinstance(own, int) else list(own)
-        mine = self.data.stop_ids(tok) if hasattr(self.data, "stop_ids") else [tok.eos_token_id]
-        return list(dict.fromkeys(t for t in mine + own if t is not None))
-
-    def generate(self, model, prompt, max_new_tokens=50, temperature=0.0, top_p=1.0, stream=None, raw=False):
-        """Text continuing ``prompt`` through transformers' ``generate`` (greedy at temperature 0, else sampling
-        with nucleus ``top_p``); ``stream(text)`` receives it piece by piece as it is made. A run tuned on
-        instructions wraps the prompt in its template as the user's message, unless ``raw``."""
-        import os
-
-        import torch
-        from transformers import TextStreamer
-
-        tok = self.backbone.tokenizer()
-        text, special, lead = prompt, True, ""
-        if not raw and hasattr(self.data, "prompt_text"):
-            text, special, lead = self.data.prompt_text(tok, prompt)
-        streamer = None
-        if stream is not None:
-            class Streamer(TextStreamer):
-                rest = lead  # the template's end that the first token holds: not part of the answer
-
-                def on_finalized_text(self, text, stream_end=False):
-                    if self.rest:
-                        n = len(os.path.commonprefix([text, self.rest]))
-                        text, self.rest = text[n:], self.rest[n:] if n == len(text) else ""
-                    if text:
-                        stream(text)
-
-            streamer = Streamer(tok, skip_prompt=True, skip_special_tokens=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=special).to(next(model.parameters()).device)
-        sample, stops = temperature > 0, self.stop_ids(model, tok)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=self._pad_id(tok), eos_token_id=stops, streamer=streamer)
-        answer = self._decode(tok, out[0, enc["input_ids"].shape[1]:], stops, strip=False)
-        return answer[len(lead):] if lead and answer.startswith(lead) else answer
-
-    def generate_batch(self, model, prompts, max_new_tokens=50, temperature=0.0, top_p=1.0, seed=0, raw=False):
-        """Answers to ``prompts`` (texts, or chats as lists of {role, content} messages) in one batch: each wrapped
-        in the run's instruction template (unless ``raw``), padded on the left, greedy at temperature 0, else sampled
-        from ``seed`` (the same answers for the same seed, prompts and batch), stopping at the end-of-sequence and
-        the template's end-of-turn tokens."""
-        import torch
-
-        tok = self.backbone.tokenizer()
-        texts, leads, special = [], [], True
-        for prompt in prompts:
-            text, lead = prompt, ""
-            if not raw and hasattr(self.data, "prompt_text"):
-                text, special, lead = self.data.prompt_text(tok, prompt)
-            elif not isinstance(prompt, str):
-                raise GraftError("A chat (a list of messages) needs the run's instruction template: this run was not "
-                                 "tuned on instructions, so give plain text prompts (--raw).")
-            texts.append(text)
-            leads.append(lead)
-        side, tok.padding_side = tok.padding_side, "left"  # generation continues every row from its last token
-        pad = self._pad_id(tok)
-        try:
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special) if tok.pad_token_id \
-                is not None else self._pad_left(tok, texts, special, pad)
-        finally:
-            tok.padding_side = side
-        enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-        sample, stops = temperature > 0, self.stop_ids(model, tok)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            if enc["input_ids"].is_cuda:
-                torch.cuda.manual_seed_all(seed)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
-                                 temperature=temperature if sample else None, top_p=top_p if sample else None,
-                                 pad_token_id=pad, eos_token_id=stops)
-        answers = []
-        for row, lead in zip(out[:, enc["input_ids"].shape[1]:], leads):
-            answer = self._decode(tok, row, stops, strip=False)
-            answers.append(answer[len(lead):] if lead and answer.startswith(lead) else answer)
-        return answers
-
-    @staticmethod
-    def _pad_left(tok, texts, special, pad):
-        """Left-padded ids and mask for a tokenizer without a pad token (GPT-2's): padded with ``pad``."""
-        import torch
-
-        rows = [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
-        n = max(len(r) for r in rows)
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r, dtype=torch.long), 1
-        return {"input_ids": ids, "attention_mask": mask}
 
     def export(self, model, directory):
         """backbone/ (the decoder + tokenizer: the hand-off) and lm/ (the whole causal LM + tokenizer)."""

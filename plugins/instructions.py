@@ -205,12 +205,7 @@ class Instructions(DataSource):
         messages), ready for the model to answer: (text, whether the tokenizer should add its special tokens, the
         end of the generation prompt that the model's first token holds, as in training -- drop it from the answer).
         Works without ``setup`` (``graft generate``)."""
-        r = self._renderer(tokenizer)
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.options.system and msgs[0]["role"] != "system":
-            msgs = [{"role": "system", "content": self.options.system}] + msgs
-        text, lead = r.generation_prompt(msgs)
-        return text, not r.chat, lead
+        return self._renderer(tokenizer).prompt_text(prompt, self.options.system)
 
     def stop_ids(self, tokenizer) -> list[int]:
         """Token ids that end a response in this source's template: end-of-sequence and the chat template's

@@ -38,6 +38,7 @@ from typing import Literal
 
 from graft import GraftError, Strategy, hookimpl, option
 from graft.capabilities import TaskModel, require
+from graft.supervised import CausalGeneration
 from graft.data import IGNORE
 
 REFERENCE_FREE = ("orpo", "simpo")
@@ -131,7 +132,7 @@ def kto_losses(o: PreferenceOptions, logps, ref_logps, desirable):
     return losses, beta * r.detach()
 
 
-class Preference(Strategy):
+class Preference(CausalGeneration, Strategy):
     """Preference tuning of a decoder: DPO, IPO, ORPO, SimPO, KTO; the reference as a cache or the adapter off."""
 
     Options = PreferenceOptions
@@ -341,8 +342,7 @@ class Preference(Strategy):
 
         ids, targets = batch["inputs"]["input_ids"][:b], batch["targets"][:b]
         tok = self.backbone.tokenizer()
-        stops = list(dict.fromkeys(t for t in self.data.renderer.stop_ids() + [tok.eos_token_id] if t is not None))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        stops, pad = self.stop_ids(self.model, tok), self._pad_id(tok)
         total, count = 0.0, 0
         for row in (batch["index"] < self.options.rouge_examples).nonzero().flatten().tolist():
             where = (targets[row] != IGNORE).nonzero().flatten()
@@ -354,16 +354,10 @@ class Preference(Strategy):
                 out = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                           max_new_tokens=self.options.max_new_tokens, pad_token_id=pad,
                                           eos_token_id=stops)
-            answer, reference = (self._text(tok, t, stops) for t in (out[0, start:], ids[row, where]))
+            answer, reference = (self._decode(tok, t, stops) for t in (out[0, start:], ids[row, where]))
             total += self.scorer.score(reference, answer)["rougeL"].fmeasure
             count += 1
         return ids.new_tensor(total, dtype=torch.float32), ids.new_tensor(float(count), dtype=torch.float32)
-
-    @staticmethod
-    def _text(tok, ids, stops) -> str:
-        ids = ids.tolist()
-        ends = [i for i, t in enumerate(ids) if t in stops]
-        return tok.decode(ids[: ends[0]] if ends else ids, skip_special_tokens=True).strip()
 
     def compute_metrics(self, sums):
         n = max(1.0, float(sums["count"]))
@@ -390,8 +384,10 @@ class Preference(Strategy):
         """backbone/ (the decoder + tokenizer) and lm/ (the whole causal LM + tokenizer), as clm writes them."""
         Path(directory, "backbone").mkdir(exist_ok=True)
         self.backbone.export(str(Path(directory, "backbone")))
-        self.model.save_pretrained(str(Path(directory, "lm")), safe_serialization=True)
         tok = self.backbone.tokenizer()
+        if tok is not None:  # transformers' generate on lm/ then stops at the template's end of turn too
+            self.model.generation_config.eos_token_id = self.stop_ids(self.model, tok)
+        self.model.save_pretrained(str(Path(directory, "lm")), safe_serialization=True)
         if tok is not None:
             tok.save_pretrained(str(Path(directory, "lm")))
 

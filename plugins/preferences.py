@@ -204,6 +204,18 @@ class Preferences(DataSource):
         cut = offsets[keep - 1][1] if keep else 0
         return prompt[:i] + [{"role": "user", "content": text[:cut]}] + prompt[i + 1:], cut > 0
 
+    def prompt_text(self, tokenizer, prompt) -> tuple[str, bool, str]:
+        """``prompt`` in this source's template with its system message, ready for the model to answer (see
+        ``graft.data.ChatRenderer.prompt_text``). Works without ``setup`` (``graft generate`` on a saved run)."""
+        return self._renderer(tokenizer).prompt_text(prompt, self.options.system)
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """End-of-sequence and the chat template's end-of-turn token ids. Works without ``setup``."""
+        return self._renderer(tokenizer).stop_ids()
+
+    def _renderer(self, tokenizer):
+        return ChatRenderer(tokenizer, self.options.template, f"[data] plugin = \"{self.name or 'preferences'}\"")
+
     def report(self):
         return {"kind": self.kind, "truncated_prompts": self.truncated_prompts,
                 "truncated_responses": self.truncated_responses}

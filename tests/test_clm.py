@@ -132,4 +132,4 @@ def test_decoder_distillation_bad_tables(teacher, tmp_path):
     wrong = kd_config(finetune, corpus, 0.5)
     wrong["backbone"] = {"plugin": "hf", "weights": str(run)}
     assert_bad_input(*cli_run("train", write_config(tmp_path / "c.toml", wrong), "--out", tmp_path / "c"),
-                     "is a 'finetune' run", "clm run")
+                     "is a 'finetune' run", "causal language model's run (clm, preference)")

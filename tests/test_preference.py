@@ -295,3 +295,48 @@ train = {{ max_steps = 3, batch_size = 4, lr = 1e-2, progress = false, plot = fa
     assert summary["reference"] == "adapter" and "reward_accuracy" in summary["val"]
     again = graft("pipeline", tmp_path / "p.toml")
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout
+
+
+def test_a_preference_run_answers_with_graft_generate_as_its_lm_folder_does(decoder, tmp_path):
+    """After DPO with LoRA the run is used like an SFT run: graft generate (one prompt or a file) wraps the prompt in
+    the data's template with its system message, and RUN/lm (the adapter merged) gives the same greedy answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from graft import load_config, train
+    from graft.data import ChatRenderer
+
+    conf = pref_config(decoder, write_preferences(tmp_path / "p.jsonl"), max_steps=12)
+    conf["data"].update(system="Answer briefly.", max_length=96)
+    conf["adapter"] = {"plugin": "lora", "r": 4, "target_modules": ["c_attn"]}
+    train(load_config(conf), tmp_path / "run", echo=lambda m: None)
+    r = graft("generate", tmp_path / "run", "say number 3", "--max-new-tokens", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout.splitlines()[-1])["text"]
+    (tmp_path / "q.txt").write_text("say number 3\n")
+    r = graft("generate", tmp_path / "run", "--file", tmp_path / "q.txt", "--max-new-tokens", "6")
+    assert r.returncode == 0 and json.loads(r.stdout)["answer"] == answer, r.stderr + r.stdout
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "lm")
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "lm").eval()
+    text, special, lead = ChatRenderer(tok, "auto", "test").prompt_text("say number 3", "Answer briefly.")
+    assert "Answer briefly." in text
+    ids = tok(text, return_tensors="pt", add_special_tokens=special)["input_ids"]
+    with torch.no_grad():
+        out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                          pad_token_id=tok.eos_token_id)
+    theirs = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer.strip() and (theirs.startswith(lead + answer) or (lead + answer).startswith(theirs)), (theirs, answer)
+
+
+def test_a_preference_run_teaches_a_clm_student(decoder, tmp_path):
+    """The pipeline's last step: token-level KD from the preference-tuned model (its tokenizer, its LM)."""
+    from test_instructions import sft_config, write_pairs
+
+    from graft import load_config, train
+
+    train(load_config(pref_config(decoder, write_preferences(tmp_path / "p.jsonl"), max_steps=2)), tmp_path / "dpo",
+          echo=lambda m: None)
+    conf = sft_config(decoder, write_pairs(tmp_path / "sft.jsonl", n=20), max_steps=2, eval_at_start=False)
+    conf["strategy"]["teacher"] = str(tmp_path / "dpo")
+    conf["loss"] = {"plugin": "kd", "alpha": 0.5, "temperature": 2.0}
+    summary = train(load_config(conf), tmp_path / "student", echo=lambda m: None)
+    assert summary["steps"] == 2 and math.isfinite(summary["val"]["loss"])
