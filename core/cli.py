@@ -318,6 +318,42 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--method", default="", help="images: integrated_gradients (default), gradcam or occlusion; text: "
+              "integrated_gradients.")
+@click.option("--target", default="", help="Explain this label's probability (default: the predicted label).")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for heatmaps (PNG) and the text page (HTML); "
+              "default RUN_DIR/explanations.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=2), help="Integrated Gradients' "
+              "steps.")
+@click.option("--sanity", is_flag=True, help="Also the model-randomisation check: Spearman's rho against the same "
+              "explanation of a re-initialised model (near 1 = the method ignores what the model learned).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines (attributions, curves, AUCs).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
+def explain(run_dir, inputs, method, target, out, steps, sanity, as_json, trust_remote_code):
+    """Explain a finished classifier's prediction for INPUTS (image paths or texts) with Captum: a heatmap per image,
+    words coloured by attribution for text, and deletion / insertion AUCs against random order."""
+    from .explain import colour_words, explain as run_explain, write_report
+    from .export import load_run
+
+    run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
+    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity),
+                           Path(out) if out else Path(run_dir) / "explanations")
+    for r in records:
+        if as_json:
+            click.echo(json.dumps(r))
+            continue
+        what = colour_words(r["words"]) if "words" in r else r["heatmap"]
+        click.echo(f"{r['input'] if 'heatmap' in r else ''}{': ' if 'heatmap' in r else ''}{what}")
+        faith = (f"  deletion AUC {r['deletion_auc']:.3f} (random {r['deletion_auc_random']:.3f}), insertion AUC "
+                 f"{r['insertion_auc']:.3f} (random {r['insertion_auc_random']:.3f})") if "deletion_auc" in r else ""
+        sane = f", sanity rho {r['sanity_spearman']:.2f}" if "sanity_spearman" in r else ""
+        click.echo(f"  predicted {r['predicted']} ({r['probability']:.2f}), target {r['target']} "
+                   f"({r['target_probability']:.2f}) -- {r['method']}{faith}{sane}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("prompt", required=False)
 @click.option("--file", "prompt_file", metavar="FILE", help="Answer every prompt of FILE instead (JSONL rows with a "
               "prompt -- text or messages --, or lines of text), in batches; JSON lines out.")
