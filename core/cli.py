@@ -318,9 +318,12 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--method", default="", help="images: integrated_gradients (default), gradcam or occlusion; text: "
               "integrated_gradients.")
+@click.option("--split", default="", help="Explain the first --limit examples of this split (val, test) for their "
+              "true labels instead, and write a report: report.json and report.png (images) or report.html (text).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="With --split: examples.")
 @click.option("--target", default="", help="Explain this label's probability (default: the predicted label).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for heatmaps (PNG) and the text page (HTML); "
               "default RUN_DIR/explanations.")
@@ -330,15 +333,32 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
               "explanation of a re-initialised model (near 1 = the method ignores what the model learned).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines (attributions, curves, AUCs).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def explain(run_dir, inputs, method, target, out, steps, sanity, as_json, trust_remote_code):
+def explain(run_dir, inputs, method, split, limit, target, out, steps, sanity, as_json, trust_remote_code):
     """Explain a finished classifier's prediction for INPUTS (image paths or texts) with Captum: a heatmap per image,
-    words coloured by attribution for text, and deletion / insertion AUCs against random order."""
-    from .explain import colour_words, explain as run_explain, write_report
+    words coloured by attribution for text, and deletion / insertion AUCs against random order. With --split, a
+    report over a split's examples in RUN_DIR/explanations."""
+    from .explain import colour_words, explain as run_explain, explain_split, write_report, write_split_report
     from .export import load_run
 
-    run = load_run(run_dir, for_prediction=True, trust_remote_code=trust_remote_code)
-    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity),
-                           Path(out) if out else Path(run_dir) / "explanations")
+    if bool(inputs) == bool(split):
+        raise GraftError("graft explain takes INPUTS (image paths or texts) or --split NAME, one of the two.")
+    folder = Path(out) if out else Path(run_dir) / "explanations"
+    run = load_run(run_dir, for_prediction=not split, trust_remote_code=trust_remote_code)
+    if split:
+        report = write_split_report(explain_split(run, split, limit, method, steps), folder)
+        if as_json:
+            click.echo(json.dumps({k: v for k, v in report.items() if k != "records"}))
+            return
+        m = report["mean"]
+        click.echo(f"{report['examples']} {split} examples, {report['method']}: mean deletion AUC "
+                   f"{m['deletion_auc']:.3f} (random {m['deletion_auc_random']:.3f}), insertion AUC "
+                   f"{m['insertion_auc']:.3f} (random {m['insertion_auc_random']:.3f}); report in {folder}")
+        for name, c in report["classes"].items():
+            top = ", ".join(w["word"] for w in c.get("top_words", [])[:8])
+            click.echo(f"  {name}: {top}" if top else f"  {name}: most confident {c['most_confident']}, least "
+                       f"{c['least_confident']}")
+        return
+    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity), folder)
     for r in records:
         if as_json:
             click.echo(json.dumps(r))

@@ -40,15 +40,7 @@ def _captum():
     return attr
 
 
-def explain(run, items: list[str], method: str = "", target: str = "", steps: int = 50, sanity: bool = False,
-            seed: int = 0) -> list[dict]:
-    """One record per item (an image path or a text, as ``graft predict`` takes them): predicted and target label
-    and probability, the attributions (``heat``: a ``[H, W]`` array for images; ``words``: [(word, attribution)]
-    for text), the method's convergence delta (Integrated Gradients), deletion / insertion AUCs against random
-    order, and with ``sanity`` Spearman's rho against a re-initialised model. Raises GraftError for a run that is not
-    a classifier, an unknown method or target label (with the labels), or an input of the wrong modality."""
-    import torch
-
+def _check(run, method: str, target: str) -> str:
     modality = run.backbone.modality
     task = getattr(run.data, "task", None)
     if modality not in METHODS or task != "classification":
@@ -62,25 +54,86 @@ def explain(run, items: list[str], method: str = "", target: str = "", steps: in
     if target and target not in names:
         raise GraftError(f"--target {target!r} is not one of this run's labels ({', '.join(names)})."
                          f"{did_you_mean(target, names)}")
-    model = run.model.eval()
+    return method
+
+
+def explain(run, items: list[str], method: str = "", target: str = "", steps: int = 50, sanity: bool = False,
+            seed: int = 0) -> list[dict]:
+    """One record per item (an image path or a text, as ``graft predict`` takes them): predicted and target label
+    and probability, the attributions (``heat``: a ``[H, W]`` array for images; ``words``: [(word, attribution)]
+    for text), the method's convergence delta (Integrated Gradients), deletion / insertion AUCs against random
+    order, and with ``sanity`` Spearman's rho against a re-initialised model. Raises GraftError for a run that is not
+    a classifier, an unknown method or target label (with the labels), or an input of the wrong modality."""
+    method = _check(run, method, target)
     out = []
     for item in items:
-        if modality == "image" and not Path(item).is_file():
+        if run.backbone.modality == "image" and not Path(item).is_file():
             raise GraftError(f"{item!r} is not an image file, and this run takes images: pass image paths.")
-        inputs = run.data.encode(run.backbone, [item])
-        inputs = inputs.to(run.device) if torch.is_tensor(inputs) else {k: v.to(run.device) for k, v in inputs.items()}
-        with torch.no_grad():
-            probs = torch.softmax(model(inputs).float(), 1)[0]
-        predicted = int(probs.argmax())
-        t = names.index(target) if target else predicted
-        record = {"input": item, "method": method, "predicted": names[predicted],
-                  "probability": float(probs[predicted]), "target": names[t], "target_probability": float(probs[t])}
-        explainer = _image if modality == "image" else _text
-        record.update(explainer(run, model, inputs, item, t, method, steps, seed))
-        if sanity:
-            record["sanity_spearman"] = _sanity(run, model, inputs, item, t, method, steps, seed, record)
-        out.append(record)
+        record = explain_inputs(run, run.data.encode(run.backbone, [item]), item, method, target, steps, sanity, seed)
+        out.append({"input": item, **record})
     return out
+
+
+def explain_inputs(run, inputs, text: str | None, method: str, target: str = "", steps: int = 50,
+                   sanity: bool = False, seed: int = 0) -> dict:
+    """The record of one encoded input (a batch of one, as the run's data source makes it); ``text``: the text it
+    encodes (words are read from it; None: from the decoded tokens)."""
+    import torch
+
+    model = run.model.eval()
+    names = list(run.data.label_names)
+    inputs = inputs.to(run.device) if torch.is_tensor(inputs) else {k: v.to(run.device) for k, v in inputs.items()}
+    with torch.no_grad():
+        probs = torch.softmax(model(inputs).float(), 1)[0]
+    predicted = int(probs.argmax())
+    t = names.index(target) if target else predicted
+    record = {"method": method, "predicted": names[predicted], "probability": float(probs[predicted]),
+              "target": names[t], "target_probability": float(probs[t])}
+    explainer = _image if run.backbone.modality == "image" else _text
+    record.update(explainer(run, model, inputs, text, t, method, steps, seed))
+    if sanity:
+        record["sanity_spearman"] = _sanity(run, model, inputs, text, t, method, steps, seed, record)
+    return record
+
+
+def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50, seed: int = 0) -> dict:
+    """The first ``limit`` examples of ``split`` (a run loaded with its data), each explained for its true label.
+    Returns {"records": [...], "classes": {label: summary}}: for text the words with the largest mean attribution
+    per class (over the examples of that class; a word counted once per example), for images the most and least
+    confident examples per class."""
+    method = _check(run, method, "")
+    data = run.data.dataset(split)
+    if not data:
+        raise GraftError(f"--split {split}: this run's data has no {split} split.")
+    names, records = list(run.data.label_names), []
+    tok = run.backbone.tokenizer() if run.backbone.modality == "text" else None
+    for i in range(min(limit, len(data))):
+        batch = run.data.collate([data[i]])
+        label = names[int(batch["targets"][0])]
+        text = None if tok is None else tok.decode(batch["inputs"]["input_ids"][0], skip_special_tokens=True)
+        records.append({"example": i, "label": label,
+                        **explain_inputs(run, batch["inputs"], text, method, label, steps, False, seed)})
+    classes = {}
+    for name in names:
+        mine = [r for r in records if r["label"] == name]
+        if not mine:
+            continue
+        if tok is not None:
+            sums: dict[str, list[float]] = {}
+            for r in mine:
+                for w, v in dict(r["words"]).items():
+                    sums.setdefault(w, []).append(v)
+            top = sorted(((w, sum(v) / len(v), len(v)) for w, v in sums.items()), key=lambda x: -x[1])[:10]
+            classes[name] = {"examples": len(mine), "top_words": [{"word": w, "mean_attribution": m, "examples": n}
+                                                                  for w, m, n in top]}
+        else:
+            ranked = sorted(mine, key=lambda r: -r["target_probability"])
+            classes[name] = {"examples": len(mine), "most_confident": [r["example"] for r in ranked[:3]],
+                             "least_confident": [r["example"] for r in ranked[-3:][::-1]]}
+    aucs = {k: sum(r[k] for r in records if k in r) / max(1, sum(k in r for r in records))
+            for k in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random")}
+    return {"split": split, "method": method, "examples": len(records), "mean": aucs, "classes": classes,
+            "records": records}
 
 
 def _prob(model, t: int, wrap=None):
@@ -171,13 +224,15 @@ def _embedding_layer(model, inputs):
     return found[0]
 
 
-def _words(run, item: str, ids) -> list[tuple[str, list[int]]]:
-    """(word, its token positions) for each whitespace-separated word of ``item`` that the model's input holds."""
+def _words(run, item: str | None, ids) -> list[tuple[str, list[int]]]:
+    """(word, its token positions) for each whitespace-separated word of ``item`` that the model's input holds;
+    each token its own "word" when the tokenizer alone does not give the model's input ids back."""
     tok = run.backbone.tokenizer()
+    item = item if item is not None else tok.decode(ids[0], skip_special_tokens=True)
     enc = tok(item, truncation=True, max_length=ids.shape[1], return_offsets_mapping=True)
     if list(enc["input_ids"]) != ids[0].tolist():
-        raise GraftError("graft explain could not map this run's tokens back to words (its data source encodes "
-                         "text differently from the tokenizer alone).")
+        special = set(tok.all_special_ids)
+        return [(tok.convert_ids_to_tokens(int(t)), [i]) for i, t in enumerate(ids[0].tolist()) if t not in special]
     spans = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", item)]
     words = {}
     for i, (s, e) in enumerate(enc["offset_mapping"]):
@@ -348,4 +403,53 @@ def write_report(records: list[dict], out: Path) -> list[dict]:
                         "sans-serif'>" + "\n".join(rows) + "</body>\n", encoding="utf-8")
         for r in plain:
             r["page"] = str(page)
+    return plain
+
+
+def write_split_report(report: dict, out: Path) -> dict:
+    """``report.json`` (numbers only) under ``out``, and ``report.png`` (images: per class, its most and least
+    confident examples with their heatmaps) or ``report.html`` (text: per class, the words of largest mean
+    attribution, then every example's words coloured). Returns the JSON-ready report."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    by_example = {r["example"]: r for r in report["records"]}
+    if any("heat" in r for r in report["records"]):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [(name, c["most_confident"] + c["least_confident"]) for name, c in report["classes"].items()]
+        cols = max(len(ids) for _, ids in rows)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 2.0 * len(rows)), squeeze=False)
+        for (name, ids), line in zip(rows, axes):
+            for ax in line:
+                ax.axis("off")
+            for ax, i in zip(line, ids):
+                r = by_example[i]
+                heat = r["heat"].numpy()
+                limit = max(abs(heat.min()), abs(heat.max())) or 1.0
+                ax.imshow(r["display"], cmap="gray" if r["display"].ndim == 2 else None)
+                ax.imshow(heat, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
+                ax.set_title(f"{name} #{i}: p={r['target_probability']:.2f}", fontsize=7)
+        fig.suptitle(f"{report['split']}: {report['method']}, most then least confident per class", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "report.png", dpi=100)
+        plt.close(fig)
+    else:
+        from html import escape
+
+        parts = [f"<h1>{escape(report['split'])}: {escape(report['method'])}</h1>"]
+        for name, c in report["classes"].items():
+            words = ", ".join(f"{escape(w['word'])} ({w['mean_attribution']:.3f})" for w in c["top_words"])
+            parts.append(f"<h2>{escape(name)} ({c['examples']} examples)</h2><p>largest mean attribution: {words}</p>")
+        parts += [f"<p>#{r['example']} {escape(r['label'])} (p={r['target_probability']:.2f}): "
+                  f"{colour_words(r['words'], html=True)}</p>" for r in report["records"]]
+        (out / "report.html").write_text("<!doctype html><meta charset=utf-8><title>graft explain report</title>"
+                                         "<body style='font-family: sans-serif'>" + "\n".join(parts) + "</body>\n",
+                                         encoding="utf-8")
+    plain = {**report, "records": [{k: v for k, v in r.items() if k not in ("heat", "display")}
+                                   for r in report["records"]]}
+    (out / "report.json").write_text(json.dumps(plain, indent=2))
     return plain

@@ -89,7 +89,7 @@ def test_integrated_gradients_sum_to_the_change_of_the_output(image_run, text_ru
 
 def test_text_attributions_are_per_word_and_find_the_sentiment_word(text_run):
     run = load_run(text_run, for_prediction=True)
-    for text, word in (("the movie was very awful", "awful"), ("very nice film", "nice")):
+    for text, word in (("movie was very awful", "awful"), ("very nice film", "nice")):
         [r] = explain(run, [text])
         words = [w for w, _ in r["words"]]
         assert words == text.split()
@@ -119,3 +119,37 @@ def test_the_cli_writes_heatmaps_and_a_page_and_refuses_bad_input(image_run, tex
         r = graft("explain", *args)
         assert r.returncode == 2 and all(w in r.stderr for w in words), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_a_split_report_names_each_class_s_words_and_confident_images(image_run, text_run, tmp_path):
+    r = graft("explain", text_run, "--split", "val", "--limit", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    sentiment = {"pos": set("good great fine nice".split()), "neg": set("bad awful poor sad".split())}
+    for name, c in report["classes"].items():
+        assert c["top_words"][0]["word"] in sentiment[name], c
+    assert report["mean"]["deletion_auc"] < report["mean"]["deletion_auc_random"]
+    assert (text_run / "explanations" / "report.html").exists()
+    run_dir, _ = image_run
+    r = graft("explain", run_dir, "--split", "val", "--limit", "4", "--method", "occlusion", "--out", tmp_path / "i")
+    assert r.returncode == 0 and "most confident" in r.stdout, r.stderr
+    saved = json.loads((tmp_path / "i" / "report.json").read_text())
+    assert saved["examples"] == 4 and Image.open(tmp_path / "i" / "report.png").size[0] > 100
+    r = graft("explain", run_dir)
+    assert r.returncode == 2 and "INPUTS" in r.stderr
+
+
+def test_adapter_runs_and_distilled_students_are_explained_like_any_run(text_run, tiny_bert, tmp_path):
+    """A LoRA run (peft layers in place) and a student distilled from text_run: the same explanation of what each
+    one predicts, with IG's completeness holding."""
+    base = {"backbone": {"plugin": "hf", "weights": str(tiny_bert)},
+            "data": {"plugin": "text", "path": str(text_run.parent / "r.jsonl"), "max_length": 16},  # the teacher's
+            "train": {"seed": 0, "epochs": 8, "batch_size": 16, "lr": 1e-2, "progress": False, "plot": False}}
+    lora = {**base, "strategy": {"plugin": "finetune"}, "adapter": {"plugin": "lora", "r": 4}}
+    student = {**base, "strategy": {"plugin": "distill", "teacher": str(text_run), "cache_dir": str(tmp_path / "c")},
+               "loss": {"plugin": "kd", "temperature": 2.0}}
+    for name, conf in (("lora", lora), ("student", student)):
+        train(load_config(conf), tmp_path / name, echo=lambda m: None)
+        [r] = explain(load_run(tmp_path / name, for_prediction=True), ["film was very great"])  # words it knows
+        assert [w for w, _ in r["words"]] == "film was very great".split() and r["convergence_delta"] < 0.05, r
+        assert r["predicted"] == "pos" and max(r["words"], key=lambda ws: ws[1])[0] == "great", (name, r["words"])
