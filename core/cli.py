@@ -325,6 +325,8 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
               "true labels instead, and write a report: report.json and report.png (images) or report.html (text).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="With --split: examples.")
 @click.option("--target", default="", help="Explain this label's probability (default: the predicted label).")
+@click.option("--token", default=0, show_default=True, type=click.IntRange(min=0), help="A language-model run: "
+              "explain the K-th token of the greedy answer (0 = its first).")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for heatmaps (PNG) and the text page (HTML); "
               "default RUN_DIR/explanations.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=2), help="Integrated Gradients' "
@@ -333,10 +335,12 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
               "explanation of a re-initialised model (near 1 = the method ignores what the model learned).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines (attributions, curves, AUCs).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def explain(run_dir, inputs, method, split, limit, target, out, steps, sanity, as_json, trust_remote_code):
+def explain(run_dir, inputs, method, split, limit, target, token, out, steps, sanity, as_json,
+            trust_remote_code):
     """Explain a finished classifier's prediction for INPUTS (image paths or texts) with Captum: a heatmap per image,
-    words coloured by attribution for text, and deletion / insertion AUCs against random order. With --split, a
-    report over a split's examples in RUN_DIR/explanations."""
+    words coloured by attribution for text, and deletion / insertion AUCs against random order; a language-model
+    run: one token of its answer to each prompt, attributed to the prompt's words. With --split, a report over a
+    split's examples in RUN_DIR/explanations."""
     from .explain import colour_words, explain as run_explain, explain_split, write_report, write_split_report
     from .export import load_run
 
@@ -358,7 +362,7 @@ def explain(run_dir, inputs, method, split, limit, target, out, steps, sanity, a
             click.echo(f"  {name}: {top}" if top else f"  {name}: most confident {c['most_confident']}, least "
                        f"{c['least_confident']}")
         return
-    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity), folder)
+    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity, token=token), folder)
     for r in records:
         if as_json:
             click.echo(json.dumps(r))
@@ -368,8 +372,10 @@ def explain(run_dir, inputs, method, split, limit, target, out, steps, sanity, a
         faith = (f"  deletion AUC {r['deletion_auc']:.3f} (random {r['deletion_auc_random']:.3f}), insertion AUC "
                  f"{r['insertion_auc']:.3f} (random {r['insertion_auc_random']:.3f})") if "deletion_auc" in r else ""
         sane = f", sanity rho {r['sanity_spearman']:.2f}" if "sanity_spearman" in r else ""
-        click.echo(f"  predicted {r['predicted']} ({r['probability']:.2f}), target {r['target']} "
-                   f"({r['target_probability']:.2f}) -- {r['method']}{faith}{sane}")
+        said = (f"answer {r['answer']!r}: token {r['token']} {r['explained']!r} ({r['probability']:.2f})"
+                if "answer" in r else f"predicted {r['predicted']} ({r['probability']:.2f}), target {r['target']} "
+                                      f"({r['target_probability']:.2f})")
+        click.echo(f"  {said} -- {r['method']}{faith}{sane}")
 
 
 @cli.command()

@@ -58,12 +58,20 @@ def _check(run, method: str, target: str) -> str:
 
 
 def explain(run, items: list[str], method: str = "", target: str = "", steps: int = 50, sanity: bool = False,
-            seed: int = 0) -> list[dict]:
+            seed: int = 0, token: int = 0) -> list[dict]:
     """One record per item (an image path or a text, as ``graft predict`` takes them): predicted and target label
     and probability, the attributions (``heat``: a ``[H, W]`` array for images; ``words``: [(word, attribution)]
     for text), the method's convergence delta (Integrated Gradients), deletion / insertion AUCs against random
-    order, and with ``sanity`` Spearman's rho against a re-initialised model. Raises GraftError for a run that is not
-    a classifier, an unknown method or target label (with the labels), or an input of the wrong modality."""
+    order, and with ``sanity`` Spearman's rho against a re-initialised model. A language-model run (clm, preference):
+    ``explain_decoder`` for each prompt, its ``token``-th generated token. Raises GraftError for a run that is neither,
+    an unknown method or target label (with the labels), or an input of the wrong modality."""
+    from .generate import CausalGeneration
+
+    if isinstance(run.strategy, CausalGeneration):
+        if method and method != "integrated_gradients" or target:
+            raise GraftError("A language-model run is explained with integrated_gradients for one generated token "
+                             "(--token K); --method and --target are for classifiers.")
+        return [{"input": item, **explain_decoder(run, item, token, steps, seed)} for item in items]
     method = _check(run, method, target)
     out = []
     for item in items:
@@ -136,6 +144,75 @@ def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50
             "records": records}
 
 
+def explain_decoder(run, prompt: str, token: int = 0, steps: int = 50, seed: int = 0) -> dict:
+    """A language-model run's greedy answer to ``prompt`` (in the run's instruction template, as graft generate
+    wraps it) and the attribution of its ``token``-th token's probability to the words of the prompt: Integrated
+    Gradients on the embedding layer, baseline = the prompt's tokens replaced by padding (the template's special
+    tokens and the answer's earlier tokens kept). Deletion / insertion remove (put back) prompt words. Raises
+    GraftError when the answer has no ``token``-th token."""
+    import torch
+
+    attr = _captum()
+    model, tok, strategy = run.model.eval(), run.backbone.tokenizer(), run.strategy
+    text, special, _ = (run.data.prompt_text(tok, prompt) if hasattr(run.data, "prompt_text")
+                        else (prompt, True, ""))
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = torch.tensor([enc["input_ids"]], device=run.device)
+    stops = strategy.stop_ids(model, tok)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=token + 1, pad_token_id=strategy._pad_id(tok), eos_token_id=stops)
+    answer = out[0, ids.shape[1]:]
+    if answer.numel() <= token:
+        raise GraftError(f"--token {token}: the answer to {prompt!r} has only {answer.numel()} token(s).")
+    chosen = int(answer[token])
+    seq = out[:, :ids.shape[1] + token]  # the prompt and the answer before the explained token
+    pad = strategy._pad_id(tok)
+    start = text.find(prompt) if isinstance(prompt, str) else -1
+    span = (start, start + len(prompt)) if start >= 0 else (0, len(text))
+    in_prompt = torch.zeros(seq.shape[1], dtype=torch.bool)
+    for i, (a, b) in enumerate(enc["offset_mapping"]):
+        in_prompt[i] = b > a and span[0] <= a < span[1]
+    base = torch.where(in_prompt.to(seq.device)[None], torch.full_like(seq, pad), seq)
+
+    def f(x):
+        return torch.softmax(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].float(), -1)[:, chosen]
+
+    layer = _embedding_layer(lambda inputs: model(input_ids=inputs["input_ids"]), {"input_ids": seq}, model)
+    a, delta = attr.LayerIntegratedGradients(f, layer).attribute(seq, baselines=base, n_steps=steps,
+                                                                 return_convergence_delta=True)
+    per_token = a.sum(-1)[0].detach().float().cpu()
+    spans = [(m.start() + span[0], m.end() + span[0], m.group()) for m in re.finditer(r"\S+", text[span[0]:span[1]])]
+    words = {}
+    for i, (s0, e0) in enumerate(enc["offset_mapping"]):
+        if in_prompt[i]:
+            k = next((k for k, (a0, b0, _) in enumerate(spans) if a0 < e0 and s0 < b0), None)  # " word" overlaps
+            if k is not None:
+                words.setdefault(k, []).append(i)
+    words = [(spans[k][2], pos) for k, pos in sorted(words.items())]
+    scores = torch.tensor([float(per_token[pos].sum()) for _, pos in words])
+
+    def curves(order):
+        counts = [round(k * order.numel() / (POINTS - 1)) for k in range(POINTS)]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        deleted, inserted = seq.repeat(POINTS, 1), base.repeat(POINTS, 1)
+        for row, m in enumerate(counts):
+            for k in (rank < m).nonzero().flatten().tolist():
+                deleted[row, words[k][1]] = pad
+                inserted[row, words[k][1]] = seq[0, words[k][1]]
+        with torch.no_grad():
+            return f(deleted).cpu(), f(inserted).cpu()
+
+    with torch.no_grad():
+        p = float(f(seq)[0])
+    record = {"method": "integrated_gradients", "answer": tok.decode(answer, skip_special_tokens=True),
+              "token": token, "explained": tok.decode([chosen]), "probability": p,
+              "convergence_delta": float(delta.abs().max()), "words": [(w, float(v)) for (w, _), v in zip(words, scores)]}
+    record.update(_faithfulness(curves, scores, seed) if words else {})
+    return record
+
+
 def _prob(model, t: int, wrap=None):
     import torch
 
@@ -204,15 +281,21 @@ def _image(run, model, x, item, t, method, steps, seed) -> dict:
     return out
 
 
-def _embedding_layer(model, inputs):
-    """The embedding module that receives the input ids."""
+def _embedding_layer(model, inputs, modules=None):
+    """The embedding module (of ``modules``, default ``model``) that receives the input ids when ``model(inputs)``
+    runs."""
     import torch
 
+    ids = inputs["input_ids"]
+
+    def takes_ids(args):  # the ids themselves or a view of them (GPT-2 flattens them first)
+        return bool(args) and torch.is_tensor(args[0]) and args[0].numel() == ids.numel() \
+            and torch.equal(args[0].reshape(ids.shape), ids)
+
     found, hooks = [], []
-    for module in model.modules():
+    for module in (modules or model).modules():
         if isinstance(module, torch.nn.Embedding):
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o: found.append(m) if i and i[0] is inputs["input_ids"] else None))
+            hooks.append(module.register_forward_hook(lambda m, i, o: found.append(m) if takes_ids(i) else None))
     try:
         with torch.no_grad():
             model(inputs)
@@ -239,7 +322,7 @@ def _words(run, item: str | None, ids) -> list[tuple[str, list[int]]]:
         if e <= s:  # special tokens ([CLS], [SEP], padding) belong to no word
             continue
         for k, (a, b, _) in enumerate(spans):
-            if a <= s < b:
+            if a < e and s < b:  # overlap: a byte-level BPE token holds the space before its word
                 words.setdefault(k, []).append(i)
                 break
     return [(spans[k][2], pos) for k, pos in sorted(words.items())]
@@ -392,8 +475,12 @@ def write_report(records: list[dict], out: Path) -> list[dict]:
         else:
             auc = {k: r.get(k, float("nan")) for k in ("deletion_auc", "deletion_auc_random", "insertion_auc",
                                                          "insertion_auc_random")}
-            rows.append(f"<p><b>{r['predicted']}</b> ({r['probability']:.2f}), target <b>{r['target']}</b>: "
-                        f"{colour_words(r['words'], html=True)}<br><small>deletion AUC {auc['deletion_auc']:.3f} "
+            from html import escape
+
+            said = (f"answer {escape(r['answer'])!r}, token {r['token']} <b>{escape(r['explained'])}</b> "
+                    f"({r['probability']:.2f})" if "answer" in r else
+                    f"<b>{escape(r['predicted'])}</b> ({r['probability']:.2f}), target <b>{escape(r['target'])}</b>")
+            rows.append(f"<p>{said}: {colour_words(r['words'], html=True)}<br><small>deletion AUC {auc['deletion_auc']:.3f} "
                         f"(random {auc['deletion_auc_random']:.3f}), insertion AUC {auc['insertion_auc']:.3f} (random "
                         f"{auc['insertion_auc_random']:.3f})</small></p>")
         plain.append(r)

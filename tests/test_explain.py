@@ -153,3 +153,28 @@ def test_adapter_runs_and_distilled_students_are_explained_like_any_run(text_run
         [r] = explain(load_run(tmp_path / name, for_prediction=True), ["film was very great"])  # words it knows
         assert [w for w, _ in r["words"]] == "film was very great".split() and r["convergence_delta"] < 0.05, r
         assert r["predicted"] == "pos" and max(r["words"], key=lambda ws: ws[1])[0] == "great", (name, r["words"])
+
+
+def test_a_language_model_s_token_is_attributed_to_the_prompt_word_that_decides_it(tmp_path):
+    """A tiny GPT-2 trained in the test to answer "say X ..." with X's partner word: the first answer token's
+    largest attribution is on X, not on the filler words, and inserting by attribution beats random order."""
+    from test_instructions import chat_config, tokenizer_of_kind
+
+    pairs = {"red": "apple", "blue": "sky", "green": "grass", "black": "night"}
+    fillers = ["please now", "kindly", "if you can", "quickly please"]
+    rows = [{"prompt": f"say {c} {f}", "response": w} for c, w in pairs.items() for f in fillers]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 6))
+    tok = tokenizer_of_kind("bpe", [f"### User:\n{r['prompt']}\n\n### Assistant:\n{r['response']}" for r in rows] * 10)
+    tok.save_pretrained(tmp_path / "tok")
+    conf = chat_config(tmp_path / "tok", tmp_path / "d.jsonl", template="plain")
+    conf["train"].update(max_steps=400, batch_size=8, lr=3e-3)
+    train(load_config(conf), tmp_path / "run", echo=lambda m: None)
+    run = load_run(tmp_path / "run", for_prediction=True)
+    [r] = explain(run, ["say green if you can"], steps=64)
+    assert r["answer"].strip().startswith("grass"), r
+    assert [w for w, _ in r["words"]] == "say green if you can".split()
+    assert max(r["words"], key=lambda ws: ws[1])[0] == "green", r["words"]
+    # deleting any word of so short a prompt confuses a tiny model; putting "green" back first restores it
+    assert r["insertion_auc"] > r["insertion_auc_random"] and r["deletion_auc"] <= r["deletion_auc_random"], r
+    bad = graft("explain", tmp_path / "run", "say red", "--token", "50")
+    assert bad.returncode == 2 and "--token 50" in bad.stderr, bad.stderr
