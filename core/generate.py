@@ -64,7 +64,8 @@ def answer_file(run, source: str | Path, out: str | Path, field: str = "prompt",
         if echo is not None:
             echo(f"{len(answers)}/{len(rows)} answered")
     if chosen:  # an empty answer, or the reference itself, prefers nothing over anything: left out, counted
-        lines = [{"prompt": r[field], "chosen": r[chosen], "rejected": a} for r, a in zip(rows, answers)
+        # trimmed: a trailing newline the chosen answers never have would be a cue for the loss, not a preference
+        lines = [{"prompt": r[field], "chosen": r[chosen], "rejected": a.strip()} for r, a in zip(rows, answers)
                  if a.strip() and a.strip() != str(r[chosen]).strip()]
     else:
         lines = [{**r, "answer": a} for r, a in zip(rows, answers)]

@@ -250,7 +250,7 @@ def test_generate_a_file_of_prompts_seeded_and_as_spin_pairs(decoder, tmp_path):
               "--temperature", "1.0")
     pairs = [json.loads(line) for line in r.stdout.splitlines()]
     assert r.returncode == 0 and set(pairs[0]) == {"prompt", "chosen", "rejected"}, r.stderr
-    assert all(p["rejected"].strip() and p["rejected"] != p["chosen"] for p in pairs)
+    assert all(p["rejected"] == p["rejected"].strip() != "" and p["rejected"] != p["chosen"] for p in pairs)
     r = graft("generate", tmp_path / "sft", "--file", data, "--chosen", "reply")
     assert r.returncode == 2 and "row 1 has no 'reply' field" in r.stderr, r.stderr
 
