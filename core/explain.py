@@ -1,16 +1,19 @@
-"""``graft explain``: what a finished classifier looks at, with attributions from Captum (Kokhlikyan et al. 2020, the
+"""``graft explain``: what a finished model looks at, with attributions from Captum (Kokhlikyan et al. 2020, the
 PyTorch library for them) and a faithfulness score for each one.
 
-- images: Integrated Gradients (Sundararajan et al. 2017; baseline = a zero input, i.e. the normalisation's mean
-  colour), Grad-CAM (Selvaraju et al. 2017; Captum's ``LayerGradCam`` on the model's last feature map -- the last
-  module whose output is a ``[B, C, h, w]`` map with h, w > 1 -- upsampled bilinearly), occlusion (Zeiler & Fergus
-  2014; a square window of 1/8 of the side sliding by half its size, replaced by zeros);
-- text: Integrated Gradients on the embedding layer (``LayerIntegratedGradients``; baseline = the same sequence with
-  every token but the tokenizer's special ones replaced by padding), summed per word (words = whitespace-separated
-  spans of the text; a word's pieces add up).
+- images (classification; segmentation, per class): Integrated Gradients (Sundararajan et al. 2017; baseline = a
+  zero input, i.e. the normalisation's mean colour), Grad-CAM (Selvaraju et al. 2017; Captum's ``LayerGradCam`` on
+  the model's last feature map -- the last module whose output is a ``[B, C, h, w]`` map with h, w > 1, before a
+  segmentation model's class maps -- upsampled bilinearly), occlusion (Zeiler & Fergus 2014; a square window of 1/8
+  of the side sliding by half its size, replaced by zeros);
+- text (classification; token classification, for one word's tag): Integrated Gradients on the embedding layer
+  (``LayerIntegratedGradients``; baseline = the same sequence with every token but the tokenizer's special ones
+  replaced by padding), summed per word (words = whitespace-separated spans of the text; a word's pieces add up);
+- language models (clm, preference): one token of the greedy answer, attributed to the prompt's words the same way.
 
-The explained function is the softmax probability of the target class (the predicted one unless ``target``), on the
-exact input ``graft predict`` builds (the run's data source encodes it). Faithfulness (Petsiuk et al. 2018, RISE):
+The explained function is the softmax probability of the target class (the predicted one unless ``target``; see
+``explain_inputs`` for segmentation and tagging), on the exact input ``graft predict`` builds (the run's data source
+encodes it). Faithfulness (Petsiuk et al. 2018, RISE):
 the deletion curve removes the most-attributed pixels (words) first -- replaced by the baseline -- and tracks the
 target probability; the insertion curve starts from the baseline and puts them back. Each curve's area (the mean
 over 21 points from 0% to 100%) is given beside the same areas for random orders (the mean of 5 seeded
@@ -28,6 +31,7 @@ from pathlib import Path
 from .errors import GraftError, did_you_mean
 
 METHODS = {"image": ("integrated_gradients", "gradcam", "occlusion"), "text": ("integrated_gradients",)}
+TASKS = {"image": ("classification", "segmentation"), "text": ("classification", "token_classification")}
 POINTS = 21  # of each deletion / insertion curve
 RANDOM_ORDERS = 5
 
@@ -43,9 +47,10 @@ def _captum():
 def _check(run, method: str, target: str) -> str:
     modality = run.backbone.modality
     task = getattr(run.data, "task", None)
-    if modality not in METHODS or task != "classification":
-        raise GraftError(f"graft explain explains classifiers of images and text; this run's data has task {task!r} "
-                         f"on a {modality} backbone.")
+    if task not in TASKS.get(modality, ()):
+        raise GraftError(f"graft explain explains image classification and segmentation, text classification and "
+                         f"token classification, and language models; this run's data has task {task!r} on a "
+                         f"{modality} backbone.")
     method = method or "integrated_gradients"
     if method not in METHODS[modality]:
         raise GraftError(f"--method {method!r} is not one for {modality} runs; use one of "
@@ -77,30 +82,64 @@ def explain(run, items: list[str], method: str = "", target: str = "", steps: in
     for item in items:
         if run.backbone.modality == "image" and not Path(item).is_file():
             raise GraftError(f"{item!r} is not an image file, and this run takes images: pass image paths.")
-        record = explain_inputs(run, run.data.encode(run.backbone, [item]), item, method, target, steps, sanity, seed)
+        record = explain_inputs(run, run.data.encode(run.backbone, [item]), item, method, target, steps, sanity, seed,
+                                token)
         out.append({"input": item, **record})
     return out
 
 
 def explain_inputs(run, inputs, text: str | None, method: str, target: str = "", steps: int = 50,
-                   sanity: bool = False, seed: int = 0) -> dict:
+                   sanity: bool = False, seed: int = 0, token: int = 0) -> dict:
     """The record of one encoded input (a batch of one, as the run's data source makes it); ``text``: the text it
-    encodes (words are read from it; None: from the decoded tokens)."""
+    encodes (words are read from it; None: from the decoded tokens). What is explained: classification, the
+    target's probability; segmentation, the target's mean probability over the pixels predicted as it (default
+    target: the class covering most pixels, "background" last); token classification, the target tag's probability
+    at word ``token`` (default: its predicted tag)."""
     import torch
 
     model = run.model.eval()
-    names = list(run.data.label_names)
+    names, task = list(run.data.label_names), run.data.task
+    if isinstance(inputs, dict) and "images" in inputs:  # segfolder's: the images, and sizes the masks go back to
+        inputs = inputs["images"]
     inputs = inputs.to(run.device) if torch.is_tensor(inputs) else {k: v.to(run.device) for k, v in inputs.items()}
     with torch.no_grad():
-        probs = torch.softmax(model(inputs).float(), 1)[0]
-    predicted = int(probs.argmax())
-    t = names.index(target) if target else predicted
-    record = {"method": method, "predicted": names[predicted], "probability": float(probs[predicted]),
-              "target": names[t], "target_probability": float(probs[t])}
+        logits = model(inputs).float()
+    record = {"method": method}
+    if task == "segmentation":
+        pred = logits[0].argmax(0)
+        counts = torch.bincount(pred.flatten(), minlength=len(names))
+        order = [int(k) for k in counts.argsort(descending=True) if counts[k] > 0]
+        t = names.index(target) if target else sorted(order, key=lambda k: names[k] == "background")[0]
+        region = (pred == t).float() if (pred == t).any() else torch.ones_like(pred, dtype=torch.float32)
+        select = lambda z: (torch.softmax(z, 1)[:, t] * region).sum((1, 2)) / region.sum()  # noqa: E731
+        record.update(pixels=float((pred == t).float().mean()))
+    elif task == "token_classification":
+        where = (inputs["word_ids"][0] == token).nonzero().flatten()
+        if where.numel() == 0:
+            raise GraftError(f"--token {token}: the input has {int(inputs['word_ids'][0].max()) + 1} word(s) within "
+                             f"the model's length (counted from 0).")
+        pos = int(where[0])  # a word's tag is read at its first piece, as graft predict does
+        t = names.index(target) if target else int(logits[0, pos].argmax())
+        select = lambda z: torch.softmax(z[:, pos], -1)[:, t]  # noqa: E731
+        record.update(token=token, word=(text or "").split()[token] if text else None)
+    else:
+        t = names.index(target) if target else int(logits[0].argmax())
+        select = lambda z: torch.softmax(z, 1)[:, t]  # noqa: E731
+    wrap = None if torch.is_tensor(inputs) else (lambda i, m: {"input_ids": i, "attention_mask": m})
+
+    def goal(m):  # the explained number, as a function of the model's input (text: ids and mask)
+        return lambda x, *extra: select(m(wrap(x, *extra) if wrap else x).float())
+
+    with torch.no_grad():
+        p = float(goal(model)(*((inputs,) if wrap is None else (inputs["input_ids"], inputs["attention_mask"])))[0])
+    predicted = names[int(logits[0].argmax())] if task == "classification" else names[t] \
+        if task == "segmentation" else names[int(logits[0, pos].argmax())]
+    record.update(predicted=predicted, probability=p if task != "classification" else float(
+        torch.softmax(logits, 1)[0].max()), target=names[t], target_probability=p)
     explainer = _image if run.backbone.modality == "image" else _text
-    record.update(explainer(run, model, inputs, text, t, method, steps, seed))
+    record.update(explainer(run, model, inputs, text, goal, method, steps, seed))
     if sanity:
-        record["sanity_spearman"] = _sanity(run, model, inputs, text, t, method, steps, seed, record)
+        record["sanity_spearman"] = _sanity(run, model, inputs, text, goal, method, steps, seed, record)
     return record
 
 
@@ -110,6 +149,9 @@ def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50
     per class (over the examples of that class; a word counted once per example), for images the most and least
     confident examples per class."""
     method = _check(run, method, "")
+    if run.data.task != "classification":
+        raise GraftError(f"--split: a report over a split is for classifiers (one label per example); this run's task "
+                         f"is {run.data.task!r}. Explain its inputs one by one instead.")
     data = run.data.dataset(split)
     if not data:
         raise GraftError(f"--split {split}: this run's data has no {split} split.")
@@ -208,46 +250,43 @@ def explain_decoder(run, prompt: str, token: int = 0, steps: int = 50, seed: int
         p = float(f(seq)[0])
     record = {"method": "integrated_gradients", "answer": tok.decode(answer, skip_special_tokens=True),
               "token": token, "explained": tok.decode([chosen]), "probability": p,
-              "convergence_delta": float(delta.abs().max()), "words": [(w, float(v)) for (w, _), v in zip(words, scores)]}
+              "convergence_delta": float(delta.abs().max()),
+              "words": [(w, float(v)) for (w, _), v in zip(words, scores)]}
     record.update(_faithfulness(curves, scores, seed) if words else {})
     return record
 
 
-def _prob(model, t: int, wrap=None):
-    import torch
-
-    def f(x, *extra):
-        logits = model(wrap(x, *extra) if wrap else x).float()
-        return torch.softmax(logits, 1)[:, t]
-
-    return f
-
-
 def _last_feature_map(model, x):
-    """The last module (in execution order) whose output is a ``[B, C, h, w]`` map with h, w > 1."""
+    """The last module (in execution order) whose output is a ``[B, C, h, w]`` map with h, w > 1 -- for a
+    segmentation model, the last before its class maps (the decoder's fused features, as Seg-Grad-CAM, Vinogradova
+    et al. 2020, takes a decoder layer)."""
     import torch
 
     seen, hooks = [], []
     for module in model.modules():
         hooks.append(module.register_forward_hook(
-            lambda m, i, o: seen.append(m) if torch.is_tensor(o) and o.ndim == 4 and min(o.shape[-2:]) > 1 else None))
+            lambda m, i, o: seen.append((m, o.shape[1])) if torch.is_tensor(o) and o.ndim == 4
+            and min(o.shape[-2:]) > 1 else None))
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     finally:
         for h in hooks:
             h.remove()
+    if out.ndim == 4:
+        while seen and seen[-1][1] == out.shape[1]:
+            seen.pop()
     if not seen:
         raise GraftError("--method gradcam needs a convolutional feature map, and this backbone has none (a "
                          "transformer's patch tokens): use integrated_gradients or occlusion.")
-    return seen[-1]
+    return seen[-1][0]
 
 
-def _image(run, model, x, item, t, method, steps, seed) -> dict:
+def _image(run, model, x, item, goal, method, steps, seed) -> dict:
     import torch
 
     attr = _captum()
-    f = _prob(model, t)
+    f = goal(model)
     base = torch.zeros_like(x)
     out = {}
     if method == "integrated_gradients":
@@ -328,7 +367,7 @@ def _words(run, item: str | None, ids) -> list[tuple[str, list[int]]]:
     return [(spans[k][2], pos) for k, pos in sorted(words.items())]
 
 
-def _text(run, model, inputs, item, t, method, steps, seed) -> dict:
+def _text(run, model, inputs, item, goal, method, steps, seed) -> dict:
     import torch
 
     attr = _captum()
@@ -337,12 +376,17 @@ def _text(run, model, inputs, item, t, method, steps, seed) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     special = torch.tensor([i in set(tok.all_special_ids) for i in ids[0].tolist()], device=ids.device)
     base = torch.where(special, ids, torch.full_like(ids, pad))
-    f = _prob(model, t, wrap=lambda i, m: {"input_ids": i, "attention_mask": m})
+    f = goal(model)
     layer = _embedding_layer(model, inputs)
     a, delta = attr.LayerIntegratedGradients(f, layer).attribute(
         ids, baselines=base, additional_forward_args=(mask,), n_steps=steps, return_convergence_delta=True)
     per_token = a.sum(-1)[0].detach().float().cpu()
-    words = _words(run, item, ids)
+    if "word_ids" in inputs and item is not None:  # a tagger's input: its words are the text's, split at spaces
+        split = item.split()
+        words = [(w, pos) for k, w in enumerate(split)
+                 if (pos := (inputs["word_ids"][0] == k).nonzero().flatten().tolist())]
+    else:
+        words = _words(run, item, ids)
     scores = torch.tensor([float(per_token[pos].sum()) for _, pos in words])
 
     def curves(order):  # words removed (their tokens set to padding) / put back in ``order``
@@ -379,7 +423,7 @@ def _faithfulness(curves, scores, seed: int) -> dict:
             "deletion_curve": deletion.tolist(), "insertion_curve": insertion.tolist()}
 
 
-def _sanity(run, model, inputs, item, t, method, steps, seed, record) -> float:
+def _sanity(run, model, inputs, item, goal, method, steps, seed, record) -> float:
     """Spearman's rho between this explanation and the same method's on the model with every layer re-initialised
     (seeded); the model itself is left as it was."""
     import copy
@@ -394,7 +438,7 @@ def _sanity(run, model, inputs, item, t, method, steps, seed, record) -> float:
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     explainer = _image if run.backbone.modality == "image" else _text
-    other = explainer(run, random_model, inputs, item, t, method, steps, seed)
+    other = explainer(run, random_model, inputs, item, goal, method, steps, seed)
     if "heat" in record:
         a, b = record["heat"].flatten(), other["heat"].flatten()
     else:
@@ -480,7 +524,8 @@ def write_report(records: list[dict], out: Path) -> list[dict]:
             said = (f"answer {escape(r['answer'])!r}, token {r['token']} <b>{escape(r['explained'])}</b> "
                     f"({r['probability']:.2f})" if "answer" in r else
                     f"<b>{escape(r['predicted'])}</b> ({r['probability']:.2f}), target <b>{escape(r['target'])}</b>")
-            rows.append(f"<p>{said}: {colour_words(r['words'], html=True)}<br><small>deletion AUC {auc['deletion_auc']:.3f} "
+            rows.append(f"<p>{said}: {colour_words(r['words'], html=True)}<br><small>deletion AUC "
+                        f"{auc['deletion_auc']:.3f} "
                         f"(random {auc['deletion_auc_random']:.3f}), insertion AUC {auc['insertion_auc']:.3f} (random "
                         f"{auc['insertion_auc_random']:.3f})</small></p>")
         plain.append(r)

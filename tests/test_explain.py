@@ -178,3 +178,83 @@ def test_a_language_model_s_token_is_attributed_to_the_prompt_word_that_decides_
     assert r["insertion_auc"] > r["insertion_auc_random"] and r["deletion_auc"] <= r["deletion_auc_random"], r
     bad = graft("explain", tmp_path / "run", "say red", "--token", "50")
     assert bad.returncode == 2 and "--token 50" in bad.stderr, bad.stderr
+
+
+def test_a_tagger_s_tag_is_attributed_to_the_word_that_decides_it(tmp_path):
+    """Token classification: the last word's tag (a person or a place) is decided by the sentence's first word;
+    explaining that word's tag (--token 3) puts the largest attribution on the first word."""
+    import random
+
+    from transformers import BertTokenizerFast
+
+    words = ["the", "went", "to", "is", "in", "anna", "bob", "carl"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    BertTokenizerFast(vocab=vocab).save_pretrained(tmp_path / "tok")
+    rng, lines = random.Random(0), []
+    for _ in range(200):
+        cue, name = rng.choice(["the", "is"]), rng.choice(["anna", "bob", "carl"])
+        lines += [f"{cue} O", *(f"{rng.choice(['went', 'to', 'in'])} O" for _ in range(2)),
+                  f"{name} {'B-PER' if cue == 'the' else 'B-LOC'}", ""]
+    (tmp_path / "t.conll").write_text("\n".join(lines))
+    conf = {"backbone": {"plugin": "hf", "tokenizer": str(tmp_path / "tok"),
+                         "config": {"model_type": "bert", "vocab_size": 16, "hidden_size": 32, "num_hidden_layers": 2,
+                                    "num_attention_heads": 2, "intermediate_size": 64,
+                                    "max_position_embeddings": 64}},
+            "strategy": {"plugin": "finetune"}, "data": {"plugin": "conll", "path": str(tmp_path / "t.conll")},
+            "train": {"seed": 0, "epochs": 6, "batch_size": 16, "lr": 3e-3, "progress": False, "plot": False}}
+    train(load_config(conf), tmp_path / "run", echo=lambda m: None)
+    run = load_run(tmp_path / "run", for_prediction=True)
+    for text, cue, tag in (("the went to bob", "the", "B-PER"), ("is in to anna", "is", "B-LOC")):
+        [r] = explain(run, [text], token=3)
+        assert r["predicted"] == tag and r["word"] == text.split()[3], r
+        assert [w for w, _ in r["words"]] == text.split() and max(r["words"], key=lambda ws: ws[1])[0] == cue, r
+        assert r["deletion_auc"] < r["deletion_auc_random"] and r["insertion_auc"] > r["insertion_auc_random"], r
+    r = graft("explain", tmp_path / "run", "the went to bob", "--token", "4")
+    assert r.returncode == 2 and "--token 4" in r.stderr and "4 word(s)" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "gradcam", "occlusion"])
+def test_a_segmenter_s_class_is_attributed_to_its_pixels(tmp_path_factory, method):
+    """Segmentation: the "square" class (a bright square at a random place) explained over the pixels predicted as
+    it -- the largest attribution lies in the square."""
+    run_dir, probe, box = segmentation_run(tmp_path_factory)
+    [r] = explain(load_run(run_dir, for_prediction=True), [str(probe)], method)
+    assert r["target"] == "square" and r["pixels"] > 0.02, r
+    y, x = divmod(int(r["heat"].flatten().argmax()), r["heat"].shape[1])
+    assert box[0] <= y < box[0] + BLOCK and box[1] <= x < box[1] + BLOCK, (method, y, x, box)
+    assert r["deletion_auc"] < r["deletion_auc_random"], r
+
+
+_SEGMENTATION = {}
+
+
+def segmentation_run(tmp_path_factory):
+    if _SEGMENTATION:
+        return _SEGMENTATION["run"]
+    d = tmp_path_factory.mktemp("explain-seg")
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (d / "data" / folder).mkdir(parents=True)
+
+    def square(i, path, mask_path=None):
+        x = rng.uniform(70, 160, (32, 32)).astype(np.uint8)
+        y0, x0 = (int(v) for v in rng.integers(0, 32 - BLOCK, 2))
+        x[y0:y0 + BLOCK, x0:x0 + BLOCK] = 255
+        Image.fromarray(x).convert("RGB").save(path)
+        if mask_path is not None:
+            m = np.zeros((32, 32), np.uint8)
+            m[y0:y0 + BLOCK, x0:x0 + BLOCK] = 1
+            Image.fromarray(m).save(mask_path)
+        return y0, x0
+
+    for i in range(48):
+        square(i, d / "data" / "images" / f"{i}.png", d / "data" / "masks" / f"{i}.png")
+    conf = {"backbone": {"plugin": "timm", "model": "test_resnet", "model_kwargs": {"output_stride": 8}},
+            "strategy": {"plugin": "finetune"},
+            "data": {"plugin": "segfolder", "path": str(d / "data"), "image_size": 32,
+                     "class_names": ["background", "square"]},
+            "train": {"seed": 0, "epochs": 15, "batch_size": 8, "lr": 1e-2, "progress": False, "plot": False}}
+    train(load_config(conf), d / "run", echo=lambda m: None)
+    box = square(99, d / "probe.png")
+    _SEGMENTATION["run"] = (d / "run", d / "probe.png", box)
+    return _SEGMENTATION["run"]
