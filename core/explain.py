@@ -44,7 +44,16 @@ def _captum():
     return attr
 
 
+def _pytorch(run) -> None:
+    import torch
+
+    if not isinstance(getattr(run, "model", None), torch.nn.Module):
+        raise GraftError("graft explain needs the PyTorch model's gradients: give it the trained run directory, not an "
+                         "ONNX export or compression.")
+
+
 def _check(run, method: str, target: str) -> str:
+    _pytorch(run)
     modality = run.backbone.modality
     task = getattr(run.data, "task", None)
     if task not in TASKS.get(modality, ()):
@@ -72,6 +81,7 @@ def explain(run, items: list[str], method: str = "", target: str = "", steps: in
     an unknown method or target label (with the labels), or an input of the wrong modality."""
     from .generate import CausalGeneration
 
+    _pytorch(run)
     if isinstance(run.strategy, CausalGeneration):
         if method and method != "integrated_gradients" or target:
             raise GraftError("A language-model run is explained with integrated_gradients for one generated token "
