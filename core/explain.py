@@ -245,14 +245,7 @@ def explain_decoder(run, prompt: str, token: int = 0, steps: int = 50, seed: int
     scores = torch.tensor([float(per_token[pos].sum()) for _, pos in words])
 
     def curves(order):
-        counts = [round(k * order.numel() / (POINTS - 1)) for k in range(POINTS)]
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        deleted, inserted = seq.repeat(POINTS, 1), base.repeat(POINTS, 1)
-        for row, m in enumerate(counts):
-            for k in (rank < m).nonzero().flatten().tolist():
-                deleted[row, words[k][1]] = pad
-                inserted[row, words[k][1]] = seq[0, words[k][1]]
+        deleted, inserted = _word_steps(order, words, seq, base, pad)
         with torch.no_grad():
             return f(deleted).cpu(), f(inserted).cpu()
 
@@ -399,15 +392,8 @@ def _text(run, model, inputs, item, goal, method, steps, seed) -> dict:
         words = _words(run, item, ids)
     scores = torch.tensor([float(per_token[pos].sum()) for _, pos in words])
 
-    def curves(order):  # words removed (their tokens set to padding) / put back in ``order``
-        counts = [round(k * order.numel() / (POINTS - 1)) for k in range(POINTS)]
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
-        deleted, inserted = ids.repeat(POINTS, 1), base.repeat(POINTS, 1)
-        for row, n in enumerate(counts):
-            for k in (rank < n).nonzero().flatten().tolist():
-                deleted[row, words[k][1]] = pad
-                inserted[row, words[k][1]] = ids[0, words[k][1]]
+    def curves(order):
+        deleted, inserted = _word_steps(order, words, ids, base, pad)
         m = mask.repeat(POINTS, 1)
         with torch.no_grad():
             return f(deleted, m).float().cpu(), f(inserted, m).float().cpu()
@@ -417,6 +403,22 @@ def _text(run, model, inputs, item, goal, method, steps, seed) -> dict:
            "words": [(w, float(s)) for (w, _), s in zip(words, scores)]}
     out.update(_faithfulness(curves, scores, seed) if len(words) else {})
     return out
+
+
+def _word_steps(order, words, ids, base, pad):
+    """The POINTS inputs of a deletion curve (``ids`` with more and more words, most attributed first in ``order``,
+    set to ``pad``) and of an insertion curve (``base`` with those words put back); ``words``: (word, positions)."""
+    import torch
+
+    counts = [round(k * order.numel() / (POINTS - 1)) for k in range(POINTS)]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    deleted, inserted = ids.repeat(POINTS, 1), base.repeat(POINTS, 1)
+    for row, n in enumerate(counts):
+        for k in (rank < n).nonzero().flatten().tolist():
+            deleted[row, words[k][1]] = pad
+            inserted[row, words[k][1]] = ids[0, words[k][1]]
+    return deleted, inserted
 
 
 def _faithfulness(curves, scores, seed: int) -> dict:
