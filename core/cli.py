@@ -321,6 +321,8 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
 @click.argument("inputs", nargs=-1)
 @click.option("--method", default="", help="images: integrated_gradients (default), gradcam or occlusion; text: "
               "integrated_gradients.")
+@click.option("--layer", default="", help="gradcam: the module to take the feature map from (a name as "
+              "model.named_modules() gives it, e.g. backbone.model.blocks.4); default: the last map of at least 2x2.")
 @click.option("--split", default="", help="Explain the first --limit examples of this split (val, test) for their "
               "true labels instead, and write a report: report.json and report.png (images) or report.html (text).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="With --split: examples.")
@@ -335,7 +337,7 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
               "explanation of a re-initialised model (near 1 = the method ignores what the model learned).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines (attributions, curves, AUCs).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def explain(run_dir, inputs, method, split, limit, target, token, out, steps, sanity, as_json,
+def explain(run_dir, inputs, method, layer, split, limit, target, token, out, steps, sanity, as_json,
             trust_remote_code):
     """Explain a finished classifier's prediction for INPUTS (image paths or texts) with Captum: a heatmap per image,
     words coloured by attribution for text, and deletion / insertion AUCs against random order; a language-model
@@ -349,7 +351,7 @@ def explain(run_dir, inputs, method, split, limit, target, token, out, steps, sa
     folder = Path(out) if out else Path(run_dir) / "explanations"
     run = load_run(run_dir, for_prediction=not split, trust_remote_code=trust_remote_code)
     if split:
-        report = write_split_report(explain_split(run, split, limit, method, steps), folder)
+        report = write_split_report(explain_split(run, split, limit, method, steps, layer=layer), folder)
         if as_json:
             click.echo(json.dumps({k: v for k, v in report.items() if k != "records"}))
             return
@@ -362,7 +364,8 @@ def explain(run_dir, inputs, method, split, limit, target, token, out, steps, sa
             click.echo(f"  {name}: {top}" if top else f"  {name}: most confident {c['most_confident']}, least "
                        f"{c['least_confident']}")
         return
-    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity, token=token), folder)
+    records = write_report(run_explain(run, list(inputs), method, target, steps, sanity, token=token, layer=layer),
+                           folder)
     for r in records:
         if as_json:
             click.echo(json.dumps(r))

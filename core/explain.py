@@ -72,7 +72,7 @@ def _check(run, method: str, target: str) -> str:
 
 
 def explain(run, items: list[str], method: str = "", target: str = "", steps: int = 50, sanity: bool = False,
-            seed: int = 0, token: int = 0) -> list[dict]:
+            seed: int = 0, token: int = 0, layer: str = "") -> list[dict]:
     """One record per item (an image path or a text, as ``graft predict`` takes them): predicted and target label
     and probability, the attributions (``heat``: a ``[H, W]`` array for images; ``words``: [(word, attribution)]
     for text), the method's convergence delta (Integrated Gradients), deletion / insertion AUCs against random
@@ -93,13 +93,13 @@ def explain(run, items: list[str], method: str = "", target: str = "", steps: in
         if run.backbone.modality == "image" and not Path(item).is_file():
             raise GraftError(f"{item!r} is not an image file, and this run takes images: pass image paths.")
         record = explain_inputs(run, run.data.encode(run.backbone, [item]), item, method, target, steps, sanity, seed,
-                                token)
+                                token, layer)
         out.append({"input": item, **record})
     return out
 
 
 def explain_inputs(run, inputs, text: str | None, method: str, target: str = "", steps: int = 50,
-                   sanity: bool = False, seed: int = 0, token: int = 0) -> dict:
+                   sanity: bool = False, seed: int = 0, token: int = 0, layer: str = "") -> dict:
     """The record of one encoded input (a batch of one, as the run's data source makes it); ``text``: the text it
     encodes (words are read from it; None: from the decoded tokens). What is explained: classification, the
     target's probability; segmentation, the target's mean probability over the pixels predicted as it (default
@@ -147,13 +147,14 @@ def explain_inputs(run, inputs, text: str | None, method: str, target: str = "",
     record.update(predicted=predicted, probability=p if task != "classification" else float(
         torch.softmax(logits, 1)[0].max()), target=names[t], target_probability=p)
     explainer = _image if run.backbone.modality == "image" else _text
-    record.update(explainer(run, model, inputs, text, goal, method, steps, seed))
+    record.update(explainer(run, model, inputs, text, goal, method, steps, seed, layer))
     if sanity:
-        record["sanity_spearman"] = _sanity(run, model, inputs, text, goal, method, steps, seed, record)
+        record["sanity_spearman"] = _sanity(run, model, inputs, text, goal, method, steps, seed, record, layer)
     return record
 
 
-def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50, seed: int = 0) -> dict:
+def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50, seed: int = 0,
+                  layer: str = "") -> dict:
     """The first ``limit`` examples of ``split`` (a run loaded with its data), each explained for its true label.
     Returns {"records": [...], "classes": {label: summary}}: for text the words with the largest mean attribution
     per class (over the examples of that class; a word counted once per example), for images the most and least
@@ -172,7 +173,7 @@ def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50
         label = names[int(batch["targets"][0])]
         text = None if tok is None else tok.decode(batch["inputs"]["input_ids"][0], skip_special_tokens=True)
         records.append({"example": i, "label": label,
-                        **explain_inputs(run, batch["inputs"], text, method, label, steps, False, seed)})
+                        **explain_inputs(run, batch["inputs"], text, method, label, steps, False, seed, 0, layer)})
     classes = {}
     for name in names:
         mine = [r for r in records if r["label"] == name]
@@ -189,7 +190,7 @@ def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50
         else:
             ranked = sorted(mine, key=lambda r: -r["target_probability"])
             classes[name] = {"examples": len(mine), "most_confident": [r["example"] for r in ranked[:3]],
-                             "least_confident": [r["example"] for r in ranked[-3:][::-1]]}
+                             "least_confident": [r["example"] for r in ranked[3:][-3:][::-1]]}
     aucs = {k: sum(r[k] for r in records if k in r) / max(1, sum(k in r for r in records))
             for k in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random")}
     return {"split": split, "method": method, "examples": len(records), "mean": aucs, "classes": classes,
@@ -259,6 +260,16 @@ def explain_decoder(run, prompt: str, token: int = 0, steps: int = 50, seed: int
     return record
 
 
+def _named_layer(model, name: str):
+    """``--layer NAME``: the module of that name (as ``model.named_modules()`` gives it) for Grad-CAM."""
+    names = dict(model.named_modules())
+    if name not in names:
+        maps = [n for n in names if n.count(".") <= 3]
+        raise GraftError(f"--layer {name!r} is not a module of this model.{did_you_mean(name, list(names))} Its "
+                         f"modules are named like {', '.join(maps[-6:])}.")
+    return names[name]
+
+
 def _last_feature_map(model, x):
     """The last module (in execution order) whose output is a ``[B, C, h, w]`` map with h, w > 1 -- for a
     segmentation model, the last before its class maps (the decoder's fused features, as Seg-Grad-CAM, Vinogradova
@@ -285,7 +296,7 @@ def _last_feature_map(model, x):
     return seen[-1][0]
 
 
-def _image(run, model, x, item, goal, method, steps, seed) -> dict:
+def _image(run, model, x, item, goal, method, steps, seed, layer="") -> dict:
     import torch
 
     attr = _captum()
@@ -298,7 +309,8 @@ def _image(run, model, x, item, goal, method, steps, seed) -> dict:
         out["convergence_delta"] = float(delta.abs().max())
         heat = a.sum(1)[0]
     elif method == "gradcam":
-        a = attr.LayerGradCam(f, _last_feature_map(model, x)).attribute(x, relu_attributions=True)
+        module = _named_layer(model, layer) if layer else _last_feature_map(model, x)
+        a = attr.LayerGradCam(f, module).attribute(x, relu_attributions=True)
         heat = attr.LayerAttribution.interpolate(a, tuple(x.shape[-2:]), "bilinear")[0, 0]
     else:
         side = max(1, min(x.shape[-2:]) // 8)
@@ -370,7 +382,7 @@ def _words(run, item: str | None, ids) -> list[tuple[str, list[int]]]:
     return [(spans[k][2], pos) for k, pos in sorted(words.items())]
 
 
-def _text(run, model, inputs, item, goal, method, steps, seed) -> dict:
+def _text(run, model, inputs, item, goal, method, steps, seed, layer="") -> dict:
     import torch
 
     attr = _captum()
@@ -435,7 +447,7 @@ def _faithfulness(curves, scores, seed: int) -> dict:
             "deletion_curve": deletion.tolist(), "insertion_curve": insertion.tolist()}
 
 
-def _sanity(run, model, inputs, item, goal, method, steps, seed, record) -> float:
+def _sanity(run, model, inputs, item, goal, method, steps, seed, record, layer="") -> float:
     """Spearman's rho between this explanation and the same method's on the model with every layer re-initialised
     (seeded); the model itself is left as it was."""
     import copy
@@ -450,7 +462,7 @@ def _sanity(run, model, inputs, item, goal, method, steps, seed, record) -> floa
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     explainer = _image if run.backbone.modality == "image" else _text
-    other = explainer(run, random_model, inputs, item, goal, method, steps, seed)
+    other = explainer(run, random_model, inputs, item, goal, method, steps, seed, layer)
     if "heat" in record:
         a, b = record["heat"].flatten(), other["heat"].flatten()
     else:
@@ -474,8 +486,7 @@ def write_image(record: dict, x_display, path: Path) -> None:
     for ax in axes:
         ax.imshow(x_display, cmap="gray" if x_display.ndim == 2 else None)
         ax.axis("off")
-    limit = max(abs(heat.min()), abs(heat.max())) or 1.0
-    axes[1].imshow(heat, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
+    axes[1].imshow(heat, alpha=0.6, **_colours(heat))
     fig.suptitle(f"predicted {record['predicted']} ({record['probability']:.2f}) - target {record['target']} "
                  f"({record['target_probability']:.2f}) - {record['method']}", fontsize=9)
     if "deletion_auc" in record:
@@ -484,6 +495,16 @@ def write_image(record: dict, x_display, path: Path) -> None:
                             f"{record['insertion_auc_random']:.3f}, higher is better)", ha="center", fontsize=7)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _colours(heat) -> dict:
+    """imshow's colours for a heatmap: red for and blue against, centred on 0, when it has both signs; a sequential
+    map from 0 when it has one (Grad-CAM's ReLU map, a non-negative occlusion map)."""
+    lo, hi = float(heat.min()), float(heat.max())
+    if lo >= 0:
+        return {"cmap": "inferno", "vmin": 0.0, "vmax": hi or 1.0}
+    limit = max(-lo, hi) or 1.0
+    return {"cmap": "bwr", "vmin": -limit, "vmax": limit}
 
 
 def display_image(x):
@@ -573,12 +594,11 @@ def write_split_report(report: dict, out: Path) -> dict:
             for ax, i in zip(line, ids):
                 r = by_example[i]
                 heat = r["heat"].numpy()
-                limit = max(abs(heat.min()), abs(heat.max())) or 1.0
                 ax.imshow(r["display"], cmap="gray" if r["display"].ndim == 2 else None)
-                ax.imshow(heat, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
+                ax.imshow(heat, alpha=0.6, **_colours(heat))
                 ax.set_title(f"{name} #{i}: p={r['target_probability']:.2f}", fontsize=7)
         fig.suptitle(f"{report['split']}: {report['method']}, most then least confident per class", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         fig.savefig(out / "report.png", dpi=100)
         plt.close(fig)
     else:

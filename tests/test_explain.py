@@ -70,6 +70,14 @@ def test_every_image_method_points_at_the_block_and_beats_random_order(image_run
     assert r["insertion_auc"] > r["insertion_auc_random"], r
 
 
+def test_gradcam_takes_the_layer_it_is_given(image_run):
+    run_dir, probe = image_run
+    run = load_run(run_dir, for_prediction=True)
+    [r] = explain(run, [str(probe)], "gradcam", layer="backbone.model.layer2")
+    assert r["heat"].shape == (32, 32) and float(r["heat"].max()) > 0
+    assert not torch.equal(r["heat"], explain(run, [str(probe)], "gradcam")[0]["heat"])
+
+
 def test_integrated_gradients_sum_to_the_change_of_the_output(image_run, text_run):
     """Completeness (Sundararajan et al. 2017): sum of attributions = f(input) - f(baseline), up to the
     convergence delta Captum reports -- checked here against f computed directly."""
@@ -115,7 +123,9 @@ def test_the_cli_writes_heatmaps_and_a_page_and_refuses_bad_input(image_run, tex
     for args, words in (((run_dir, probe, "--target", "blok"), ["'blok'", "block, plain", "Did you mean"]),
                         ((run_dir, "a text"), ["not an image file"]),
                         ((text_run, probe), ["image file", "takes text"]),
-                        ((text_run, "good film", "--method", "gradcam"), ["not one for text runs"])):
+                        ((text_run, "good film", "--method", "gradcam"), ["not one for text runs"]),
+                        ((run_dir, probe, "--method", "gradcam", "--layer", "backbone.model.layer9"),
+                         ["'backbone.model.layer9'", "Did you mean"])):
         r = graft("explain", *args)
         assert r.returncode == 2 and all(w in r.stderr for w in words), r.stderr
         assert "Traceback" not in r.stderr
