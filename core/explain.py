@@ -142,10 +142,12 @@ def explain_inputs(run, inputs, text: str | None, method: str, target: str = "",
 
     with torch.no_grad():
         p = float(goal(model)(*((inputs,) if wrap is None else (inputs["input_ids"], inputs["attention_mask"])))[0])
-    predicted = names[int(logits[0].argmax())] if task == "classification" else names[t] \
-        if task == "segmentation" else names[int(logits[0, pos].argmax())]
-    record.update(predicted=predicted, probability=p if task != "classification" else float(
-        torch.softmax(logits, 1)[0].max()), target=names[t], target_probability=p)
+    if task == "segmentation":  # the explained class is the one shown
+        predicted, probability = t, p
+    else:
+        probs = torch.softmax(logits[0, pos] if task == "token_classification" else logits[0], -1)
+        predicted, probability = int(probs.argmax()), float(probs.max())
+    record.update(predicted=names[predicted], probability=probability, target=names[t], target_probability=p)
     explainer = _image if run.backbone.modality == "image" else _text
     record.update(explainer(run, model, inputs, text, goal, method, steps, seed, layer))
     if sanity:
