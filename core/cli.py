@@ -323,8 +323,9 @@ def predict_cmd(run_dir, inputs, input_file, as_json, mask_dir, trust_remote_cod
               "integrated_gradients.")
 @click.option("--layer", default="", help="gradcam: the module to take the feature map from (a name as "
               "model.named_modules() gives it, e.g. backbone.model.blocks.4); default: the last map of at least 2x2.")
-@click.option("--split", default="", help="Explain the first --limit examples of this split (val, test) for their "
-              "true labels instead, and write a report: report.json and report.png (images) or report.html (text).")
+@click.option("--split", default="", help="Explain a seeded sample of --limit examples of this split (val, test) for "
+              "their true labels instead, and write a report: report.json and report.png (images) or report.html "
+              "(text).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="With --split: examples.")
 @click.option("--target", default="", help="Explain this label's probability (default: the predicted label).")
 @click.option("--token", default=0, show_default=True, type=click.IntRange(min=0), help="A language-model run: "

