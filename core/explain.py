@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 
 from .errors import GraftError, did_you_mean
+from .files import atomic_write_text
 
 METHODS = {"image": ("integrated_gradients", "gradcam", "occlusion"), "text": ("integrated_gradients",)}
 TASKS = {"image": ("classification", "segmentation"), "text": ("classification", "token_classification")}
@@ -395,7 +396,8 @@ def _text(run, model, inputs, item, goal, method, steps, seed, layer="") -> dict
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     tok = run.backbone.tokenizer()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    special = torch.tensor([i in set(tok.all_special_ids) for i in ids[0].tolist()], device=ids.device)
+    keep = set(tok.all_special_ids)
+    special = torch.tensor([i in keep for i in ids[0].tolist()], device=ids.device)
     base = torch.where(special, ids, torch.full_like(ids, pad))
     f = goal(model)
     layer = _embedding_layer(model, inputs)
@@ -570,8 +572,8 @@ def write_report(records: list[dict], out: Path) -> list[dict]:
         plain.append(r)
     if rows:
         page = out / "explanations.html"
-        page.write_text("<!doctype html><meta charset=utf-8><title>graft explain</title><body style='font-family: "
-                        "sans-serif'>" + "\n".join(rows) + "</body>\n", encoding="utf-8")
+        atomic_write_text(page, "<!doctype html><meta charset=utf-8><title>graft explain</title><body "
+                                "style='font-family: sans-serif'>" + "\n".join(rows) + "</body>\n")
         for r in plain:
             r["page"] = str(page)
     return plain
@@ -616,10 +618,10 @@ def write_split_report(report: dict, out: Path) -> dict:
             parts.append(f"<h2>{escape(name)} ({c['examples']} examples)</h2><p>largest mean attribution: {words}</p>")
         parts += [f"<p>#{r['example']} {escape(r['label'])} (p={r['target_probability']:.2f}): "
                   f"{colour_words(r['words'], html=True)}</p>" for r in report["records"]]
-        (out / "report.html").write_text("<!doctype html><meta charset=utf-8><title>graft explain report</title>"
-                                         "<body style='font-family: sans-serif'>" + "\n".join(parts) + "</body>\n",
-                                         encoding="utf-8")
+        atomic_write_text(out / "report.html", "<!doctype html><meta charset=utf-8><title>graft explain report"
+                                               "</title><body style='font-family: sans-serif'>" + "\n".join(parts)
+                                               + "</body>\n")
     plain = {**report, "records": [{k: v for k, v in r.items() if k not in ("heat", "display")}
                                    for r in report["records"]]}
-    (out / "report.json").write_text(json.dumps(plain, indent=2))
+    atomic_write_text(out / "report.json", json.dumps(plain, indent=2))  # last: there means the report is whole
     return plain

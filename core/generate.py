@@ -74,6 +74,7 @@ def answer_file(run, source: str | Path, out: str | Path, field: str = "prompt",
     atomic_write_text(out, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return {"rows": len(lines), "left_out": len(rows) - len(lines)}
 
+
 class _Streamer:
     """transformers' streamer protocol (``put(token ids)``, ``end()``): the answer's new text to ``stream`` as it
     grows, without the prompt (the first ``put``), the template's ``lead`` or anything after a stop token."""
