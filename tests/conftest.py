@@ -213,3 +213,25 @@ def one_step_weights(conf, tmp_path, *layouts):
         train(load_config(conf(batch, accum), where="c.toml"), tmp_path / f"b{batch}x{accum}", echo=lambda m: None)
         out.append(weights(tmp_path / f"b{batch}x{accum}"))
     return out
+
+
+def assert_signal_resume(cfg, tmp_path, sig: str, steps: int, lines: int = 8):
+    """Train ``cfg`` (a config file of ``steps`` steps, log_every = 1, frequent checkpoints) whole into
+    tmp_path/full, and into tmp_path/cut cut by ``sig`` (SIGINT: checkpoint and exit 0; SIGKILL: nothing after the
+    last checkpoint) after ``lines`` metric lines, then --resume: the same weights and the same records."""
+    import signal
+
+    start_train(cfg, tmp_path / "full").communicate(timeout=300)
+    proc = start_train(cfg, tmp_path / "cut")
+    wait_for_lines(tmp_path / "cut", lines, proc)
+    proc.send_signal(getattr(signal, sig))
+    proc.communicate(timeout=60)
+    assert proc.returncode == (0 if sig == "SIGINT" else -signal.SIGKILL)
+    assert len([r for r in read_metrics(tmp_path / "cut") if r["split"] == "train"]) < steps  # cut before the end
+    resumed = start_train(cfg, tmp_path / "cut", "--resume", tmp_path / "cut")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [(r["step"], r["split"]) for r in cut] == [(r["step"], r["split"]) for r in full]
+    assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in full], rel=1e-5)

@@ -282,3 +282,13 @@ def test_a_stream_on_two_processes_draws_what_one_draws_with_twice_the_batch(n, 
         halves = [s.next()["index"].tolist() for s in two]
         assert sorted(whole) == sorted(halves[0] + halves[1])
         assert len(set(whole)) == len(whole)  # no example twice in one step
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_dann_with_self_training_cut_by_a_signal_resumes_like_an_uninterrupted_run(tmp_path, sig):
+    """The target stream's position, the GRL schedule and the pseudo-labels through the CLI's stop paths."""
+    from conftest import assert_signal_resume, write_config
+
+    conf = adapt_config(tmp_path, {"method": "dann", "self_training": True, "self_training_start": 0.5},
+                        max_steps=16, log_every=1, checkpoint_every=2, eval_every=8)
+    assert_signal_resume(write_config(tmp_path / "c.toml", conf), tmp_path, sig, steps=16, lines=6)

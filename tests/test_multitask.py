@@ -230,3 +230,13 @@ def test_tasks_share_a_lora_adapter(tmp_path, pos_tokenizer):
     assert not any(n.startswith("backbone.") and "lora_" not in n for n in trainable)
     g.train(g.load_config(conf), tmp_path / "run", echo=lambda m: None)
     assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "heads" / "xpos.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_two_tasks_cut_by_a_signal_resume_like_an_uninterrupted_run(tmp_path, sig):
+    """The task order of the epoch and the learned loss weights through the CLI's stop paths."""
+    from conftest import assert_signal_resume, write_config
+
+    conf = digits_tasks(tmp_path, sampling="temperature", weighting="uncertainty")
+    conf["train"].update(max_steps=16, log_every=1, checkpoint_every=2, eval_every=8)
+    assert_signal_resume(write_config(tmp_path / "c.toml", conf), tmp_path, sig, steps=16, lines=6)

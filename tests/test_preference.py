@@ -340,3 +340,15 @@ def test_a_preference_run_teaches_a_clm_student(decoder, tmp_path):
     conf["loss"] = {"plugin": "kd", "alpha": 0.5, "temperature": 2.0}
     summary = train(load_config(conf), tmp_path / "student", echo=lambda m: None)
     assert summary["steps"] == 2 and math.isfinite(summary["val"]["loss"])
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_dpo_with_a_cached_reference_cut_by_a_signal_resumes_like_an_uninterrupted_run(decoder, tmp_path, sig):
+    """The reference cache (built before the first step, shared by both runs) and the pairs' order through the
+    CLI's stop paths."""
+    from conftest import assert_signal_resume, write_config
+
+    conf = pref_config(decoder, write_preferences(tmp_path / "p.jsonl", n=40), {"reference": "cache",
+                                                                                 "cache_dir": str(tmp_path / "c")},
+                       max_steps=16, log_every=1, checkpoint_every=2, eval_every=8)
+    assert_signal_resume(write_config(tmp_path / "c.toml", conf), tmp_path, sig, steps=16, lines=6)
