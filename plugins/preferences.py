@@ -145,7 +145,7 @@ class Preferences(DataSource):
         limit = check_limits(backbone, where=where, tokens=o.max_length or None, tokens_key="max_length",
                              tokenizer=tok)
         self.max_length = o.max_length or limit or 2048
-        self.renderer, self.tokenizer = ChatRenderer(tok, o.template, where), tok
+        self.renderer, self.tokenizer = self._renderer(tok), tok
         self.kind, rows = read_rows(o, where)
         order = np.random.default_rng(seed).permutation(len(rows))
         n_val, n_test = int(round(len(rows) * o.val_fraction)), int(round(len(rows) * o.test_fraction))
@@ -211,7 +211,7 @@ class Preferences(DataSource):
 
     def stop_ids(self, tokenizer) -> list[int]:
         """End-of-sequence and the chat template's end-of-turn token ids. Works without ``setup``."""
-        return self._renderer(tokenizer).stop_ids()
+        return (getattr(self, "renderer", None) or self._renderer(tokenizer)).stop_ids()
 
     def _renderer(self, tokenizer):
         return ChatRenderer(tokenizer, self.options.template, f"[data] plugin = \"{self.name or 'preferences'}\"")
