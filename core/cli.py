@@ -588,6 +588,49 @@ def compress_cmd(run_dir, quantize, prune, finetune_steps, finetune_lr, calibrat
                f"Wrote {Path(summary['compressed_dir'])}")
 
 
+@cli.command("compare")
+@click.argument("run_dirs", nargs=-1, metavar="RUN...", type=click.Path(file_okay=False))
+@click.option("--baseline", "baseline", multiple=True, type=click.Path(file_okay=False), metavar="RUN",
+              help="The baseline row's run (repeat it for its seeds); default the first RUN's row.")
+@click.option("--matrix", "matrix_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Run the methods x seeds of a matrix file through the pipeline machinery, then compare them.")
+@click.option("--out", type=click.Path(file_okay=False), help="Folder of the report (default ./compare, or the "
+              "matrix's out/report).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["test", "val"]))
+@click.option("--metric", help="The metric compared (default: the baseline run's metric for best weights).")
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resampling.")
+@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help="--matrix: change every "
+              "method's config. Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+def compare_cmd(run_dirs, baseline, matrix_file, out, split, metric, resamples, seed, overrides, as_json):
+    """Compare finished runs on the same test examples: each row's metric with a 95% bootstrap interval, the paired
+    difference to the baseline with its interval and p-value (McNemar's exact test for accuracy, else the paired
+    bootstrap), runs differing only in seed pooled into one row, and costs (trainable parameters, training time,
+    size, latency) with a Pareto plot. Writes OUT/compare.json, OUT/index.html (self-contained) and its PNGs."""
+    from . import compare as cmp
+    from .matrix import run_matrix
+
+    echo = (lambda *_: None) if as_json else click.echo
+    if matrix_file:
+        if run_dirs or baseline:
+            raise GraftError("--matrix runs and compares its own runs: give no RUN or --baseline with it.")
+        run_dirs, baseline, root = run_matrix(matrix_file, _registry(), list(overrides), echo=echo)
+        if run_dirs is None:
+            sys.exit(0)
+        out = out or root / "report"
+    elif overrides:
+        raise GraftError("--set changes a --matrix file's configs; finished runs are compared as they are.")
+    report = cmp.compare(list(run_dirs), list(baseline), split, metric, resamples, seed, echo=echo)
+    page = cmp.write_report(report, Path(out or "compare"))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(_table(cmp.table(report), cmp.HEADERS))
+    click.echo(f"Test {report['metric']}; * p < {report['alpha']} against {report['baseline']} (paired). Report: "
+               f"{page}")
+
+
 def main():
     cli(prog_name="graft")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import export as ex
-from . import rundir
+from . import predictions, rundir
 from .checkpoint import atomic_save_file, clean_state_dict, load_weights
 from .errors import GraftError
 from .run import Run, scalars
@@ -93,10 +93,11 @@ def sparsity(model: torch.nn.Module) -> dict:
     return {"prunable_weights": total, "zero_weights": zeros, "sparsity": zeros / max(total, 1)}
 
 
-def score(run: Run, model, strategy, inputs, threads: int = 1) -> dict:
-    """Test (else val) metrics of ``model`` under the serving ``strategy``, and its warm batch-1 latency."""
+def score(run: Run, model, strategy, inputs, threads: int = 1, records: list | None = None) -> dict:
+    """Test (else val) metrics of ``model`` under the serving ``strategy``, and its warm batch-1 latency
+    (``records``: receives the per-example records, ``graft.predictions``)."""
     split = "test" if run.data.dataset("test") else "val"
-    metrics = run.evaluate(model, split, strategy)
+    metrics = run.evaluate(model, split, strategy, records=records)
     return {"split": split, "metrics": scalars(metrics or {}), "latency": ex.latency(model, inputs, threads)}
 
 
@@ -240,7 +241,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, quantize_mo
         (out / stale).unlink(missing_ok=True)
     (out / "compress.json").write_text(request)
     model = run.model.eval()
-    one = ex.take(ex.sample_inputs(run), slice(0, 1))
+    one, kept = ex.take(ex.sample_inputs(run), slice(0, 1)), []
     echo(f"Scoring the source run {run_dir} (PyTorch, CPU; latency with {threads} thread(s))...")
     source = score(run, model, serving, one, threads)
     source.update(format="pytorch", size_bytes=(run_dir / rundir.WEIGHTS).stat().st_size)
@@ -254,7 +255,7 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, quantize_mo
         summary["compression"].update(**sparsity(model), finetune_steps=finetune_steps)
     if quantize_mode is None:  # pruned only: a PyTorch run directory
         _save_pruned(run, run_dir, out)
-        result = score(run, model, serving, one, threads)
+        result = score(run, model, serving, one, threads, kept)
         result.update(format="pytorch (pruned)", size_bytes=(out / rundir.WEIGHTS).stat().st_size,
                       zipped_bytes=zipped_size(out / rundir.WEIGHTS))
         summary["source"]["zipped_bytes"] = zipped_size(run_dir / rundir.WEIGHTS)
@@ -262,8 +263,9 @@ def compress_run(run_dir: str | Path, out: str | Path | None = None, quantize_mo
         import contextlib
 
         with run.adapter.merged(run.backbone) if run.adapter is not None else contextlib.nullcontext():
-            result = _quantized(run, model, serving, (one, threads), out, quantize_mode,
+            result = _quantized(run, model, serving, (one, threads, kept), out, quantize_mode,
                                 (calibration, calibration_method), summary)
+    summary["predictions"] = predictions.write_all(out, {result["split"]: kept}, run.data)
     return _finish(run, out, summary, result, serving)
 
 
@@ -279,7 +281,7 @@ def _quantized(run, model, serving, probe, out, mode, calibration, summary) -> d
         names = ex.to_onnx(model, ex.sample_inputs(run), fp32, run.backbone.limits().get("max_tokens"),
                            serving.task.output_names)
         onnx_fp32 = ex.OnnxModel(fp32)
-        summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, *probe), "format": "onnx fp32",
+        summary["onnx_fp32"] = {**score(run, onnx_fp32, serving, *probe[:2]), "format": "onnx fp32",
                                 "size_bytes": ex.files_size(Path(tmp), ["model.onnx"]),
                                 "max_abs_difference": ex.max_abs_difference(model, onnx_fp32, ex.sample_inputs(run))}
         summary["compression"].update(quantize(fp32, out / "model.onnx", mode, run, names, *calibration))

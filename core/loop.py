@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, predictions, rundir
 from .batches import batch_size_of, move
 from .checkpoint import TrainState
 from .config import Config
@@ -28,7 +28,6 @@ from .device import peak_memory, select_device, training_state_bytes
 from .errors import GraftError
 from .optim import build_optimizer, lr_lambda
 from .run import Run, rebuilt_alone, scalars
-from . import rundir
 from .rundir import RunDir, RunLock
 
 
@@ -62,8 +61,7 @@ class _Signals:
     """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
 
     def __init__(self):
-        self.requested = 0
-        self._old = {}
+        self.requested, self._old = 0, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -323,7 +321,8 @@ class Loop:
             distributed.load_full_state_dict(self.base, ckpt.load_weights(best))
         else:
             self.base.load_state_dict(ckpt.load_weights(best))
-        results = {split: run.evaluate(self.base, split) for split in ("val", "test")}
+        examples = {"val": [], "test": []}  # per-example records (graft.predictions) for graft compare, and metrics:
+        results = {split: run.evaluate(self.base, split, records=examples[split]) for split in examples}
         measured = {"strategy": self.strategy.report(self.base), "wall_time_s": time.perf_counter() - self.t_start,
                     "peak_memory_bytes": peak_memory(run.device),  # process RSS on CPU, allocated on CUDA
                     "training_state_bytes": training_state_bytes(self.base, self.optimizer)}
@@ -333,6 +332,7 @@ class Loop:
             if results["test"] is not None:
                 self.out.log({"step": s.step, "epoch": s.epoch, "split": "test", **scalars(results["test"])})
             self.out.write_labels(run.data)
+            measured["predictions"] = predictions.write_all(self.run_dir, examples, run.data)
             if run.adapter is not None:
                 size = run.adapter.save(str(self.run_dir / rundir.ADAPTER), run.backbone)
                 measured["adapter"] = {"plugin": run.adapter.name, "size_bytes": size, "dir": rundir.ADAPTER}

@@ -53,6 +53,7 @@ class Stage:
     summary: dict = field(default_factory=dict)
     compress: dict | None = None  # graft compress's options, "compress" the source run directory
     generate: dict | None = None  # graft generate --file's options, "generate" the run that answers
+    group: str | None = None  # a method matrix's method (graft compare's row), kept in the state file
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -84,13 +85,14 @@ def _substitute(value, dirs: dict[str, Path], later: set[str], own: str, at: str
 
 
 def read_pipeline(path: str | Path, out: str | Path | None = None, registry=None,
-                  overrides: list[str] = ()) -> list[Stage]:
+                  overrides: list[str] = (), data: dict | None = None) -> list[Stage]:
     """The stages of pipeline file ``path`` (``overrides``: ``TABLE.KEY=VALUE`` for every stage, before each stage's
-    own ``set``, which wins), resolved and validated (nothing runs). Raises GraftError naming the
+    own ``set``, which wins), resolved and validated (nothing runs). ``data``: the file's tables already read (a
+    method matrix expands into them; relative paths stay relative to ``path``). Raises GraftError naming the
     file and stage for bad input: unknown keys, duplicate or missing names, unknown or later stage references,
     and every config error a ``graft train`` of the stage would give."""
     path = Path(path)
-    data = cfg.read_toml(path)
+    data = cfg.read_toml(path) if data is None else data
     where = str(path)
     unknown = set(data) - {"pipeline", "stage"}
     if unknown:
@@ -247,8 +249,8 @@ def run_stages(stages: list[Stage], start: str | None = None, only: str | None =
         if not resume and stage.run_dir.exists():
             shutil.rmtree(stage.run_dir)  # another config (or upstream) than the run there: start it afresh
         stage.run_dir.mkdir(parents=True, exist_ok=True)
-        (stage.run_dir / STATE_FILE).write_text(json.dumps({"fingerprint": stage.fingerprint,
-                                                            "uses": stage.uses}))
+        (stage.run_dir / STATE_FILE).write_text(json.dumps({"fingerprint": stage.fingerprint, "uses": stage.uses,
+                                                            "group": stage.group}))
         if stage.compress is not None or stage.generate is not None:
             (_compress_stage if stage.compress is not None else _generate_stage)(stage, echo)
             stage.status = "done"

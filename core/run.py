@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, rundir
+from . import distributed, predictions, rundir
 from .batches import Stream, make_loader, move
 from .capabilities import DistinctBatches, PreparesBackbone
 from .config import Config
@@ -148,10 +148,14 @@ class Run:
         return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.no_grad()
-    def evaluate(self, model, split: str, strategy=None) -> dict | None:
+    def evaluate(self, model, split: str, strategy=None, records: list | None = None) -> dict | None:
         """Metrics of ``split`` (scored by ``strategy``, default the run's). Pass the unwrapped model: processes may
-        hold different numbers of batches, and DDP's forward would wait for the others."""
+        hold different numbers of batches, and DDP's forward would wait for the others. ``records``: a list that
+        receives one record per example of [data] (``graft.predictions``; gathered on every process) when the
+        strategy scores examples one by one (``per_example``); the metrics are then those of the records' sums."""
         strategy = strategy or self.strategy
+        if records is not None and not getattr(strategy, "per_example", False):
+            records = None
         # A sharded model's forward is collective: every process must run the same batches, so each evaluates the
         # whole split (and needs no gathering after).
         sharded = distributed.fsdp(self.config.train, self.dist)
@@ -163,13 +167,19 @@ class Run:
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
+        ids = self.data.example_ids(split) if records is not None and hasattr(self.data, "example_ids") else None
         for name, loader in loaders.items():
             for batch in loader or ():
                 batch = move(batch, self.device)
                 if name:  # a source beside [data] (the [target])
                     batch["source"] = name
                 with self.autocast():
-                    out = strategy.eval_step(model, batch)
+                    if records is not None and not name:
+                        each = predictions.per_example(strategy, model, batch)
+                        records += predictions.records(strategy, batch, each, ids)
+                        out = predictions.total(each)
+                    else:
+                        out = strategy.eval_step(model, batch)
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor):
                         v = v.detach().float() if v.is_floating_point() else v.detach().double()
@@ -184,6 +194,10 @@ class Run:
 
             parts = [None] * self.dist.world_size
             td.all_gather_object(parts, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in sums.items()})
+            if records is not None:
+                mine = [None] * self.dist.world_size
+                td.all_gather_object(mine, list(records))
+                records[:] = sorted((r for part in mine for r in part), key=lambda r: r["position"])
             sums = {}
             for part in parts:
                 for k, v in part.items():

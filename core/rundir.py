@@ -76,8 +76,9 @@ def training_summary(run, state, run_dir: Path, metric: str, results: dict, meas
     summary["parameters"] = {"total": sum(n for n, _ in params), "trainable": sum(n for n, t in params if t)}
     summary["peak_memory_bytes"] = measured["peak_memory_bytes"]
     summary["training_state_bytes"] = measured["training_state_bytes"]
-    if "adapter" in measured:
-        summary["adapter"] = measured["adapter"]
+    for key in ("adapter", "predictions"):
+        if measured.get(key):
+            summary[key] = measured[key]
     return summary
 
 

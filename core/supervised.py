@@ -238,6 +238,22 @@ class Supervised(Strategy):
     #: per-token / per-pixel outputs need nothing else now: the task reads their shape
     dense_sums = eval_sums
 
+    #: graft.predictions: every metric here is a sum over examples, so runs keep per-example predictions
+    per_example = True
+
+    def example_sums(self, model, batch):
+        """Each example's ``eval_sums`` from one forward of the batch, with its ``_score`` (``Task.score``); None
+        when a subclass scores otherwise (its ``eval_step`` then runs on each example alone)."""
+        if type(self).eval_step is not Supervised.eval_step:
+            return None
+        outputs, y = model(batch["inputs"]).float(), batch["targets"]
+        out = []
+        for i in range(len(y)):
+            sums = self.eval_sums(outputs[i:i + 1], y[i:i + 1])
+            score = self.task.score(outputs[i:i + 1])
+            out.append(sums if score is None else {**sums, "_score": score})
+        return out
+
     def compute_metrics(self, sums):
         return {"loss": float(sums["loss_sum"]) / float(sums["count"]), **self.task.compute_metrics(sums)}
 

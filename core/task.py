@@ -124,6 +124,21 @@ class Task(Plugin):
 
         raise GraftError(f"The {self.name!r} task keeps no feature maps to distil.")
 
+    def score(self, outputs: "torch.Tensor") -> float | None:
+        """The confidence of one example's prediction (its outputs, batch axis of 1) for ``predictions/*.jsonl``
+        (``graft.predictions``), e.g. a classifier's top probability; None: the task has none."""
+        return None
+
+    def describe(self, sums: dict) -> dict:
+        """One example's JSON fields for ``predictions/*.jsonl`` from its ``eval_sums`` (tensors): ``target``,
+        ``prediction`` (label names) and ``correct`` when it has one label (a one-count ``confusion``); else none."""
+        cm = sums.get("confusion")
+        if cm is None or float(sums.get("count", 0)) != 1:
+            return {}
+        truth, pred = divmod(int(cm.reshape(-1).argmax()), cm.shape[-1])
+        names = self.label_names or list(range(cm.shape[-1]))
+        return {"target": names[truth], "prediction": names[pred], "correct": truth == pred}
+
     def predict(self, model: "nn.Module", inputs) -> list[dict]:
         """One JSON-able dict per input of an encoded batch (``DataSource.encode``)."""
         raise NotImplementedError

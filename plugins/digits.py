@@ -65,6 +65,10 @@ class Digits(DataSource):
 
         return torch.tensor(UNLABELLED) if i in self.hidden else self.y[i]
 
+    def example_ids(self, split):
+        """The position of each example of ``split`` in its dataset ("uci:17", "mnist:4023"): graft compare's ids."""
+        return [f"{self.options.dataset}:{i}" for i in self.splits.get(split, [])]
+
     def dataset(self, split):
         idx = self.splits.get(split)
         return _DigitsSplit(self, idx, warp=split == "train" and self.options.augment) if idx else None

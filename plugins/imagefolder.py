@@ -96,6 +96,12 @@ class ImageFolder(DataSource):
         self.parts["train"] = [(p, UNLABELLED if i in hidden else y) for i, (p, y) in enumerate(self.parts["train"])]
         self.train_tf, self.eval_tf = self.transforms(backbone)
 
+    def example_ids(self, split):
+        """Each example's file, relative to ``path``: graft compare's ids."""
+        root = Path(self.options.path).expanduser()
+        return [Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
+                for p, _ in self.parts.get(split, [])]
+
     def report(self):
         return {"skipped_files": self.skipped} if getattr(self, "skipped", None) else {}
 

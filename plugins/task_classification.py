@@ -24,6 +24,11 @@ class Classification(Task):
     def distill_logits(self, student, teacher, targets):
         return student, teacher, targets
 
+    def score(self, outputs):
+        import torch
+
+        return float(torch.softmax(outputs.float(), -1).max())
+
     def predict(self, model, inputs):
         import torch
 

@@ -228,6 +228,8 @@ class Text(DataSource):
             raise GraftError(f"{where}: unlabelled = \"keep\" needs task = \"classification\".")
         idx["train"], hidden = few_labels(idx["train"], strat, o, seed)
         self.splits = {s: encode([main[i] for i in idx[s]]) for s in ("train", "val", "test")}
+        self.ids = {s: [parts[s][j].where if s in parts else main[j].where
+                        for j in (range(len(parts[s])) if s in parts else idx[s])] for s in ("val", "test")}
         self.splits["train"] = [(ids, UNLABELLED if i in hidden else y)
                                 for i, (ids, y) in zip(idx["train"], self.splits["train"])]
         self.splits["train"] += encode(unlabelled, targets=UNLABELLED)
@@ -245,6 +247,11 @@ class Text(DataSource):
 
     def dataset(self, split):
         return self.splits.get(split) or None
+
+    def example_ids(self, split):
+        """"FILE, line N" (or row) of each example of ``split`` ("val", "test"): the same in every run on this file
+        and split (graft compare pairs runs by them)."""
+        return self.ids.get(split)
 
     def collate(self, examples):
         import torch
