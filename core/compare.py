@@ -92,16 +92,14 @@ def load_member(run_dir, split: str) -> Member:
 
 
 def group_members(members: list[Member]) -> list[Group]:
-    """Rows in the order their first run was given; a row's runs ordered by seed. Two runs of one row with the
-    same seed are refused (which one would the row mean?)."""
+    """Rows in the order their first run was given; a row's runs ordered by seed. A second run of a config with a
+    seed its row already has (a rerun, a copy) gets a row of its own."""
     groups: dict[str, Group] = {}
     for m in members:
-        g = groups.setdefault(m.key, Group(m.label))
-        twin = next((o for o in g.members if o.seed == m.seed), None)
-        if twin is not None:
-            raise GraftError(f"{twin.run_dir} and {m.run_dir} are the same config with the same seed "
-                             f"({m.seed}); give one of them.")
-        g.members.append(m)
+        key, n = m.key, 1
+        while key in groups and any(o.seed == m.seed for o in groups[key].members):
+            key, n = f"{m.key}#{n}", n + 1
+        groups.setdefault(key, Group(m.label)).members.append(m)
     for g in groups.values():
         g.members.sort(key=lambda m: m.seed)
         if len(groups) > 1 and sum(o.label == g.label for o in groups.values()) > 1:
@@ -295,6 +293,10 @@ def compare(run_dirs: list, baseline: list | None = None, split: str = "test", m
     cannot be compared (not finished, no predictions, other test examples, another metric)."""
     if not run_dirs:
         raise GraftError("graft compare: give at least one run directory (or --matrix FILE).")
+    try:
+        import scipy.stats  # noqa: F401 - McNemar's test
+    except ImportError:
+        raise GraftError("graft compare uses scipy: pip install 'graftkit[compare]'.") from None
     if resamples < 100:
         raise GraftError(f"--resamples {resamples}: use 100 or more (2000 is the default; intervals from fewer "
                          f"resamples move from one seed to the next).")
