@@ -157,6 +157,18 @@ def interval(values, level: float = LEVEL) -> tuple[float, float]:
     return float(np.quantile(v, (1 - level) / 2)), float(np.quantile(v, 1 - (1 - level) / 2))
 
 
+def seed_interval(values: list[float], level: float = LEVEL) -> list[float] | None:
+    """Student's t interval of the mean of per-seed values (training randomness, which the test-example bootstrap
+    does not see); None for one seed."""
+    import numpy as np
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return None
+    half = t.ppf(1 - (1 - level) / 2, len(values) - 1) * np.std(values, ddof=1) / len(values) ** 0.5
+    return [float(np.mean(values) - half), float(np.mean(values) + half)]
+
+
 def mcnemar(a_correct: list[bool], b_correct: list[bool]) -> dict:
     """McNemar's exact test on paired correctness: ``scipy.stats.binomtest`` of the discordant pairs (a right and b
     wrong, of all pairs where they disagree) against 1/2; p = 1 when they never disagree."""
@@ -266,6 +278,7 @@ def _row(g: Group, scorer: Scorer, partners: list[Member] | None, base_scorer: S
     seeds = [r["value"] for r in runs]
     row = {"label": g.label, "runs": runs, "seeds": [m.seed for m in g.members],
            "mean": float(np.mean(seeds)), "std": float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None,
+           "seed_ci": seed_interval(seeds),
            "pooled": {"value": point, "ci": interval(values), "examples": n}, "cost": _mean_costs(g.members)}
     if partners is None:
         row["baseline"] = True
@@ -275,8 +288,14 @@ def _row(g: Group, scorer: Scorer, partners: list[Member] | None, base_scorer: S
     other = metric_values(theirs, w, base_scorer)
     diffs = [a - b for a, b in zip(values, other)]
     observed = point - metric_values(theirs, np.ones((1, n)), base_scorer)[0]
-    vs = {"difference": observed, "ci": interval(diffs), "baseline_runs": [str(b.run_dir) for b in partners]}
-    if scorer.metric == "accuracy" and all("correct" in r for r in pooled_records + theirs_records):
+    per_seed = [r["value"] - metric_values(stack(b.records, str(b.run_dir)), np.ones((1, len(b.records))),
+                                           base_scorer)[0] for r, b in zip(runs, partners)]
+    vs = {"difference": observed, "ci": interval(diffs), "baseline_runs": [str(b.run_dir) for b in partners],
+          "seed_differences": per_seed, "seed_ci": seed_interval(per_seed),
+          "same_sign_every_seed": all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)}
+    # McNemar's test needs the metric to be the share of records right: one label each, one source
+    both = pooled_records + theirs_records
+    if scorer.metric == "accuracy" and all("correct" in r and "source" not in r for r in both):
         vs.update(mcnemar([r["correct"] for r in pooled_records], [r["correct"] for r in theirs_records]))
     else:
         vs.update(test="paired bootstrap", p_value=paired_p(observed, diffs))
@@ -357,7 +376,7 @@ def table(report: dict) -> list[list[str]]:
         diff = "baseline" if vs is None else f"{vs['difference']:+.4f} {_ci(vs['ci'])}"
         p = "" if vs is None else _p(vs["p_value"]) + (" *" if vs["significant"] else "")
         c = r["cost"]
-        trainable = "-" if c["trainable_parameters"] is None else f"{c['trainable_parameters'] / 1e6:.3g}M"
+        trainable = _cost("trainable_parameters", c["trainable_parameters"])
         out.append([r["label"], str(len(r["runs"])), mean, f"{r['pooled']['value']:.4f} {_ci(r['pooled']['ci'])}",
                     diff, p, "" if vs is None else vs["test"], trainable, _fmt(c["train_time_s"], 3),
                     _fmt(c["size_mib"], 3)])
@@ -366,6 +385,11 @@ def table(report: dict) -> list[list[str]]:
 
 COSTS = {"train_time_s": "training time (s)", "trainable_parameters": "trainable parameters",
          "size_mib": "size on disk (MiB)", "latency_p50_ms": "latency p50, batch 1 (ms)"}
+
+
+COST_COLUMNS = {"parameters": "parameters", "trainable_parameters": "trainable", "train_time_s": "training s",
+                "train_samples_per_s": "samples/s", "peak_memory_mib": "peak memory MiB", "size_mib": "size MiB",
+                "adapter_mib": "adapter MiB", "latency_p50_ms": "latency p50 ms"}
 
 
 def pareto(points: list[tuple[float, float]], mode: str) -> list[bool]:
@@ -429,6 +453,12 @@ def plots(report: dict, folder: Path) -> list[str]:
     return written
 
 
+def _cost(key: str, value) -> str:
+    if value is not None and key.endswith("parameters"):
+        return f"{value / 1e6:.3g}M" if value >= 1e5 else f"{value:,.0f}"
+    return _fmt(value, 4)
+
+
 def _cell(text: str) -> str:
     return html.escape(text)
 
@@ -446,18 +476,27 @@ def page(report: dict, images: dict[str, bytes]) -> str:
         vs = r["vs_baseline"]
         word = "significantly " + ("higher" if vs["difference"] > 0 else "lower") if vs["significant"] else \
             "not significantly different"
-        verdicts.append(f"<li><b>{_cell(r['label'])}</b>: {word} than {_cell(report['baseline'])} "
-                        f"({vs['difference']:+.4f}, {_cell(vs['test'])} p = {_p(vs['p_value'])}).</li>")
+        seeds = ""
+        if len(vs["seed_differences"]) > 1:
+            each = ", ".join(f"{d:+.4f}" for d in vs["seed_differences"])
+            seeds = (f" Seed by seed: {each}; t interval of their mean {_ci(vs['seed_ci'])}"
+                     + ("." if vs["same_sign_every_seed"] else " -- <b>not the same sign on every seed</b>: another "
+                        "seed may reverse it."))
+        verdicts.append(f"<li><b>{_cell(r['label'])}</b>: {word} than {_cell(report['baseline'])} on the pooled "
+                        f"test ({vs['difference']:+.4f}, {_cell(vs['test'])} p {'' if vs['p_value'] < 1e-3 else '= '}{_p(vs['p_value'])}).{seeds}</li>")
     runs = "".join(f"<li>{_cell(r['label'])}: " + ", ".join(
         f"seed {x['seed']} {_fmt(x['value'])} {_ci(x['ci'])} <code>{_cell(x['run_dir'])}</code>" for x in r["runs"])
         + "</li>" for r in report["rows"])
+    cost_head = "".join(f"<th>{_cell(h)}</th>" for h in ["method", *COST_COLUMNS.values()])
+    cost_rows = "".join(f"<tr><td>{_cell(r['label'])}</td>" + "".join(
+        f"<td>{_cell(_cost(k, r['cost'].get(k)))}</td>" for k in COST_COLUMNS) + "</tr>\n" for r in report["rows"])
     figures = "".join(f'<figure><img alt="{_cell(name)}" src="data:image/png;base64,'
                       f'{base64.b64encode(data).decode()}"></figure>' for name, data in images.items())
     level = int(report["level"] * 100)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>graft compare: {_cell(report['metric'])}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:100em;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left;white-space:nowrap}}
 th{{background:#f3f3f3}}tr.baseline{{background:#fff4e5}}img{{max-width:100%}}code{{font-size:.85em}}</style>
 </head><body>
 <h1>Which method? Test {_cell(report['metric'])}, {len(report['rows'])} rows</h1>
@@ -465,10 +504,14 @@ th{{background:#f3f3f3}}tr.baseline{{background:#fff4e5}}img{{max-width:100%}}co
 examples ({report['resamples']} resamples); the difference to the baseline (<b>{_cell(report['baseline'])}</b>) is
 paired example by example (the same resamples for both), tested with McNemar's exact test for accuracy and the paired
 bootstrap otherwise. * marks p &lt; {report['alpha']}. With several rows, some differences reach p &lt; 0.05 by
-chance.</p>
+chance. The pooled interval measures how the test examples were drawn, not how training varies with the seed: the
+seeds' spread (SD) and the t interval over seeds below say that.</p>
 <table id="comparison"><thead><tr>{head}</tr></thead><tbody>
 {body}</tbody></table>
 <h2>What differs from the baseline</h2><ul id="verdicts">{''.join(verdicts) or '<li>(one row only)</li>'}</ul>
+<h2>Costs (means over a row's runs)</h2>
+<table id="costs"><thead><tr>{cost_head}</tr></thead><tbody>
+{cost_rows}</tbody></table>
 <h2>Plots</h2>{figures}
 <h2>Runs</h2><ul>{runs}</ul>
 <p><small>graft compare, {_cell(report['written'])}; split {_cell(report['split'])}; resampling seed

@@ -80,19 +80,26 @@ def total(each: list[dict]) -> dict:
     return out
 
 
-def records(strategy, batch: dict, sums: list[dict], ids: list[str] | None) -> list[dict]:
+def records(strategy, batch: dict, sums: list[dict], ids: list[str] | None, source: str = "") -> list[dict]:
     """The JSON records of one batch's ``per_example`` sums: id, the task's fields (``Task.describe``), the score
-    (a sum named ``_score``), the sums."""
+    (a sum named ``_score``), the sums. ``source``: a data source beside [data] (the [target]), which prefixes
+    its examples' ids and is kept in the record."""
     describe = getattr(getattr(strategy, "task", None), "describe", None)
     out = []
     for position, s in zip(batch["index"].tolist(), sums):
         own = {k: v for k, v in s.items() if not k.startswith("_")}
-        fields = describe(own) if describe else {}
+        fields = describe({k.split("/", 1)[-1]: v for k, v in own.items()}) if describe else {}
         if "_score" in s:
             fields["score"] = float(s["_score"])
-        out.append({"id": ids[position] if ids else f"{batch['split']}:{position}", "position": position, **fields,
-                    "sums": encode_sums(own)})
+        name = ids[position] if ids else f"{batch['split']}:{position}"
+        out.append({"id": f"{source}/{name}" if source else name, **({"source": source} if source else {}),
+                    "position": position, **fields, "sums": encode_sums(own)})
     return out
+
+
+def order(record: dict) -> tuple:
+    """Records in evaluation order: [data]'s examples, then a [target]'s, each by position in its split."""
+    return record.get("source", ""), record["position"]
 
 
 def fingerprint(records: list[dict]) -> str:
@@ -107,7 +114,7 @@ def write(run_dir: Path, split: str, records: list[dict], id_kind: str) -> dict:
     """``run_dir/predictions/SPLIT.jsonl`` (atomically); returns what summary.json says of it."""
     folder = Path(run_dir) / FOLDER
     folder.mkdir(exist_ok=True)
-    records = sorted(records, key=lambda r: r["position"])
+    records = sorted(records, key=order)
     atomic_write_text(folder / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     return {"file": f"{FOLDER}/{split}.jsonl", "examples": len(records), "ids": id_kind,
             "fingerprint": fingerprint(records)}

@@ -151,8 +151,8 @@ class Run:
     def evaluate(self, model, split: str, strategy=None, records: list | None = None) -> dict | None:
         """Metrics of ``split`` (scored by ``strategy``, default the run's). Pass the unwrapped model: processes may
         hold different numbers of batches, and DDP's forward would wait for the others. ``records``: a list that
-        receives one record per example of [data] (``graft.predictions``; gathered on every process) when the
-        strategy scores examples one by one (``per_example``); the metrics are then those of the records' sums."""
+        receives one record per example (``graft.predictions``; a [target]'s too; gathered on every process) when
+        the strategy scores examples one by one (``per_example``); the metrics are then those of the records' sums."""
         strategy = strategy or self.strategy
         if records is not None and not getattr(strategy, "per_example", False):
             records = None
@@ -167,16 +167,17 @@ class Run:
         was_training = model.training
         model.eval()
         sums: dict[str, torch.Tensor] = {}
-        ids = self.data.example_ids(split) if records is not None and hasattr(self.data, "example_ids") else None
+        ids = {name: source.example_ids(split) if hasattr(source, "example_ids") else None
+               for name, source in {"": self.data, **self.sources}.items()}
         for name, loader in loaders.items():
             for batch in loader or ():
                 batch = move(batch, self.device)
                 if name:  # a source beside [data] (the [target])
                     batch["source"] = name
                 with self.autocast():
-                    if records is not None and not name:
+                    if records is not None:
                         each = predictions.per_example(strategy, model, batch)
-                        records += predictions.records(strategy, batch, each, ids)
+                        records += predictions.records(strategy, batch, each, ids[name], name)
                         out = predictions.total(each)
                     else:
                         out = strategy.eval_step(model, batch)
@@ -197,7 +198,7 @@ class Run:
             if records is not None:
                 mine = [None] * self.dist.world_size
                 td.all_gather_object(mine, list(records))
-                records[:] = sorted((r for part in mine for r in part), key=lambda r: r["position"])
+                records[:] = sorted((r for part in mine for r in part), key=predictions.order)
             sums = {}
             for part in parts:
                 for k, v in part.items():

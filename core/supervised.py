@@ -238,8 +238,10 @@ class Supervised(Strategy):
     #: per-token / per-pixel outputs need nothing else now: the task reads their shape
     dense_sums = eval_sums
 
-    #: graft.predictions: every metric here is a sum over examples, so runs keep per-example predictions
-    per_example = True
+    @property
+    def per_example(self) -> bool:
+        """graft.predictions: runs keep per-example predictions when the task's metrics are sums over examples."""
+        return self.task.per_example
 
     def example_sums(self, model, batch):
         """Each example's ``eval_sums`` from one forward of the batch, with its ``_score`` (``Task.score``); None

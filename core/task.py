@@ -44,6 +44,9 @@ class Task(Plugin):
     #: True when ``feature_maps`` gives the maps the head computed in a model's last forward (detection's FPN
     #: levels): ``distill`` then teaches those maps beside the task's own loss (feature distillation)
     distill_maps: ClassVar[bool] = False
+    #: True when every metric is a function of sums over examples, so runs keep per-example predictions for graft
+    #: compare (``graft.predictions``); False for a metric of records such as detection's mAP
+    per_example: ClassVar[bool] = True
     #: the output names of an ONNX / TorchScript export (its first output is what ``predict`` reads back)
     output_names: ClassVar[tuple[str, ...]] = ("logits",)
     #: the output's axes, for export.json and the docs, e.g. "[batch, classes]"

@@ -210,6 +210,7 @@ class Detection(Task):
     output_names = ("detections",)
     output_shape = "[batch, locations, classes + 9]"
     distill_maps = True
+    per_example = False  # mAP matches boxes across the whole split: no per-example sums
 
     def head(self, backbone, options):
         width = options.head_hidden or 128

@@ -160,19 +160,31 @@ def test_seeds_of_one_config_make_one_row_paired_seed_by_seed(runs, tmp_path):
     assert b["vs_baseline"]["only_this_right"] == sum(y["correct"] and not x["correct"]
                                                       for xs, ys in pairs for x, y in zip(xs, ys))
     assert b["vs_baseline"]["baseline_runs"] == [str(runs["a0"]), str(runs["a1"])]
+    base_accs = [json.loads((runs[k] / "summary.json").read_text())["test"]["accuracy"] for k in ("a0", "a1")]
+    assert b["vs_baseline"]["seed_differences"] == pytest.approx([x - y for x, y in zip(accs, base_accs)])
+    lo, hi = b["seed_ci"]
+    assert lo < b["mean"] < hi and hi - lo > 2 * b["std"]  # t with 1 degree of freedom: 12.7 standard errors
     for r in b["runs"]:
         assert r["ci"][0] <= r["value"] <= r["ci"][1]
 
 
 class _Page(HTMLParser):
+    """Rows of each table's body (by table id), images, scripts and links to anything outside the page."""
+
     def __init__(self):
         super().__init__()
-        self.rows, self.images, self.links, self.scripts, self._in_body = 0, [], [], 0, False
+        self.rows, self.images, self.links, self.scripts, self._table, self._in_body = {}, [], [], 0, None, False
+
+    def handle_endtag(self, tag):
+        self._in_body &= tag != "tbody"
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        if tag == "table":
+            self._table = attrs.get("id")
         self._in_body |= tag == "tbody"
-        self.rows += tag == "tr" and self._in_body
+        if tag == "tr" and self._in_body:
+            self.rows[self._table] = self.rows.get(self._table, 0) + 1
         self.scripts += tag == "script"
         if tag == "img":
             self.images.append(attrs["src"])
@@ -184,7 +196,8 @@ def test_the_page_is_one_self_contained_file_with_every_row_and_plot(runs, tmp_p
     report = compare_json(runs["a0"], runs["b0"], runs["a1"], runs["b1"], "--out", out)
     page = _Page()
     page.feed((out / "index.html").read_text())
-    assert page.rows == len(report["rows"]) == 2 and not page.links and not page.scripts
+    assert page.rows == {"comparison": 2, "costs": 2} and len(report["rows"]) == 2
+    assert not page.links and not page.scripts
     assert len(page.images) == 2
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
