@@ -82,7 +82,7 @@ def load_member(run_dir, split: str) -> Member:
         raise GraftError(f"{run_dir} has no per-example predictions of its {split} split "
                          f"({predictions.FOLDER}/{split}.jsonl): it was trained before graftkit kept them, its "
                          f"strategy ({strategy}) does not score examples one by one, or it has no {split} split. "
-                         f"Train it again with this graftkit (runs of finetune, distill, adapt keep them).")
+                         f"Train it again with this graftkit (runs of finetune, distill, adapt, clm and seq2seq keep them).")
     key, seed = _config_key(run_dir, summary)
     state = run_dir / ".graft-stage.json"  # a matrix's stage: its method is its row, whatever the config
     group = json.loads(state.read_text()).get("group") if state.is_file() else None
@@ -110,18 +110,29 @@ def group_members(members: list[Member]) -> list[Group]:
 # -- statistics ----------------------------------------------------------------------------------------------------
 
 def stack(records: list[dict], where: str) -> dict:
-    """The records' sums as arrays ``[N, ...]`` (float64). Raises GraftError for list-valued sums (records such as
-    detection's boxes), which cannot be added with weights."""
+    """The records' sums as arrays ``[N, ...]`` (float64); a sum that is a list of items per example (seq2seq's
+    [hypothesis, reference] pairs for BLEU) as ``Items``, concatenated per resample. Raises GraftError when the
+    records disagree on a sum's form."""
     import numpy as np
 
     out = {}
-    for k in records[0]["sums"]:
+    keys = sorted({k for r in records for k in r["sums"]})
+    for k in keys:
         values = [r["sums"].get(k) for r in records]
-        if any(isinstance(v, list) and v and isinstance(v[0], dict) for v in values):
-            raise GraftError(f"{where}: the metric is computed from records ({k!r}), not sums, so its examples "
-                             f"cannot be resampled; graft compare does not cover this task yet.")
+        if any(isinstance(v, list) and v and isinstance(v[0], (list, dict, str)) for v in values):
+            out[k] = Items([v or [] for v in values])
+            continue
+        if any(v is None for v in values):
+            raise GraftError(f"{where}: some records lack the sum {k!r}; were they written by one run?")
         out[k] = np.stack([predictions.decode(v) for v in values])
     return out
+
+
+class Items(list):
+    """Per example, a list of items (not numbers): a resample holds each example's items as often as it is drawn."""
+
+    def take(self, counts) -> list:
+        return [item for i in counts.nonzero()[0] for _ in range(int(counts[i])) for item in self[i]]
 
 
 def resample_weights(n: int, resamples: int, seed: int):
@@ -142,9 +153,11 @@ def metric_values(stacked: dict, weights, fn) -> list[float]:
     out = []
     for start in range(0, len(weights), 256):
         w = weights[start:start + 256]
-        summed = {k: np.tensordot(w, a, axes=(1, 0)) for k, a in stacked.items()}
+        summed = {k: np.tensordot(w, a, axes=(1, 0)) for k, a in stacked.items() if not isinstance(a, Items)}
         for i in range(len(w)):
-            out.append(fn({k: torch.from_numpy(np.asarray(v[i])) for k, v in summed.items()}))
+            sums = {k: torch.from_numpy(np.asarray(v[i])) for k, v in summed.items()}
+            sums.update({k: a.take(w[i]) for k, a in stacked.items() if isinstance(a, Items)})
+            out.append(fn(sums))
     return out
 
 

@@ -47,6 +47,8 @@ class CLM(CausalGeneration, Strategy):
 
     Options = CLMOptions
     primary_metric = "perplexity"
+    #: graft.predictions: loss, perplexity and ROUGE-L are sums over examples
+    per_example = True
     supports_adapters = True
     metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max", "rougeL": "max"}
 

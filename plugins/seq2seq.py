@@ -105,6 +105,8 @@ class Seq2Seq(Strategy):
 
     Options = Seq2SeqOptions
     primary_metric = "bleu"
+    #: graft.predictions: every metric is a sum over examples (BLEU / chrF from the examples' output pairs)
+    per_example = True
     supports_adapters = True
     metric_modes = {"loss": "min", "perplexity": "min", "next_token_accuracy": "max", "bleu": "max", "chrf": "max"}
 

@@ -430,3 +430,30 @@ def test_a_run_cut_by_a_signal_and_resumed_ends_like_an_uninterrupted_one(word_t
     assert [r["loss"] for r in cut] == pytest.approx([r["loss"] for r in full], rel=1e-5)
     scored = [[r["bleu"] for r in records if "bleu" in r] for records in (full, cut)]
     assert len(scored[0]) == 4 and scored[1] == pytest.approx(scored[0], rel=1e-5)
+
+
+def test_graft_compare_resamples_bleu_from_each_examples_output(word_tokenizer, tmp_path):
+    """Per-example records keep each output and its reference; graft compare's BLEU of them is the run's test BLEU,
+    and two runs differ by a paired bootstrap."""
+    import sacrebleu
+
+    write_pairs(tmp_path / "p.jsonl", n=40)
+    for name, steps in (("long", 150), ("short", 20)):
+        c = conf(family("t5", word_tokenizer), tmp_path / "p.jsonl", max_steps=steps)
+        c["data"].update(test_fraction=0.25, val_fraction=0.25)
+        train(load_config(c, where="c.toml"), tmp_path / name, echo=lambda m: None)
+    records = [json.loads(x) for x in (tmp_path / "long" / "predictions" / "test.jsonl").read_text().splitlines()]
+    pairs = [p for r in records for p in r["sums"]["generated"]]
+    summary = json.loads((tmp_path / "long" / "summary.json").read_text())
+    assert len(records) == 10 and summary["test"]["bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu([h for h, _ in pairs], [[t for _, t in pairs]]).score)
+    code, out = cli_run("compare", tmp_path / "long", tmp_path / "short", "--json", "--resamples", "200",
+                        "--out", tmp_path / "rep")
+    assert code == 0, out
+    report = json.loads(out[out.index("{"):])
+    base, other = report["rows"]
+    assert report["metric"] == "bleu" and base["pooled"]["value"] == pytest.approx(summary["test"]["bleu"])
+    vs = other["vs_baseline"]
+    short = json.loads((tmp_path / "short" / "summary.json").read_text())["test"]["bleu"]
+    assert vs["test"] == "paired bootstrap" and vs["ci"][0] <= vs["difference"] <= vs["ci"][1]
+    assert vs["difference"] == pytest.approx(short - summary["test"]["bleu"]) and vs["difference"] != 0
