@@ -2,6 +2,8 @@
 configuration never uses (a BERT pooler under mean pooling, frozen or later-unfrozen groups, a teacher) must neither
 crash DDP's reducer nor change the result: 2 processes with batch B end where 1 process with batch 2B does."""
 
+import json
+
 import pytest
 
 from conftest import TINY_VIT, assert_same_weights, graft, reviews, tiny_config, weights, write_config
@@ -44,6 +46,11 @@ def test_two_processes_match_one_for_every_strategy_and_family(tmp_path, tiny_be
     conf = tiny_config(**tables, train={"max_steps": 4, "optimizer": "sgd", "lr": 0.1, "grad_accum": 2})
     one, two = one_vs_two(tmp_path, conf)
     assert_same_weights(one, two, atol=1e-5)
+    # the per-example predictions are gathered from both processes: every example once, in order, the same answers
+    rows = [[json.loads(x) for x in (tmp_path / n / "predictions" / "test.jsonl").read_text().splitlines()]
+            for n in ("one", "two")]
+    assert [(r["id"], r["prediction"]) for r in rows[0]] == [(r["id"], r["prediction"]) for r in rows[1]]
+    assert len({r["id"] for r in rows[1]}) == len(rows[1]) > 0
 
 
 def test_two_processes_masked_lm(tmp_path):
