@@ -245,6 +245,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``data`` with ``TABLE.KEY=VALUE`` overrides, as a new dict: tables that other configs share (a pipeline's
+    or a matrix's stages) are never changed in place."""
+    import copy
+
+    data = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = data

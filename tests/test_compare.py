@@ -320,3 +320,22 @@ def test_bad_matrix_files_stop_before_anything_runs(tmp_path, change, needles):
     path.write_text(MATRIX.format(out=tmp_path / "runs", epochs=1).replace(*change))
     assert_bad_input(*cli_run("compare", "--matrix", path), str(path), *needles)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_methods_settings_stay_in_its_own_runs(tmp_path):
+    """The reported input: a method's `set` (the student's epochs and lr) and tables reached the later seeds' runs of
+    every other method, because the stages shared the matrix's tables and overrides changed them in place."""
+    from graft import pipeline as pl
+    from graft.matrix import expand
+
+    path = tmp_path / "m.toml"
+    path.write_text(MATRIX.format(out=tmp_path / "runs", epochs=1).replace(
+        'name = "probe"', 'name = "probe"\nset = ["train.lr=0.5", "train.epochs=7"]\n[method.data]\nimage_size = 16'))
+    tables, _ = expand(path)
+    stages = {s.name: s.config for s in pl.read_pipeline(path, None, None, ["train.batch_size=16"], data=tables)
+              if s.config is not None}
+    for seed in (0, 1):
+        ft, probe = stages[f"ft-s{seed}"], stages[f"probe-s{seed}"]
+        assert (ft.train.lr, ft.train.epochs, ft.plugins["data"].options.image_size) == (3e-3, 1, 8)
+        assert (probe.train.lr, probe.train.epochs, probe.plugins["data"].options.image_size) == (0.5, 7, 16)
+        assert ft.train.seed == probe.train.seed == seed and ft.train.batch_size == 16
