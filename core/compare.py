@@ -493,8 +493,8 @@ def page(report: dict, images: dict[str, bytes]) -> str:
         if len(vs["seed_differences"]) > 1:
             each = ", ".join(f"{d:+.4f}" for d in vs["seed_differences"])
             seeds = (f" Seed by seed: {each}; t interval of their mean {_ci(vs['seed_ci'])}"
-                     + ("." if vs["same_sign_every_seed"] else " -- <b>not the same sign on every seed</b>: another "
-                        "seed may reverse it."))
+                     + ("." if vs["same_sign_every_seed"] else " -- <b>not in the same direction on every seed</b>: "
+                        "another seed may reverse it."))
         verdicts.append(f"<li><b>{_cell(r['label'])}</b>: {word} than {_cell(report['baseline'])} on the pooled "
                         f"test ({vs['difference']:+.4f}, {_cell(vs['test'])} p {'' if vs['p_value'] < 1e-3 else '= '}{_p(vs['p_value'])}).{seeds}</li>")
     runs = "".join(f"<li>{_cell(r['label'])}: " + ", ".join(
