@@ -119,13 +119,23 @@ def stack(records: list[dict], where: str) -> dict:
     keys = sorted({k for r in records for k in r["sums"]})
     for k in keys:
         values = [r["sums"].get(k) for r in records]
-        if any(isinstance(v, list) and v and isinstance(v[0], (list, dict, str)) for v in values):
+        if any(_items(v) for v in values):
             out[k] = Items([v or [] for v in values])
             continue
         if any(v is None for v in values):
             raise GraftError(f"{where}: some records lack the sum {k!r}; were they written by one run?")
         out[k] = np.stack([predictions.decode(v) for v in values])
     return out
+
+
+def _items(value) -> bool:
+    """Whether a record's sum is a list of items (strings, pairs of strings, dicts) rather than numbers (a number, a
+    nested list of numbers, a sparse tensor)."""
+    if not isinstance(value, list):
+        return False
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, (str, dict))
 
 
 class Items(list):
