@@ -18,6 +18,7 @@ Cost columns come from the run directories' summary.json. Importing this module 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
@@ -44,9 +45,14 @@ class Member:
     key: str
     label: str
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         return predictions.fingerprint(self.records)
+
+    @functools.cached_property
+    def stacked(self) -> dict:
+        """The records' sums as arrays (``stack``), decoded once."""
+        return stack(self.records, str(self.run_dir))
 
 
 @dataclass
@@ -136,6 +142,22 @@ def _items(value) -> bool:
     while isinstance(value, list) and value:
         value = value[0]
     return isinstance(value, (str, dict))
+
+
+def concat(members: list[Member]) -> dict:
+    """The stacked sums of several runs' records one after the other (a row's seeds pooled)."""
+    import numpy as np
+
+    out = {}
+    for k in {k for m in members for k in m.stacked}:
+        parts = [m.stacked.get(k) for m in members]
+        if any(isinstance(p, Items) for p in parts):
+            out[k] = Items(x for p, m in zip(parts, members) for x in (p if p is not None else [[]] * len(m.records)))
+        elif any(p is None for p in parts):
+            raise GraftError(f"the runs of one row disagree on the sum {k!r}; were they written by one graftkit?")
+        else:
+            out[k] = np.concatenate(parts)
+    return out
 
 
 class Items(list):
@@ -287,13 +309,12 @@ def _row(g: Group, scorer: Scorer, partners: list[Member] | None, base_scorer: S
 
     runs = []
     for m in g.members:
-        stacked = stack(m.records, str(m.run_dir))
-        values = metric_values(stacked, weights_of(len(m.records), seed), scorer)
-        point = metric_values(stacked, np.ones((1, len(m.records))), scorer)[0]
+        values = metric_values(m.stacked, weights_of(len(m.records), seed), scorer)
+        point = metric_values(m.stacked, np.ones((1, len(m.records))), scorer)[0]
         runs.append({"run_dir": str(m.run_dir), "seed": m.seed, "value": point, "ci": interval(values),
                      "examples": len(m.records)})
     pooled_records = [r for m in g.members for r in m.records]
-    pooled = stack(pooled_records, g.label)
+    pooled = concat(g.members)
     n = len(pooled_records)
     w = weights_of(n, seed)
     values = metric_values(pooled, w, scorer)
@@ -307,12 +328,12 @@ def _row(g: Group, scorer: Scorer, partners: list[Member] | None, base_scorer: S
         row["baseline"] = True
         return row
     theirs_records = [r for b in partners for r in b.records]
-    theirs = stack(theirs_records, "the baseline")
+    theirs = concat(partners)
     other = metric_values(theirs, w, base_scorer)
     diffs = [a - b for a, b in zip(values, other)]
     observed = point - metric_values(theirs, np.ones((1, n)), base_scorer)[0]
-    per_seed = [r["value"] - metric_values(stack(b.records, str(b.run_dir)), np.ones((1, len(b.records))),
-                                           base_scorer)[0] for r, b in zip(runs, partners)]
+    per_seed = [r["value"] - metric_values(b.stacked, np.ones((1, len(b.records))), base_scorer)[0]
+                for r, b in zip(runs, partners)]
     vs = {"difference": observed, "ci": interval(diffs), "baseline_runs": [str(b.run_dir) for b in partners],
           "seed_differences": per_seed, "seed_ci": seed_interval(per_seed),
           "same_sign_every_seed": all(d > 0 for d in per_seed) or all(d < 0 for d in per_seed)}

@@ -369,10 +369,8 @@ def load_config(source, overrides: list[str] = (), registry: Registry | None = N
     same tables as a dict (``{"backbone": {...}, "strategy": {...}, "train": {...}}``); ``overrides`` are
     ``--set``-style ``"train.lr=1e-3"`` strings. ``where`` names a dict's origin in messages (default
     ``"<config dict>"``). Raises GraftError naming the file (or ``where``), table and key for bad input."""
-    if isinstance(source, dict):
-        import copy
-
-        return resolve(apply_overrides(copy.deepcopy(source), list(overrides)), where or "<config dict>", registry)
+    if isinstance(source, dict):  # apply_overrides copies it: the caller's dict is never changed
+        return resolve(apply_overrides(source, list(overrides)), where or "<config dict>", registry)
     return resolve(apply_overrides(read_toml(source), list(overrides)), where or str(source), registry)
 
 

@@ -57,10 +57,8 @@ def _with_seed(value, names: set[str], seed: int):
 
 
 def _method_tables(shared: dict, method: dict) -> dict:
-    """The shared tables with a method's over them, as a new dict (no table shared with another stage)."""
-    import copy
-
-    out = copy.deepcopy(shared)
+    """The shared tables with a method's over them (overrides never change shared tables: ``apply_overrides``)."""
+    out = dict(shared)
     for key, value in method.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and value.get("plugin", out[key].get("plugin")) \
                 == out[key].get("plugin"):

@@ -339,3 +339,27 @@ def test_a_methods_settings_stay_in_its_own_runs(tmp_path):
         assert (ft.train.lr, ft.train.epochs, ft.plugins["data"].options.image_size) == (3e-3, 1, 8)
         assert (probe.train.lr, probe.train.epochs, probe.plugins["data"].options.image_size) == (0.5, 7, 16)
         assert ft.train.seed == probe.train.seed == seed and ft.train.batch_size == 16
+
+
+def test_a_matrix_stopped_by_sigint_resumes_and_its_run_ends_like_an_uninterrupted_one(tmp_path):
+    import graft
+
+    path = tmp_path / "m.toml"
+    text = MATRIX.format(out=tmp_path / "runs", epochs=4).replace("seeds = [0, 1]", "seeds = [0]")
+    path.write_text(text[:text.index('[[method]]\nname = "int8"')])
+    proc = subprocess.Popen([sys.executable, "-m", "graft.cli", "compare", "--matrix", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_lines(tmp_path / "runs" / "probe-s0", 70, proc, timeout=180)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "[probe-s0] interrupted" in out, (out, err)
+    assert not (tmp_path / "runs" / "report").exists()
+    code, out = cli_run("compare", "--matrix", path, "--resamples", "200")
+    assert code == 0 and "[probe-s0] resuming" in out, out
+    # the same stage trained without a stop gives the same per-example answers
+    conf = graft.load_config(tmp_path / "runs" / "probe-s0" / "config.toml")
+    graft.train(conf, tmp_path / "whole", echo=lambda m: None)
+    resumed, whole = records(tmp_path / "runs" / "probe-s0"), records(tmp_path / "whole")
+    assert [(r["id"], r["prediction"]) for r in resumed] == [(r["id"], r["prediction"]) for r in whole]
+    assert [r["score"] for r in resumed] == pytest.approx([r["score"] for r in whole], abs=1e-5)
