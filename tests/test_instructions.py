@@ -139,6 +139,38 @@ def test_sft_accumulation_matches_the_large_batch(decoder, tmp_path):
         assert_same_weights(big, half, atol=1e-6)
 
 
+def test_the_output_layer_runs_only_at_response_tokens_with_the_same_loss_and_gradients(decoder, tmp_path,
+                                                                                        monkeypatch):
+    """clm asks transformers for logits at the target positions only (logits_to_keep as a mask): the loss and every
+    gradient equal those of the full output layer, which saw every position."""
+    import torch
+
+    import graft.plugins.clm as clm
+    from graft import Run
+
+    run = Run(load_config(sft_config(decoder, write_pairs(tmp_path / "i.jsonl", n=16)), where="s.toml"))
+    batch = next(iter(run.loader("train", True)))
+    model = run.model.train()
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[:-1].numel()))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = run.strategy.training_step(model, batch)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masked, masked_grads = loss_and_grads()
+    monkeypatch.setattr(clm, "_masked_logits", lambda: False)
+    full, full_grads = loss_and_grads()
+    targets = int((batch["targets"][:, 1:] != -100).sum())
+    assert rows == [targets, batch["targets"].numel()], rows
+    torch.testing.assert_close(masked, full)
+    assert masked_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(masked_grads[name], full_grads[name], msg=name)
+
+
 @pytest.mark.parametrize("line, needle", [
     ("not json", "not valid JSON"),
     ('{"question": "a", "answer": "b"}', "found fields ['answer', 'question']"),
