@@ -40,7 +40,8 @@ class SupervisedOptions:
                                  "the decoder's width (0 = 64).")
     dropout: float = option(0.0, "Dropout before the head's output layer.")
     freeze: Literal["none", "backbone", "groups"] = option(
-        "none", "none; backbone (linear probe: only the head trains); groups (the first freeze_groups layer groups).")
+        "none", "none; backbone (linear probe: only the head trains); groups (the first freeze_groups layer groups). "
+                "A frozen layer's BatchNorm keeps and uses its running statistics.")
     freeze_groups: int = option(0, "With freeze = \"groups\": how many layer groups, from the input side, stay frozen.")
     freeze_patterns: list[str] = field(default_factory=list, metadata={
         "help": "Glob patterns over parameter names (e.g. \"backbone.*.bn*\") frozen for the whole run."})
@@ -190,6 +191,27 @@ class Supervised(Strategy):
         frozen = {name for group in self.groups[:n] for name in group} | self.patterns_frozen
         for name, p in self.model.named_parameters():
             p.requires_grad_(name not in frozen and id(p) not in self.backbone.adapter_frozen)
+        self._freeze_norms(frozen)
+
+    def _freeze_norms(self, frozen: set[str]) -> None:
+        """BatchNorm layers whose parameters the schedule froze (``freeze``, ``lp_epochs``, gradual unfreezing,
+        ``freeze_patterns``; not an adapter's freezing) normalise with their running statistics and stop updating
+        them, as a frozen layer should: in train mode a linear probe would renormalise every batch and drift the
+        pretrained statistics (timm's ``freeze_batch_norm_2d``, torchvision's ``FrozenBatchNorm2d``). A forward
+        pre-hook keeps them in eval mode, since the loop puts the whole model back in train mode after evaluating."""
+        import torch
+
+        if not hasattr(self, "_norms"):
+            self._norms = {}
+            for name, m in self.model.named_modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:
+                    m.register_forward_pre_hook(_frozen_norm_stays_in_eval)
+                    self._norms[name] = m
+        for name, m in self._norms.items():
+            was = getattr(m, "graft_frozen", False)
+            m.graft_frozen = all(f"{name}.{p}" in frozen for p, _ in m.named_parameters(recurse=False))
+            if was and not m.graft_frozen:  # unfrozen (LP-FT, gradual unfreezing): train mode again
+                m.train(self.model.training)
 
     def param_groups(self, model):
         o = self.options
@@ -292,6 +314,11 @@ def task_for(data, where: str) -> Task:
 def map_channels(backbone) -> list[int]:
     """Channels of each feature map of a "maps" backbone, from one blank image through it."""
     return [channels for channels, _ in map_layout(backbone)]
+
+
+def _frozen_norm_stays_in_eval(module, args) -> None:
+    if module.graft_frozen and module.training:
+        module.training = False
 
 
 def map_layout(backbone) -> list[tuple[int, int]]:

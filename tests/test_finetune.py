@@ -48,6 +48,27 @@ def test_freeze_backbone_is_a_linear_probe(tmp_path):
     assert unchanged & params == params - {"head.1.weight", "head.1.bias"}
 
 
+def test_a_frozen_batchnorm_keeps_its_statistics_until_unfrozen(tmp_path):
+    """A linear probe of a CNN leaves BatchNorm's running statistics as pretrained (eval mode, even after the loop's
+    evaluations put the model back in train mode); LP-FT's fine-tuning epoch updates them again."""
+    resnet = {"plugin": "timm", "model": "test_resnet"}
+
+    def stats(name, strategy):
+        conf = load_config(tiny_config(backbone=resnet, strategy=strategy,
+                                       train={"epochs": 2, "batch_size": 64, "eval_every": 10}), where=f"{name}.toml")
+        init = Run(conf).model.state_dict()
+        train(conf, tmp_path / name, echo=lambda m: None)
+        after = weights(tmp_path / name)
+        running = [k for k in init if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+        assert running
+        return {k for k in running if torch.equal(init[k], after[k])}, running
+
+    unchanged, running = stats("probe", {"freeze": "backbone"})
+    assert unchanged == set(running)
+    unchanged, running = stats("lpft", {"lp_epochs": 1})
+    assert not unchanged
+
+
 def test_freeze_first_groups(tmp_path):
     _, s = build(freeze="groups", freeze_groups=2)
     s.on_epoch_start(0, s.model)
