@@ -256,18 +256,38 @@ def _show_metrics(results: dict) -> None:
 @click.option("--split", "splits", default="val,test", show_default=True, help="Comma-separated splits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-class reports).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the run's model to run.")
-def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_code):
+@click.option("--predictions", "keep", is_flag=True,
+              help="Write the run's per-example predictions (RUN/predictions/SPLIT.jsonl, what graft compare pairs) "
+                   "of the evaluated splits: for runs trained before graftkit kept them. Not with --set / --data.")
+def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_code, keep):
     """Evaluate a finished run's best weights again, on its data or on other data (--data / --set)."""
+    from . import predictions, rundir
     from .export import load_run
 
+    if keep and (overrides or data_overrides):
+        raise GraftError("graft eval --predictions writes the run's own per-example predictions into the run "
+                         "directory, of the data it was trained on: drop --set / --data (evaluate other data "
+                         "without --predictions).")
     run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides],
                    trust_remote_code=trust_remote_code)
-    results = {}
+    if keep and not getattr(run.strategy, "per_example", False):
+        raise GraftError(f"{run_dir}: strategy {run.strategy.name!r} keeps no per-example predictions (its metrics "
+                         f"are not sums over examples); graft compare takes runs of finetune, distill, adapt, clm "
+                         f"and seq2seq.")
+    results, examples = {}, {}
     for split in [s.strip() for s in splits.split(",") if s.strip()]:
-        metrics = run.evaluate(run.model, split)
+        examples[split] = [] if keep else None
+        metrics = run.evaluate(run.model, split, records=examples[split])
         if metrics is None:
             raise GraftError(f"The data has no {split!r} split (splits are train, val, test).")
         results[split] = metrics
+    if keep:
+        summary = rundir.read_summary(Path(run_dir)) or {}
+        summary["predictions"] = {**summary.get("predictions", {}),
+                                  **predictions.write_all(Path(run_dir), examples, run.data)}
+        rundir.write_summary(Path(run_dir), summary)
+        written = ", ".join(str(Path(run_dir, predictions.FOLDER, f"{split}.jsonl")) for split in examples)
+        click.echo(f"Per-example predictions: {written}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

@@ -88,7 +88,8 @@ def load_member(run_dir, split: str) -> Member:
         raise GraftError(f"{run_dir} has no per-example predictions of its {split} split "
                          f"({predictions.FOLDER}/{split}.jsonl): it was trained before graftkit kept them, its "
                          f"strategy ({strategy}) does not score examples one by one, or it has no {split} split. "
-                         f"Train it again with this graftkit (runs of finetune, distill, adapt, clm and seq2seq keep them).")
+                         f"Write them with `graft eval {run_dir} --predictions` (runs of finetune, distill, adapt, "
+                         f"clm and seq2seq keep them).")
     key, seed = _config_key(run_dir, summary)
     state = run_dir / ".graft-stage.json"  # a matrix's stage: its method is its row, whatever the config
     group = json.loads(state.read_text()).get("group") if state.is_file() else None

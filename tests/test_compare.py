@@ -132,6 +132,26 @@ def test_two_identical_runs_differ_by_zero_with_p_one(runs, tmp_path):
         assert not vs["significant"]
 
 
+def test_graft_eval_writes_the_predictions_of_a_run_trained_before_they_were_kept(runs, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(runs["a0"], old)
+    shutil.rmtree(old / "predictions")
+    summary = json.loads((old / "summary.json").read_text())
+    del summary["predictions"]
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert_bad_input(*cli_run("compare", runs["a0"], old, "--out", tmp_path / "r"), "no per-example predictions",
+                     f"graft eval {old} --predictions")
+    assert_bad_input(*cli_run("eval", old, "--predictions", "--data", "test_fraction=0.3"), "drop --set / --data")
+    code, out = cli_run("eval", old, "--predictions")
+    assert code == 0, out
+    for split in ("test", "val"):
+        assert records(old, split) == records(runs["a0"], split)
+    assert json.loads((old / "summary.json").read_text())["predictions"] == \
+        json.loads((runs["a0"] / "summary.json").read_text())["predictions"]
+    vs = compare_json(runs["a0"], old, "--out", tmp_path / "r")["rows"][1]["vs_baseline"]
+    assert vs["difference"] == 0 and vs["p_value"] == 1
+
+
 def test_runs_on_other_examples_are_refused_with_the_reason(runs, tmp_path):
     assert_bad_input(*cli_run("compare", runs["a0"], runs["b1"], "--out", tmp_path / "r"), str(runs["b1"]),
                      "different examples", "train.seed")
