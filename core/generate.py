@@ -6,6 +6,7 @@ chosen one, the SFT model's own answer the rejected one)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .errors import GraftError
@@ -118,6 +119,27 @@ class CausalGeneration:
     causal LM. It uses ``self.backbone.tokenizer()`` and, when the run's data source has them, its
     ``prompt_text(tokenizer, prompt) -> (text, add_special_tokens, lead)`` (the instruction template, as in
     training) and ``stop_ids(tokenizer)`` (end-of-turn tokens); ``clm`` and ``preference`` use it."""
+
+    #: response_logits: the output layer at the target positions only, where transformers can (False: everywhere)
+    sliced_logits = True
+
+    def response_logits(self, model, batch, keep):
+        """The causal LM's logits at the target positions ``keep`` (``[B, T-1]`` bool, position t predicting input
+        token t + 1) of ``batch["inputs"]``: ``[N, V]`` float32, N = ``keep.sum()``. Where transformers slices the
+        output layer by a boolean mask (``logits_to_keep``, transformers >= 5) the output layer runs only at those
+        positions: in instruction and preference tuning most positions are the prompt, and a 49k-token output layer
+        at every one of them was ~a fifth of a SmolLM2 step for nothing. The loss and gradients are the same."""
+        import torch
+
+        ids, mask = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"]
+        # read, never imported here: the hf backbone plugin has loaded transformers for the model
+        if self.sliced_logits and hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
+            where = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=where).logits
+            if logits.dim() == 2:
+                return logits.float()
+            return logits[:, :-1][keep].float()  # a model that ignores logits_to_keep: all positions came back
+        return model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
 
     @staticmethod
     def _pad_id(tok):

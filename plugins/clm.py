@@ -18,25 +18,12 @@ runs.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 from graft import UNLABELLED, GraftError, SoftTargetLoss, Strategy, hookimpl, option
 from graft.capabilities import TaskModel, require
 from graft.supervised import CausalGeneration
-
-
-@functools.cache
-def _masked_logits() -> bool:
-    """Whether this transformers slices the output layer's positions by a boolean mask (``slice_logits_to_keep``);
-    asked at the first step, not at import (``graft list`` never imports torch)."""
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 
 @dataclass
@@ -116,22 +103,8 @@ class CLM(CausalGeneration, Strategy):
         return batch["targets"][:, 1:]
 
     def _logits(self, model, batch, keep):
-        """Logits at the target positions ``keep`` ([B, T-1] bool): [N, V] (float32).
-
-        Where transformers can (``logits_to_keep`` as a boolean mask, transformers >= 5), the output layer runs only
-        at those positions: in instruction tuning most positions are the prompt, and a 49k-token output layer at
-        every position was ~a fifth of a SmolLM2 step for nothing."""
-        import torch
-
-        inputs = batch["inputs"]
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        if _masked_logits():
-            where = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # position t predicts target t
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=where).logits
-            if logits.dim() == 2:
-                return logits.float()
-            return logits[:, :-1][keep].float()  # a model that ignores logits_to_keep: all positions came back
-        return model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
+        """Logits at the target positions ``keep`` ([B, T-1] bool): [N, V] (float32)."""
+        return self.response_logits(model, batch, keep)
 
     def step_targets(self, batch):
         return int((self._targets(batch) != UNLABELLED).sum())

@@ -75,13 +75,13 @@ class PreferenceOptions:
             raise ValueError("rouge_examples must be >= 0 and max_new_tokens >= 1.")
 
 
-def sequence_logps(logits, targets):
-    """(sum, count) over each sequence's response tokens: ``logits`` ``[N, T, V]`` predicting ``targets`` ``[N, T]``
-    (already shifted: position t predicts targets[:, t]; IGNORE = not a response token) -> ``[N]``, ``[N]``."""
+def sequence_logps(picked, targets):
+    """(sum, count) over each sequence's response tokens: ``picked`` ``[K, V]``, the logits at the K response
+    positions of ``targets`` ``[N, T]`` (already shifted: position t predicts targets[:, t]; IGNORE = not a response
+    token) -> ``[N]``, ``[N]``."""
     import torch
 
     keep = targets != IGNORE
-    picked = logits[keep].float()  # only the response positions: the prompt's logits need no softmax
     token = picked.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, -1)
     sums = torch.zeros(targets.shape[0], dtype=token.dtype, device=token.device)
     return sums.index_add(0, keep.nonzero()[:, 0], token), keep.sum(-1)
@@ -186,9 +186,8 @@ class Preference(CausalGeneration, Strategy):
     def _logps(self, model, batch):
         """Summed response log-probabilities and response lengths of every sequence of the batch ``[N]``, and the
         logits' per-sequence cross-entropy sum (orpo)."""
-        inputs = batch["inputs"]
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
-        return sequence_logps(logits, batch["targets"][:, 1:])
+        targets = batch["targets"][:, 1:]
+        return sequence_logps(self.response_logits(model, batch, targets != IGNORE), targets)
 
     def _adapter_layers(self):
         """The model's peft adapter layers (lora, ia3): each switches its adapter off with enable_adapters(False)."""

@@ -145,7 +145,6 @@ def test_the_output_layer_runs_only_at_response_tokens_with_the_same_loss_and_gr
     gradient equal those of the full output layer, which saw every position."""
     import torch
 
-    import graft.plugins.clm as clm
     from graft import Run
 
     run = Run(load_config(sft_config(decoder, write_pairs(tmp_path / "i.jsonl", n=16)), where="s.toml"))
@@ -161,7 +160,7 @@ def test_the_output_layer_runs_only_at_response_tokens_with_the_same_loss_and_gr
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     masked, masked_grads = loss_and_grads()
-    monkeypatch.setattr(clm, "_masked_logits", lambda: False)
+    monkeypatch.setattr(type(run.strategy), "sliced_logits", False)
     full, full_grads = loss_and_grads()
     targets = int((batch["targets"][:, 1:] != -100).sum())
     assert rows == [targets, batch["targets"].numel()], rows
