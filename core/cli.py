@@ -268,6 +268,10 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
         raise GraftError("graft eval --predictions writes the run's own per-example predictions into the run "
                          "directory, of the data it was trained on: drop --set / --data (evaluate other data "
                          "without --predictions).")
+    summary = rundir.read_summary(Path(run_dir))
+    if keep and summary is None:
+        raise GraftError(f"{run_dir} has no {rundir.SUMMARY}: it is not a finished run. Finish it first (graft train "
+                         f"CONFIG --resume {run_dir}), then write its predictions.")
     run = load_run(run_dir, list(overrides) + [f"data.{d}" for d in data_overrides],
                    trust_remote_code=trust_remote_code)
     if keep and not getattr(run.strategy, "per_example", False):
@@ -278,15 +282,16 @@ def eval_cmd(run_dir, overrides, data_overrides, splits, as_json, trust_remote_c
     for split in [s.strip() for s in splits.split(",") if s.strip()]:
         examples[split] = [] if keep else None
         metrics = run.evaluate(run.model, split, records=examples[split])
+        if metrics is None and keep and split in ("val", "test"):  # as training's final evaluation: skipped
+            continue
         if metrics is None:
             raise GraftError(f"The data has no {split!r} split (splits are train, val, test).")
         results[split] = metrics
     if keep:
-        summary = rundir.read_summary(Path(run_dir)) or {}
         summary["predictions"] = {**summary.get("predictions", {}),
                                   **predictions.write_all(Path(run_dir), examples, run.data)}
         rundir.write_summary(Path(run_dir), summary)
-        written = ", ".join(str(Path(run_dir, predictions.FOLDER, f"{split}.jsonl")) for split in examples)
+        written = ", ".join(str(Path(run_dir, predictions.FOLDER, f"{split}.jsonl")) for split in results)
         click.echo(f"Per-example predictions: {written}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -112,6 +112,22 @@ class _Streamer:
             self.stream(new)
 
 
+def _slices_logits(model) -> bool:
+    """Whether ``model`` (DDP / torch.compile unwrapped) is a transformers model whose forward slices the output
+    layer by a boolean ``logits_to_keep`` mask: transformers' own classes once it has ``slice_logits_to_keep``; not a
+    plugin's TaskModel or remote code written for another transformers."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    # read, never imported here: the hf backbone plugin has loaded transformers for the model
+    if not hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
+        return False
+    if not type(inner).__module__.startswith("transformers.models."):
+        return False
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 class CausalGeneration:
     """Generation for a decoder strategy (a mixin: ``class MyStrategy(CausalGeneration, Strategy)``): ``generate``
     (capability ``TextGeneration``, ``graft generate RUN PROMPT``) and ``generate_batch`` (``BatchGeneration``,
@@ -132,13 +148,12 @@ class CausalGeneration:
         import torch
 
         ids, mask = batch["inputs"]["input_ids"], batch["inputs"]["attention_mask"]
-        # read, never imported here: the hf backbone plugin has loaded transformers for the model
-        if self.sliced_logits and hasattr(sys.modules.get("transformers.modeling_utils"), "slice_logits_to_keep"):
+        if self.sliced_logits and _slices_logits(model):
             where = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)
             logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=where).logits
             if logits.dim() == 2:
                 return logits.float()
-            return logits[:, :-1][keep].float()  # a model that ignores logits_to_keep: all positions came back
+            return logits[:, :-1][keep].float()  # all positions came back after all
         return model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
 
     @staticmethod

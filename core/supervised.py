@@ -202,6 +202,8 @@ class Supervised(Strategy):
         import torch
 
         if not hasattr(self, "_norms"):
+            if not frozen:  # nothing frozen yet: no hooks (a plain fine-tune never has them)
+                return
             self._norms = {}
             for name, m in self.model.named_modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine:

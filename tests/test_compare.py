@@ -142,6 +142,11 @@ def test_graft_eval_writes_the_predictions_of_a_run_trained_before_they_were_kep
     assert_bad_input(*cli_run("compare", runs["a0"], old, "--out", tmp_path / "r"), "no per-example predictions",
                      f"graft eval {old} --predictions")
     assert_bad_input(*cli_run("eval", old, "--predictions", "--data", "test_fraction=0.3"), "drop --set / --data")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(old, unfinished)
+    (unfinished / "summary.json").unlink()
+    assert_bad_input(*cli_run("eval", unfinished, "--predictions"), "not a finished run", "--resume")
+    assert not (unfinished / "summary.json").exists()
     code, out = cli_run("eval", old, "--predictions")
     assert code == 0, out
     for split in ("test", "val"):
