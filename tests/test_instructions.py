@@ -169,6 +169,19 @@ def test_the_output_layer_runs_only_at_response_tokens_with_the_same_loss_and_gr
     for name in full_grads:
         torch.testing.assert_close(masked_grads[name], full_grads[name], msg=name)
 
+    class PluginModel(torch.nn.Module):  # a TaskModel of the documented (input_ids, attention_mask) kind
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+    monkeypatch.undo()
+    keep = batch["targets"][:, 1:] != -100
+    torch.testing.assert_close(run.strategy.response_logits(PluginModel(model), batch, keep),
+                               run.strategy.response_logits(model, batch, keep))
+
 
 @pytest.mark.parametrize("line, needle", [
     ("not json", "not valid JSON"),
