@@ -284,7 +284,7 @@ def test_a_stream_on_two_processes_draws_what_one_draws_with_twice_the_batch(n, 
         assert len(set(whole)) == len(whole)  # no example twice in one step
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.slow)])
 def test_dann_with_self_training_cut_by_a_signal_resumes_like_an_uninterrupted_run(tmp_path, sig):
     """The target stream's position, the GRL schedule and the pseudo-labels through the CLI's stop paths."""
     from conftest import assert_signal_resume, write_config

@@ -154,7 +154,7 @@ def canvases(tmp_path_factory):
 
 def test_a_tiny_detector_overfits_eight_images_and_predicts_boxes(canvases, tmp_path):
     c = conf(canvases / "instances.json", val=str(canvases / "instances.json"), test_fraction=0.0)
-    c["train"].update(epochs=1000, max_steps=300, batch_size=8, lr=3e-3, warmup_steps=10, eval_every=300)
+    c["train"].update(epochs=1000, max_steps=120, batch_size=8, lr=3e-3, warmup_steps=10, eval_every=120)
     summary = train(load_config(c, where="c.toml"), tmp_path / "run", echo=lambda m: None)
     val = summary["val"]
     assert summary["metric"] == "map" and val["map_50"] >= 0.8 and val["map"] >= 0.5, val
@@ -330,7 +330,7 @@ def test_default_losses_and_an_image_size_off_the_grid(tmp_path):
         Run(load_config(conf(paths["coco"], image_size=80), where="c.toml"))
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGKILL", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_a_run_cut_by_a_signal_and_resumed_ends_like_an_uninterrupted_one(canvases, tmp_path, sig):
     """The detection source and task through the loop's stop paths: SIGINT (checkpoint at the next step, exit 0)
     and SIGKILL (nothing saved after the last checkpoint), each then --resume: the weights and the records of the

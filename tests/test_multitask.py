@@ -232,7 +232,7 @@ def test_tasks_share_a_lora_adapter(tmp_path, pos_tokenizer):
     assert (tmp_path / "run" / "adapter").is_dir() and (tmp_path / "run" / "heads" / "xpos.safetensors").is_file()
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGKILL", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_two_tasks_cut_by_a_signal_resume_like_an_uninterrupted_run(tmp_path, sig):
     """The task order of the epoch and the learned loss weights through the CLI's stop paths."""
     from conftest import assert_signal_resume, write_config

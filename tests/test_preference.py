@@ -342,7 +342,7 @@ def test_a_preference_run_teaches_a_clm_student(decoder, tmp_path):
     assert summary["steps"] == 2 and math.isfinite(summary["val"]["loss"])
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGKILL", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_dpo_with_a_cached_reference_cut_by_a_signal_resumes_like_an_uninterrupted_run(decoder, tmp_path, sig):
     """The reference cache (built before the first step, shared by both runs) and the pairs' order through the
     CLI's stop paths."""

@@ -402,7 +402,7 @@ def test_a_pretrained_checkpoint_keeps_its_lm_head(kind, word_tokenizer, tmp_pat
     assert summary["val"]["generated"] == 2
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.slow)])
 def test_a_run_cut_by_a_signal_and_resumed_ends_like_an_uninterrupted_one(word_tokenizer, tmp_path, sig):
     """pairs + seq2seq through the loop's stop paths: SIGINT (checkpoint at the next step, exit 0) and SIGKILL
     (nothing after the last checkpoint), each then --resume: the weights and records (BLEU included) of the
